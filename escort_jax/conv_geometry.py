@@ -1,0 +1,277 @@
+"""Geometry of a 2-D convolution and its stretched flat layout.
+
+Escort's trick: lay the padded input out so that each output channel is a
+sum of shifted, contiguous input slices. Here the input is laid out as
+
+    x_flat[((plane * Ha + a) * Wb + b) * N + n]          plane = (c, i, j)
+
+where (i, j) is the stride phase: padded input row a * sh + i and column
+b * sw + j, so a strided convolution becomes a stride-1 convolution over
+C * sh * sw phase planes of Ha x Wb. The batch is innermost, so one vector of
+outputs spans pixels and images together (small 7x7 maps still fill the GPU).
+
+Output positions use the same row width Wb ("wide" rows):
+
+    y[k, (y * Wb + x) * N + n]     for y < Ho, x < Wb
+
+and columns x >= Wo are cropped afterwards. Kernel entry (k, c, r, s) reads
+plane (c_global, (r*dh) % sh, (s*dw) % sw) at shift ((r*dh)//sh, (s*dw)//sw),
+which is one offset into x_flat. Feature groups only change c_global.
+
+All of this is static numpy, computed at trace time from the input shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from escort_jax.structure import SparseStructure
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+  """A 2-D convolution's static shape parameters, NHWC, after validation.
+
+  Attributes:
+    batch, in_h, in_w, in_channels: the input (N, H, W, C).
+    out_channels, kernel_h, kernel_w: the kernel (O, R, S).
+    strides, dilation: (sh, sw), (dh, dw) positive.
+    padding: ((top, bottom), (left, right)), possibly negative.
+    groups: feature_group_count.
+  """
+
+  batch: int
+  in_h: int
+  in_w: int
+  in_channels: int
+  out_channels: int
+  kernel_h: int
+  kernel_w: int
+  strides: tuple[int, int]
+  dilation: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]
+  groups: int
+
+  @property
+  def padded_h(self) -> int:
+    return self.in_h + sum(self.padding[0])
+
+  @property
+  def padded_w(self) -> int:
+    return self.in_w + sum(self.padding[1])
+
+  @property
+  def out_h(self) -> int:
+    span = (self.kernel_h - 1) * self.dilation[0] + 1
+    return max(0, (self.padded_h - span) // self.strides[0] + 1)
+
+  @property
+  def out_w(self) -> int:
+    span = (self.kernel_w - 1) * self.dilation[1] + 1
+    return max(0, (self.padded_w - span) // self.strides[1] + 1)
+
+  @property
+  def plane_h(self) -> int:
+    return -(-max(self.padded_h, 1) // self.strides[0])
+
+  @property
+  def plane_w(self) -> int:
+    return -(-max(self.padded_w, 1) // self.strides[1])
+
+  @property
+  def num_planes(self) -> int:
+    return self.in_channels * self.strides[0] * self.strides[1]
+
+  @property
+  def plane_len(self) -> int:
+    """Elements of one phase plane in x_flat: Ha * Wb * N."""
+    return self.plane_h * self.plane_w * self.batch
+
+  @property
+  def out_len(self) -> int:
+    """Wide output positions per channel: Ho * Wb * N."""
+    return self.out_h * self.plane_w * self.batch
+
+  @property
+  def valid_period(self) -> int:
+    """Output position q is a real (not cropped) one when
+    q % valid_period < valid_len."""
+    return self.plane_w * self.batch
+
+  @property
+  def valid_len(self) -> int:
+    return self.out_w * self.batch
+
+  @property
+  def max_shift(self) -> int:
+    """The largest in-plane shift of any kernel position (Dmax)."""
+    du = ((self.kernel_h - 1) * self.dilation[0]) // self.strides[0]
+    dv = ((self.kernel_w - 1) * self.dilation[1]) // self.strides[1]
+    return (du * self.plane_w + dv) * self.batch
+
+  @property
+  def flat_len(self) -> int:
+    # The wide columns of the last plane may read up to max_shift past its
+    # end; those outputs are cropped, but the reads must stay in bounds.
+    return self.num_planes * self.plane_len + self.max_shift
+
+  @property
+  def flops(self) -> int:
+    """Dense FLOPs (2 per multiply-add)."""
+    return (2 * self.batch * self.out_h * self.out_w * self.out_channels *
+            (self.in_channels // self.groups) * self.kernel_h * self.kernel_w)
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+  if isinstance(v, (int, np.integer)):
+    v = (int(v), int(v))
+  try:
+    v = tuple(v)
+  except TypeError:
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+  if len(v) != 2 or not all(isinstance(e, (int, np.integer)) for e in v):
+    raise ValueError(f"{name} must be a pair of ints for a 2-D convolution, "
+                     f"got {v!r}")
+  if any(e <= 0 for e in v):
+    raise ValueError(f"{name} must be positive, got {v!r}")
+  return int(v[0]), int(v[1])
+
+
+def resolve_padding(padding, in_hw: Sequence[int], window: Sequence[int],
+                    strides: Sequence[int]
+                    ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Resolves lax-style padding to explicit ((top, bottom), (left, right)).
+
+  Accepts "SAME", "SAME_LOWER", "VALID", an int, or two (low, high) pairs
+  (or two ints), as lax.conv_general_dilated and Flax do. `window` is the
+  dilated kernel extent.
+  """
+  if isinstance(padding, str):
+    name = padding.upper()
+    if name not in ("SAME", "SAME_LOWER", "VALID"):
+      raise ValueError(f"unknown padding {padding!r}: expected 'SAME', "
+                       "'SAME_LOWER', 'VALID', an int, or two (low, high) "
+                       "pairs")
+    pads = lax.padtype_to_pads(tuple(in_hw), tuple(window), tuple(strides),
+                               name)
+    return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore
+  if isinstance(padding, (int, np.integer)):
+    p = int(padding)
+    return ((p, p), (p, p))
+  try:
+    pads = list(padding)
+  except TypeError:
+    raise TypeError(f"unknown padding {padding!r}") from None
+  if len(pads) != 2:
+    raise ValueError(f"padding must give 2 spatial dimensions, got "
+                     f"{padding!r}")
+  out = []
+  for p in pads:
+    if isinstance(p, (int, np.integer)):
+      out.append((int(p), int(p)))
+      continue
+    p = tuple(p)
+    if len(p) != 2 or not all(isinstance(e, (int, np.integer)) for e in p):
+      raise ValueError(f"each padding entry must be an int or a (low, high) "
+                       f"pair of ints, got {padding!r}")
+    out.append((int(p[0]), int(p[1])))
+  return tuple(out)  # type: ignore
+
+
+def make_geometry(x_shape_nhwc: Sequence[int], structure: SparseStructure,
+                  window_strides, padding, rhs_dilation,
+                  feature_group_count) -> ConvGeometry:
+  """Validates a convolution and returns its geometry (input in NHWC)."""
+  n, h, w, c = (int(d) for d in x_shape_nhwc)
+  o, i, r, s = structure.oirs
+  strides = _pair(window_strides, "window_strides")
+  dilation = _pair(rhs_dilation, "rhs_dilation")
+  if not isinstance(feature_group_count, (int, np.integer)) or (
+      feature_group_count <= 0):
+    raise ValueError("feature_group_count must be a positive int, got "
+                     f"{feature_group_count!r}")
+  g = int(feature_group_count)
+  if c % g:
+    raise ValueError(f"feature_group_count={g} does not divide the input's "
+                     f"{c} channels")
+  if o % g:
+    raise ValueError(f"feature_group_count={g} does not divide the kernel's "
+                     f"{o} output channels")
+  if c // g != i:
+    raise ValueError(
+        f"the input has {c} channels, so with feature_group_count={g} the "
+        f"kernel needs {c // g} input channels per group, but it has {i} "
+        f"(kernel shape {structure.shape}, {structure.layout})")
+  window = ((r - 1) * dilation[0] + 1, (s - 1) * dilation[1] + 1)
+  pads = resolve_padding(padding, (h, w), window, strides)
+  return ConvGeometry(batch=n, in_h=h, in_w=w, in_channels=c,
+                      out_channels=o, kernel_h=r, kernel_w=s,
+                      strides=strides, dilation=dilation, padding=pads,
+                      groups=g)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StretchedProblem:
+  """The convolution as a row problem on the flat layout.
+
+  Attributes:
+    rows: (nnz,) output channel of each nonzero, CSR order.
+    offsets: (nnz,) its offset into x_flat: plane * plane_len + shift.
+    planes: (nnz,) the phase plane it reads.
+    shifts: (nnz,) its in-plane shift.
+  """
+
+  rows: np.ndarray
+  offsets: np.ndarray
+  planes: np.ndarray
+  shifts: np.ndarray
+
+
+@functools.lru_cache(maxsize=4096)
+def stretched_problem(structure: SparseStructure,
+                      geometry: ConvGeometry) -> StretchedProblem:
+  """Offsets of every nonzero into the flat layout of `geometry`."""
+  k, c, r, s = structure.coordinates()
+  g = geometry
+  sh, sw = g.strides
+  u, v = r * g.dilation[0], s * g.dilation[1]
+  c_global = (k // (g.out_channels // g.groups)) * (
+      g.in_channels // g.groups) + c
+  planes = (c_global * sh + u % sh) * sw + v % sw
+  shifts = ((u // sh) * g.plane_w + v // sw) * g.batch
+  offsets = planes * g.plane_len + shifts
+  if offsets.size and offsets.max() + g.out_len > np.iinfo(np.int32).max:
+    raise OverflowError(
+        f"the input ({g.batch}x{g.in_h}x{g.in_w}x{g.in_channels}) is too "
+        "large for int32 offsets; split the batch")
+  return StretchedProblem(rows=k, offsets=offsets, planes=planes,
+                          shifts=shifts)
+
+
+def to_flat_input(x_nhwc: jax.Array, g: ConvGeometry) -> jax.Array:
+  """(N, H, W, C) -> x_flat (flat_len,): pad, split phases, batch innermost."""
+  sh, sw = g.strides
+  (pt, pb), (pl_, pr) = g.padding
+  # Extra rows/columns complete the last phase; no real output reads them.
+  pb += g.plane_h * sh - g.padded_h
+  pr += g.plane_w * sw - g.padded_w
+  zero = jnp.zeros((), x_nhwc.dtype)
+  x = lax.pad(x_nhwc, zero,
+              ((0, 0, 0), (pt, pb, 0), (pl_, pr, 0), (0, 0, 0)))
+  n, c = g.batch, g.in_channels
+  x = x.reshape(n, g.plane_h, sh, g.plane_w, sw, c)
+  x = x.transpose(5, 2, 4, 1, 3, 0)  # (C, i, j, Ha, Wb, N)
+  return jnp.pad(x.reshape(-1), (0, g.max_shift))
+
+
+def from_wide_output(y: jax.Array, g: ConvGeometry) -> jax.Array:
+  """(K, out_len) wide rows -> (N, Ho, Wo, K): crop and transpose."""
+  y = y.reshape(g.out_channels, g.out_h, g.plane_w, g.batch)
+  return y[:, :, :g.out_w, :].transpose(3, 1, 2, 0)

@@ -1,0 +1,356 @@
+"""`sparse_conv`: direct sparse 2-D convolution with a static structure.
+
+Which path runs where (`method`):
+  "escort"  the Pallas direct sparse kernels (pallas_kernels/): compiled
+            through Triton on NVIDIA GPUs, run by the Pallas interpreter on
+            other backends (slow: for tests).
+  "dense"   lax.conv_general_dilated of the densified kernel, at `precision`.
+  "auto"    "escort" on GPUs, "dense" elsewhere (XLA's CPU convolution is far
+            faster than the interpreter).
+
+Gradients (jax.custom_vjp around the kernels):
+  input   the same direct sparse kernel, run with the transposed structure;
+  values  a sampled dense-dense product at the nonzero positions only;
+  bias    a sum over positions.
+Pruned positions have no value, so they get no gradient and stay zero.
+
+NaN semantics differ between the paths: the sparse kernels skip pruned
+weights (structural zeros), so a NaN in the input reaches only the outputs it
+reaches through a kept weight; the dense path multiplies pruned zeros too and
+0 * NaN = NaN spreads further.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from escort_jax import conv_geometry as cg
+from escort_jax.structure import SparseKernel
+from pallas_kernels.direct_sparse_conv import direct_sparse_conv
+from pallas_kernels.row_groups import RowGroups, pack_row_groups
+from pallas_kernels.sampled_dense_dense import sampled_dense_dense
+
+METHODS = ("auto", "escort", "dense")
+ACTIVATIONS = (None, "relu")
+SUPPORTED_DTYPES = tuple(
+    jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16,
+                           jnp.float64))
+DEFAULT_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tile parameters of the direct sparse kernels.
+
+  rows_per_program: output channels per program; block_q: output positions
+  per program (both powers of two); num_warps, num_stages: Triton's.
+  """
+
+  rows_per_program: int = 8
+  block_q: int = 256
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+# --------------------------------------------------------------------------
+# Argument handling shared by every path.
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+  """A validated call: layouts, geometry (in NHWC terms) and dtypes."""
+
+  lhs_spec: str
+  out_spec: str
+  geometry: cg.ConvGeometry
+  compute_dtype: Any
+  out_dtype: Any
+
+
+def _parse_dimension_numbers(dimension_numbers, layout: str
+                             ) -> tuple[str, str]:
+  if dimension_numbers is None:
+    dimension_numbers = DEFAULT_DIMENSION_NUMBERS
+  if isinstance(dimension_numbers, lax.ConvDimensionNumbers) or not (
+      isinstance(dimension_numbers, (tuple, list))
+      and len(dimension_numbers) == 3
+      and all(isinstance(s, str) for s in dimension_numbers)):
+    raise TypeError(
+        "dimension_numbers must be three layout strings such as "
+        f"('NHWC', 'HWIO', 'NHWC'), got {dimension_numbers!r}")
+  lhs, rhs, out = (s.upper() for s in dimension_numbers)
+  for spec, letters, what in ((lhs, "NCHW", "input"), (out, "NCHW", "output"),
+                              (rhs, "OIHW", "kernel")):
+    if sorted(spec) != sorted(letters):
+      raise ValueError(
+          f"{what} layout {spec!r} must be a permutation of {letters!r} "
+          "(2-D convolution only)")
+  if rhs != layout:
+    raise ValueError(
+        f"dimension_numbers says the kernel layout is {rhs!r}, but the "
+        f"SparseKernel was built with layout {layout!r}; pass "
+        f"dimension_numbers=(..., {layout!r}, ...) or rebuild it with "
+        f"SparseKernel.from_dense(kernel, layout={rhs!r})")
+  return lhs, out
+
+
+def _check_dtype(dtype, what: str):
+  if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+    raise TypeError(
+        f"{what} has dtype {jnp.dtype(dtype)}; sparse_conv supports "
+        "float32, bfloat16, float16 and float64")
+
+
+def make_spec(x, sk: SparseKernel, window_strides, padding, *, rhs_dilation,
+              feature_group_count, dimension_numbers, bias, activation,
+              method, lhs_dilation, preferred_element_type) -> ConvSpec:
+  """Validates every argument of sparse_conv; raises a clear error if bad."""
+  if not isinstance(sk, SparseKernel):
+    raise TypeError("the kernel must be a SparseKernel (build one with "
+                    f"SparseKernel.from_dense), got {type(sk).__name__}")
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {activation!r}; expected None or "
+                     "'relu'")
+  if lhs_dilation is not None and tuple(np.broadcast_to(
+      np.asarray(lhs_dilation), (2,))) != (1, 1):
+    raise NotImplementedError(
+        "lhs_dilation (transposed convolution) is not supported by "
+        "sparse_conv")
+  x_shape = np.shape(x)
+  if len(x_shape) != 4:
+    raise ValueError(
+        f"x must have rank 4 (a batch of 2-D images), got shape {x_shape}; "
+        "use jax.vmap for extra leading dimensions")
+  lhs_spec, out_spec = _parse_dimension_numbers(dimension_numbers, sk.layout)
+  values = sk.values
+  if np.shape(values) != (sk.nnz,):
+    raise ValueError(
+        f"the SparseKernel's values have shape {np.shape(values)}, but its "
+        f"structure has {sk.nnz} nonzeros: values and structure no longer "
+        "match (use sk.with_values(v) with v of shape (nnz,))")
+  _check_dtype(x.dtype, "x")
+  _check_dtype(values.dtype, "the kernel")
+  dtypes = [x.dtype, values.dtype]
+  if bias is not None:
+    _check_dtype(bias.dtype, "bias")
+    dtypes.append(bias.dtype)
+  compute_dtype = jnp.result_type(*dtypes)
+  out_dtype = jnp.dtype(preferred_element_type or compute_dtype)
+  _check_dtype(out_dtype, "preferred_element_type")
+  x_nhwc_shape = [x_shape[lhs_spec.index(d)] for d in "NHWC"]
+  geometry = cg.make_geometry(x_nhwc_shape, sk.structure, window_strides,
+                              padding, rhs_dilation, feature_group_count)
+  if bias is not None and np.shape(bias) != (geometry.out_channels,):
+    raise ValueError(f"bias must have shape ({geometry.out_channels},), got "
+                     f"{np.shape(bias)}")
+  return ConvSpec(lhs_spec=lhs_spec, out_spec=out_spec, geometry=geometry,
+                  compute_dtype=compute_dtype, out_dtype=out_dtype)
+
+
+def _to_nhwc(x, spec: str):
+  return x if spec == "NHWC" else x.transpose([spec.index(d) for d in "NHWC"])
+
+
+def _from_nhwc(y, spec: str):
+  return y if spec == "NHWC" else y.transpose(["NHWC".index(d) for d in spec])
+
+
+def _apply_activation(y, activation):
+  return jnp.maximum(y, jnp.zeros((), y.dtype)) if activation == "relu" else y
+
+
+# --------------------------------------------------------------------------
+# The Pallas path.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EscortPlan:
+  """Everything static about one escort call: the packed row problems of the
+  forward pass and of the input gradient, and the launch parameters."""
+
+  geometry: cg.ConvGeometry
+  problem: cg.StretchedProblem
+  forward: RowGroups
+  transposed: RowGroups
+  config: KernelConfig
+
+  @property
+  def dy_row_len(self) -> int:
+    return self.geometry.max_shift + self.geometry.plane_len
+
+
+@functools.lru_cache(maxsize=1024)
+def escort_plan(structure, geometry: cg.ConvGeometry,
+                config: KernelConfig = DEFAULT_CONFIG) -> EscortPlan:
+  """Packs the forward and transposed problems (cached per structure,
+  geometry and config)."""
+  problem = cg.stretched_problem(structure, geometry)
+  forward = pack_row_groups(problem.rows, problem.offsets,
+                            geometry.out_channels, config.rows_per_program)
+  # dx[plane, p] = sum w * dy[k, p - shift]: read dy padded in front by
+  # max_shift, at offset k * dy_row_len + (max_shift - shift).
+  dy_row_len = geometry.max_shift + geometry.plane_len
+  t_offsets = problem.rows * dy_row_len + (geometry.max_shift - problem.shifts)
+  transposed = pack_row_groups(problem.planes, t_offsets,
+                               geometry.num_planes, config.rows_per_program)
+  return EscortPlan(geometry=geometry, problem=problem, forward=forward,
+                    transposed=transposed, config=config)
+
+
+def _run_forward(plan: EscortPlan, values, bias, x_flat, relu, out_dtype):
+  c = plan.config
+  return direct_sparse_conv(
+      x_flat, plan.forward.gather_values(values), plan.forward,
+      out_len=plan.geometry.out_len, bias=bias, relu=relu,
+      out_dtype=out_dtype, block_q=c.block_q, num_warps=c.num_warps,
+      num_stages=c.num_stages, interpret=not on_gpu())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def _escort_core(plan: EscortPlan, values, bias, x_flat, relu, out_dtype):
+  """(nnz,), (K,) | None, (flat_len,) -> wide output (K, out_len)."""
+  return _run_forward(plan, values, bias, x_flat, relu, out_dtype)
+
+
+def _escort_core_fwd(plan, values, bias, x_flat, relu, out_dtype):
+  y = _run_forward(plan, values, bias, x_flat, relu, out_dtype)
+  return y, (values, bias, x_flat, y if relu else None)
+
+
+def _escort_core_bwd(plan, relu, out_dtype, residuals, dy):
+  del out_dtype
+  values, bias, x_flat, y = residuals
+  g, c = plan.geometry, plan.config
+  interpret = not on_gpu()
+  if relu:
+    dy = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
+  dbias = None
+  if bias is not None:
+    dbias = jnp.sum(dy, axis=1, dtype=jnp.float32).astype(bias.dtype)
+  dvalues = sampled_dense_dense(
+      dy, x_flat, plan.problem.rows, plan.problem.offsets,
+      valid_period=g.valid_period, valid_len=g.valid_len,
+      interpret=interpret).astype(values.dtype)
+  dy_padded = jnp.pad(dy, ((0, 0), (g.max_shift, plan.dy_row_len -
+                                    g.max_shift - g.out_len)))
+  dx_planes = direct_sparse_conv(
+      dy_padded.reshape(-1), plan.transposed.gather_values(values),
+      plan.transposed, out_len=g.plane_len, out_dtype=x_flat.dtype,
+      block_q=c.block_q, num_warps=c.num_warps, num_stages=c.num_stages,
+      interpret=interpret)
+  dx_flat = jnp.pad(dx_planes.reshape(-1), (0, g.max_shift))
+  return dvalues, dbias, dx_flat
+
+
+_escort_core.defvjp(_escort_core_fwd, _escort_core_bwd)
+
+
+def _escort_conv(x_nhwc, values, bias, structure, spec: ConvSpec, activation,
+                 config: KernelConfig):
+  g = spec.geometry
+  plan = escort_plan(structure, g, config)
+  x_flat = cg.to_flat_input(x_nhwc, g)
+  y = _escort_core(plan, values, bias, x_flat, activation == "relu",
+                   jnp.dtype(spec.out_dtype))
+  return cg.from_wide_output(y, g)
+
+
+# --------------------------------------------------------------------------
+# The dense path.
+
+
+def _dense_conv(x_nhwc, values, bias, structure, spec: ConvSpec, activation,
+                precision):
+  g = spec.geometry
+  kernel = SparseKernel(values, structure).todense()
+  y = lax.conv_general_dilated(
+      x_nhwc, kernel, g.strides, g.padding, rhs_dilation=g.dilation,
+      dimension_numbers=("NHWC", structure.layout, "NHWC"),
+      feature_group_count=g.groups, precision=precision,
+      preferred_element_type=spec.out_dtype)
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return _apply_activation(y, activation)
+
+
+# --------------------------------------------------------------------------
+# The public op.
+
+
+def sparse_conv(x: jax.Array, sk: SparseKernel,
+                window_strides: Sequence[int] = (1, 1),
+                padding: str | Sequence[tuple[int, int]] = "SAME", *,
+                rhs_dilation: Sequence[int] = (1, 1),
+                feature_group_count: int = 1,
+                dimension_numbers: Sequence[str] = DEFAULT_DIMENSION_NUMBERS,
+                bias: jax.Array | None = None,
+                activation: str | None = None,
+                precision: lax.PrecisionLike = None,
+                method: str = "auto",
+                lhs_dilation: Sequence[int] | None = None,
+                preferred_element_type=None,
+                config: KernelConfig | None = None) -> jax.Array:
+  """2-D convolution of `x` with a pruned kernel, by direct sparse convolution.
+
+  Matches lax.conv_general_dilated(x, sk.todense(), ...) (plus bias and
+  activation), with Flax's NHWC/HWIO layouts by default.
+
+  Args:
+    x: (N, H, W, C) input, or any layout named by dimension_numbers[0].
+    sk: the SparseKernel; its layout must be dimension_numbers[1].
+    window_strides: (sh, sw) or an int.
+    padding: "SAME", "SAME_LOWER", "VALID", an int, or ((top, bottom),
+      (left, right)); negative entries crop.
+    rhs_dilation: kernel dilation (dh, dw).
+    feature_group_count: groups; C and the output channels must divide.
+    dimension_numbers: (input, kernel, output) layout strings.
+    bias: optional (out_channels,) bias.
+    activation: None or "relu", fused into the kernel.
+    precision: the precision of the dense path.
+    method: "auto", "escort" or "dense" (see the module docstring).
+    lhs_dilation: unsupported (transposed convolution); must be None or 1.
+    preferred_element_type: output dtype; by default the promoted dtype of
+      x, the kernel and the bias, as nnx.Conv promotes them.
+    config: tile parameters of the escort kernels (default: KernelConfig()).
+
+  Returns:
+    The output in layout dimension_numbers[2], (N, Ho, Wo, O) by default.
+  """
+  spec = make_spec(x, sk, window_strides, padding, rhs_dilation=rhs_dilation,
+                   feature_group_count=feature_group_count,
+                   dimension_numbers=dimension_numbers, bias=bias,
+                   activation=activation, method=method,
+                   lhs_dilation=lhs_dilation,
+                   preferred_element_type=preferred_element_type)
+  g = spec.geometry
+  x_nhwc = _to_nhwc(jnp.asarray(x).astype(spec.compute_dtype), spec.lhs_spec)
+  values = sk.values.astype(spec.compute_dtype)
+  if bias is not None:
+    bias = jnp.asarray(bias).astype(spec.compute_dtype)
+  if method == "auto":
+    method = "escort" if on_gpu() else "dense"
+  if g.out_h == 0 or g.out_w == 0 or g.batch == 0:
+    y = jnp.zeros((g.batch, g.out_h, g.out_w, g.out_channels), spec.out_dtype)
+  elif method == "dense":
+    y = _dense_conv(x_nhwc, values, bias, sk.structure, spec, activation,
+                    precision)
+  else:
+    y = _escort_conv(x_nhwc, values, bias, sk.structure, spec, activation,
+                     config or DEFAULT_CONFIG)
+  return _from_nhwc(y, spec.out_spec)

@@ -1,0 +1,247 @@
+"""The static sparse structure of a pruned convolution kernel, and SparseKernel.
+
+A `SparseKernel` is a pytree with one array leaf, `.values` (nnz,), and a
+static `SparseStructure` as its aux data. The structure says where the
+nonzeros sit: one CSR row per output channel, whose column index encodes the
+kernel position (c, r, s) as (c * R + r) * S + s, with c the input channel
+within the channel's group, r the row and s the column of the window. It also
+records the kernel's shape and layout ("HWIO" or "OIHW").
+
+The structure is hashable and compares by content, so jit keeps one
+executable per layer and input shape and retraces only when the structure
+changes. Nothing in it depends on the input size: the offsets into the
+padded input are derived at trace time (escort_jax.conv_geometry).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYOUTS = ("HWIO", "OIHW")
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+  a = np.ascontiguousarray(a)
+  a.setflags(write=False)
+  return a
+
+
+class SparseStructure:
+  """Where the nonzeros of a 2-D convolution kernel sit. Immutable, hashable.
+
+  Attributes:
+    shape: the kernel's shape in `layout` order.
+    layout: "HWIO" or "OIHW".
+    indptr: (out_channels + 1,) int64 CSR row pointers.
+    indices: (nnz,) int32 column indices (c * R + r) * S + s, sorted per row.
+  """
+
+  __slots__ = ("shape", "layout", "indptr", "indices", "_hash", "_digest")
+
+  def __init__(self, shape, layout: str, indptr, indices):
+    if layout not in LAYOUTS:
+      raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != 4:
+      raise ValueError(
+          f"a 2-D convolution kernel has rank 4, got shape {shape}")
+    self.shape = shape
+    self.layout = layout
+    self.indptr = _readonly(np.asarray(indptr, np.int64))
+    self.indices = _readonly(np.asarray(indices, np.int32))
+    o, i, r, s = self.oirs
+    if self.indptr.shape != (o + 1,) or self.indptr[0] != 0 or (
+        self.indptr[-1] != self.indices.shape[0]) or np.any(
+            np.diff(self.indptr) < 0):
+      raise ValueError("indptr is not a valid CSR row pointer for "
+                       f"{o} output channels and {self.indices.shape[0]} "
+                       "nonzeros")
+    if self.indices.size and (self.indices.min() < 0 or
+                              self.indices.max() >= i * r * s):
+      raise ValueError(f"column indices must lie in [0, {i * r * s})")
+    h = hashlib.sha1()
+    h.update(repr((self.shape, self.layout)).encode())
+    h.update(self.indptr.tobytes())
+    h.update(self.indices.tobytes())
+    self._digest = h.hexdigest()
+    self._hash = hash(self._digest)
+
+  @property
+  def oirs(self) -> tuple[int, int, int, int]:
+    """(out_channels, in_channels per group, kernel rows, kernel columns)."""
+    if self.layout == "HWIO":
+      r, s, i, o = self.shape
+    else:
+      o, i, r, s = self.shape
+    return o, i, r, s
+
+  @property
+  def nnz(self) -> int:
+    return int(self.indices.shape[0])
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def digest(self) -> str:
+    """A stable hex digest of the structure, for on-disk caches."""
+    return self._digest
+
+  def coordinates(self) -> tuple[np.ndarray, ...]:
+    """(k, c, r, s) of each nonzero, in CSR order; each (nnz,) int64."""
+    o, _, r, s = self.oirs
+    k = np.repeat(np.arange(o), np.diff(self.indptr))
+    col = self.indices.astype(np.int64)
+    return k, col // (r * s), (col // s) % r, col % s
+
+  def dense_positions(self) -> tuple[np.ndarray, ...]:
+    """Index arrays of the nonzeros into a kernel of `shape` and `layout`."""
+    k, c, r, s = self.coordinates()
+    return (r, s, c, k) if self.layout == "HWIO" else (k, c, r, s)
+
+  def __eq__(self, other: Any) -> bool:
+    if not isinstance(other, SparseStructure):
+      return NotImplemented
+    return self is other or (
+        self._hash == other._hash and self.shape == other.shape
+        and self.layout == other.layout
+        and np.array_equal(self.indptr, other.indptr)
+        and np.array_equal(self.indices, other.indices))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __repr__(self) -> str:
+    return (f"SparseStructure(shape={self.shape}, layout={self.layout!r}, "
+            f"nnz={self.nnz}, digest={self._digest[:12]})")
+
+  @classmethod
+  def from_mask(cls, mask: np.ndarray, layout: str = "HWIO"
+                ) -> SparseStructure:
+    """Builds the structure of the True entries of a boolean kernel mask."""
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 4:
+      raise ValueError(
+          f"a 2-D convolution kernel has rank 4, got shape {mask.shape}")
+    if layout not in LAYOUTS:
+      raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    oirs = mask if layout == "OIHW" else mask.transpose(3, 2, 0, 1)
+    o = oirs.shape[0]
+    flat = oirs.reshape(o, -1)
+    rows, cols = np.nonzero(flat)
+    indptr = np.zeros(o + 1, np.int64)
+    indptr[1:] = np.cumsum(np.bincount(rows, minlength=o))
+    return cls(mask.shape, layout, indptr, cols)
+
+
+@jax.tree_util.register_pytree_node_class
+class SparseKernel:
+  """A pruned 2-D convolution kernel: kept values plus static structure.
+
+  Attributes:
+    values: (nnz,) the kept weights, in CSR order of `structure`.
+    structure: the static SparseStructure.
+  """
+
+  __slots__ = ("values", "structure")
+
+  def __init__(self, values, structure: SparseStructure):
+    if not isinstance(structure, SparseStructure):
+      raise TypeError("structure must be a SparseStructure, got "
+                      f"{type(structure).__name__}")
+    self.values = values
+    self.structure = structure
+
+  @classmethod
+  def from_dense(cls, kernel, layout: str = "HWIO") -> SparseKernel:
+    """Keeps exactly the nonzero entries of a concrete kernel.
+
+    Args:
+      kernel: a concrete array of rank 4 in `layout` (not a tracer: the
+        structure is static, so call this outside jit).
+      layout: "HWIO" (Flax's, the default) or "OIHW".
+    """
+    if isinstance(kernel, jax.core.Tracer):
+      raise TypeError(
+          "SparseKernel.from_dense needs a concrete kernel, got a tracer: "
+          "the sparsity structure is static, so build the SparseKernel "
+          "outside jit/grad/vmap and pass it in")
+    dense = np.asarray(kernel)
+    if not np.issubdtype(dense.dtype, np.floating) and dense.dtype != (
+        jnp.bfloat16):
+      raise TypeError(f"kernel must be floating point, got {dense.dtype}")
+    # NaN is not zero, so it is kept: a kept NaN must stay visible.
+    structure = SparseStructure.from_mask(dense != 0, layout)
+    values = dense[structure.dense_positions()]
+    return cls(jnp.asarray(values, dtype=dense.dtype), structure)
+
+  @classmethod
+  def from_mask(cls, kernel, mask, layout: str = "HWIO") -> SparseKernel:
+    """Keeps the entries of `kernel` where `mask` is True (zeros included)."""
+    if isinstance(mask, jax.core.Tracer):
+      raise TypeError("the mask must be concrete: the structure is static")
+    mask = np.asarray(mask, bool)
+    if tuple(mask.shape) != tuple(np.shape(kernel)):
+      raise ValueError(f"mask shape {mask.shape} does not match kernel "
+                       f"shape {np.shape(kernel)}")
+    structure = SparseStructure.from_mask(mask, layout)
+    values = jnp.asarray(kernel)[structure.dense_positions()]
+    return cls(values, structure)
+
+  def todense(self) -> jax.Array:
+    """The kernel in its recorded layout, zeros at the pruned positions.
+
+    Differentiable with respect to `values`.
+    """
+    dense = jnp.zeros(self.shape, self.values.dtype)
+    return dense.at[self.structure.dense_positions()].set(
+        self.values, unique_indices=True, indices_are_sorted=False)
+
+  def with_values(self, values) -> SparseKernel:
+    """The same structure with other values (nnz,)."""
+    return SparseKernel(values, self.structure)
+
+  @property
+  def nnz(self) -> int:
+    return self.structure.nnz
+
+  @property
+  def density(self) -> float:
+    return self.structure.nnz / max(1, self.structure.size)
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.density
+
+  @property
+  def shape(self) -> tuple[int, int, int, int]:
+    return self.structure.shape
+
+  @property
+  def layout(self) -> str:
+    return self.structure.layout
+
+  @property
+  def dtype(self):
+    return self.values.dtype
+
+  def tree_flatten(self):
+    return (self.values,), self.structure
+
+  @classmethod
+  def tree_unflatten(cls, structure, children):
+    obj = object.__new__(cls)
+    obj.values, = children
+    obj.structure = structure
+    return obj
+
+  def __repr__(self) -> str:
+    dtype = getattr(self.values, "dtype", None)
+    return (f"SparseKernel(shape={self.shape}, layout={self.layout!r}, "
+            f"nnz={self.nnz}, density={self.density:.4f}, dtype={dtype})")

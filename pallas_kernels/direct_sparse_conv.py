@@ -1,0 +1,192 @@
+"""Direct sparse convolution (Escort) as a Pallas kernel, and its reference.
+
+The op layer (escort_jax) turns a convolution into a *stretched* row problem
+on a flat input, with no im2col: every nonzero weight (k, c, r, s) becomes one
+source offset into the flat, padded input, and
+
+    y[k, q] = bias[k] + sum_{j in row k} w_j * x_flat[offset_j + q]
+
+for every output position q in [0, out_len). Each output row is a sum of
+shifted, contiguous slices of the input. The same kernel computes the gradient
+with respect to the input, with the transposed structure (see
+escort_jax.conv_geometry).
+
+Layout:
+  x_flat: (in_len,) the input, any float dtype.
+  values: (padded_entries,) the weights, laid out by RowGroups.gather_values.
+  bias:   (num_rows,) or None.
+  y:      (num_rows, out_len), row-major.
+
+Lowering: a plain pallas_call with Triton compiler params, so that one
+definition runs compiled on NVIDIA GPUs and in interpret mode on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.row_groups import RowGroups
+
+# Triton caps grid axes 1 and 2 at 65535 programs.
+_MAX_GRID_AXIS = 65535
+
+
+def accumulator_dtype(dtype) -> jnp.dtype:
+  """float32 accumulation, or float64 for float64 inputs (CPU references)."""
+  return jnp.promote_types(jnp.float32, dtype)
+
+
+def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
+                               group_steps_ref, offsets_ref, values_ref,
+                               bias_ref, x_ref, y_ref, *, block_q, out_len,
+                               row_len, num_rows, relu, acc_dtype):
+  g = pl.program_id(0)
+  q_block = pl.program_id(1)
+  rows_per_program = group_rows_ref.shape[0] // group_start_ref.shape[0]
+  rows = group_rows_ref[pl.ds(g * rows_per_program, rows_per_program)]
+  row_ok = rows >= 0
+  safe_rows = jnp.maximum(rows, 0)
+  q = q_block * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  q_ok = q < out_len
+  start = group_start_ref[g]
+  steps = group_steps_ref[g]
+
+  def step(t, acc):
+    base = start + t * rows_per_program
+    offsets = offsets_ref[pl.ds(base, rows_per_program)]
+    weights = values_ref[pl.ds(base, rows_per_program)].astype(acc_dtype)
+    live = (offsets >= 0)[:, None] & q_ok[None, :]
+    idx = jnp.maximum(offsets, 0)[:, None] + q[None, :]
+    xs = plgpu.load(x_ref.at[idx], mask=live, other=0.0)
+    return acc + weights[:, None] * xs.astype(acc_dtype)
+
+  acc = lax.fori_loop(0, steps, step,
+                      jnp.zeros((rows_per_program, block_q), acc_dtype))
+  if bias_ref is not None:
+    bias = plgpu.load(bias_ref.at[safe_rows], mask=row_ok, other=0.0)
+    acc = acc + bias.astype(acc_dtype)[:, None]
+  if relu:
+    acc = jnp.maximum(acc, 0.0)
+  # Every lane stores, with no mask: lanes past the last row write a spare
+  # row, and positions past out_len the padded tail of each row. Masked
+  # scatters with repeated addresses are not well defined in interpret mode.
+  out_idx = (jnp.where(row_ok, rows, num_rows)[:, None] * row_len
+             + q[None, :])
+  plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
+
+
+def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
+                       groups: RowGroups, *, out_len: int,
+                       bias: jax.Array | None = None, relu: bool = False,
+                       out_dtype=None, block_q: int = 256, num_warps: int = 4,
+                       num_stages: int = 1,
+                       interpret: bool = False) -> jax.Array:
+  """Runs the direct sparse convolution kernel.
+
+  Args:
+    x_flat: (in_len,) flat input. Every offset + q with q < out_len must be
+      inside it.
+    values: (groups.padded_entries,) weights from `groups.gather_values`.
+    groups: the static row packing.
+    out_len: output positions per row.
+    bias: optional (num_rows,) bias, added before the activation.
+    relu: apply max(., 0) to the output.
+    out_dtype: output dtype; defaults to x_flat's.
+    block_q: output positions per program (a power of two).
+    num_warps, num_stages: Triton launch parameters.
+    interpret: run through the Pallas interpreter (CPU).
+
+  Returns:
+    y: (num_rows, out_len).
+  """
+  if x_flat.ndim != 1:
+    raise ValueError(f"x_flat must be 1-D, got shape {x_flat.shape}")
+  if values.shape != (groups.padded_entries,):
+    raise ValueError(f"values must have shape ({groups.padded_entries},), "
+                     f"got {values.shape}")
+  if groups.max_offset + out_len > x_flat.shape[0]:
+    raise ValueError(
+        f"the input is too short for its offsets: the largest offset "
+        f"{groups.max_offset} plus out_len {out_len} exceeds "
+        f"{x_flat.shape[0]}")
+  if block_q & (block_q - 1):
+    raise ValueError(f"block_q must be a power of two, got {block_q}")
+  if x_flat.shape[0] + out_len >= np.iinfo(np.int32).max or (
+      (groups.num_rows + 1) * (out_len + block_q) >= np.iinfo(np.int32).max):
+    raise OverflowError(
+        "the flat input or output has 2**31 elements or more, beyond the "
+        "int32 indexing of this kernel; split the batch")
+  out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
+  acc_dtype = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
+  num_q_blocks = pl.cdiv(out_len, block_q)
+  if num_q_blocks > _MAX_GRID_AXIS:
+    raise ValueError(
+        f"{out_len} output positions per row need {num_q_blocks} programs "
+        f"of {block_q}, more than the grid allows; raise block_q")
+  kernel = functools.partial(
+      _direct_sparse_conv_kernel, block_q=block_q, out_len=out_len,
+      row_len=num_q_blocks * block_q, num_rows=groups.num_rows, relu=relu,
+      acc_dtype=acc_dtype)
+  if bias is None:
+    kernel = _without_bias(kernel)
+    bias_args = ()
+  else:
+    bias_args = (bias,)
+  y = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(
+          ((groups.num_rows + 1) * num_q_blocks * block_q,), out_dtype),
+      grid=(groups.num_groups, num_q_blocks),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps,
+                                           num_stages=num_stages),
+      interpret=interpret,
+      name="escort_direct_sparse_conv",
+  )(jnp.asarray(groups.group_rows), jnp.asarray(groups.group_start),
+    jnp.asarray(groups.group_steps), jnp.asarray(groups.offsets), values,
+    *bias_args, x_flat)
+  return y.reshape(groups.num_rows + 1, -1)[:groups.num_rows, :out_len]
+
+
+def _without_bias(kernel):
+  def wrapped(group_rows_ref, group_start_ref, group_steps_ref, offsets_ref,
+              values_ref, x_ref, y_ref):
+    return kernel(group_rows_ref, group_start_ref, group_steps_ref,
+                  offsets_ref, values_ref, None, x_ref, y_ref)
+  return wrapped
+
+
+def direct_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
+                                 rows: np.ndarray, offsets: np.ndarray, *,
+                                 num_rows: int, out_len: int,
+                                 bias: jax.Array | None = None,
+                                 relu: bool = False,
+                                 out_dtype=None) -> jax.Array:
+  """Plain-JAX reference, straight from the CSR form (no packing).
+
+  Args:
+    x_flat: (in_len,) flat input.
+    values: (nnz,) weights in the order of `rows`/`offsets`.
+    rows, offsets: (nnz,) destination row and source offset of each weight.
+
+  Returns:
+    y: (num_rows, out_len). Memory is O(nnz * out_len): for tests.
+  """
+  out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
+  acc_dtype = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
+  q = np.arange(out_len)
+  slices = x_flat.astype(acc_dtype)[np.asarray(offsets)[:, None] + q[None, :]]
+  contrib = values.astype(acc_dtype)[:, None] * slices
+  y = jax.ops.segment_sum(contrib, np.asarray(rows, np.int32),
+                          num_segments=num_rows)
+  if bias is not None:
+    y = y + bias.astype(acc_dtype)[:, None]
+  if relu:
+    y = jnp.maximum(y, 0)
+  return y.astype(out_dtype)

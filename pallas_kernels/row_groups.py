@@ -1,0 +1,151 @@
+"""Static metadata of a sparse row problem, packed for the direct sparse kernels.
+
+A sparse row problem is a list of nonzeros, each with a destination row, a
+source offset and the index of its value in the caller's value vector:
+
+    y[row_j, q] += values[source_j] * x_flat[offset_j + q]
+
+The kernels give each program ``rows_per_program`` rows at once. Rows are
+sorted by length (longest first) and cut into groups, so rows of similar
+length share a program and little work is padding. Within a group the entries
+are laid out step-major ("ELL"): step t of the group holds the t-th nonzero of
+each of its rows, so one vector load fetches the metadata of a whole step.
+Padding entries carry offset -1, which the kernel masks out: a pruned weight
+is a structural zero and never multiplies the input (so a NaN in the input
+does not travel through it).
+
+The packing is numpy and runs once per (structure, input shape), at trace
+time; the arrays become compile-time constants of the jitted program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PADDING_OFFSET = -1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowGroups:
+  """ELL packing of a sparse row problem.
+
+  Attributes:
+    num_rows: rows of the output.
+    rows_per_program: rows that one program computes (a power of two).
+    group_rows: (num_groups * rows_per_program,) int32; the output row of each
+      lane, or -1 for a lane past the last row.
+    group_start: (num_groups,) int32; where each group's entries begin.
+    group_steps: (num_groups,) int32; how many steps each group runs.
+    offsets: (num_entries,) int32; source offset per entry, -1 for padding.
+    sources: (num_entries,) int32; index into the value vector, -1 for padding.
+  """
+
+  num_rows: int
+  rows_per_program: int
+  group_rows: np.ndarray
+  group_start: np.ndarray
+  group_steps: np.ndarray
+  offsets: np.ndarray
+  sources: np.ndarray
+
+  @property
+  def num_groups(self) -> int:
+    return int(self.group_start.shape[0])
+
+  @property
+  def padded_entries(self) -> int:
+    return int(self.offsets.shape[0])
+
+  @property
+  def max_offset(self) -> int:
+    return int(self.offsets.max(initial=0))
+
+  def fingerprint(self) -> str:
+    h = hashlib.sha1()
+    for a in (self.group_rows, self.group_start, self.group_steps, self.offsets,
+              self.sources):
+      h.update(np.ascontiguousarray(a).tobytes())
+    h.update(f"{self.num_rows},{self.rows_per_program}".encode())
+    return h.hexdigest()
+
+  def gather_values(self, values: jax.Array) -> jax.Array:
+    """Lays `values` (nnz,) out as the kernel reads them: (padded_entries,).
+
+    Padding entries get 0, so that they stay inert even for a non-finite
+    value elsewhere in the row.
+    """
+    if values.shape[0] == 0:
+      return jnp.zeros(self.sources.shape, values.dtype)
+    gathered = jnp.take(values, np.maximum(self.sources, 0))
+    return jnp.where(self.sources >= 0, gathered,
+                     jnp.zeros((), gathered.dtype))
+
+
+def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
+                    rows_per_program: int) -> RowGroups:
+  """Packs nonzeros given in any order into ELL row groups.
+
+  Args:
+    rows: (nnz,) destination row of each nonzero, in [0, num_rows).
+    offsets: (nnz,) non-negative source offset of each nonzero.
+    num_rows: number of output rows.
+    rows_per_program: rows per program; a power of two.
+
+  Returns:
+    The packing. Entry `sources` refers to positions in `rows`/`offsets`.
+  """
+  if rows_per_program <= 0 or rows_per_program & (rows_per_program - 1):
+    raise ValueError(
+        f"rows_per_program must be a power of two, got {rows_per_program}")
+  rows = np.asarray(rows, np.int64)
+  offsets = np.asarray(offsets, np.int64)
+  if rows.shape != offsets.shape or rows.ndim != 1:
+    raise ValueError("rows and offsets must be 1-D arrays of one length")
+  if offsets.size and offsets.min() < 0:
+    raise ValueError("offsets must be non-negative")
+  if offsets.size and offsets.max() >= np.iinfo(np.int32).max:
+    raise OverflowError(
+        f"a source offset ({int(offsets.max())}) does not fit in int32; the "
+        "input is too large for the int32-indexed kernels")
+  bk = rows_per_program
+  lengths = np.bincount(rows, minlength=num_rows) if rows.size else np.zeros(
+      num_rows, np.int64)
+  # Longest rows first, so the rows of one group have similar lengths; ties
+  # keep row order, which keeps neighbouring channels together.
+  order = np.argsort(-lengths, kind="stable")
+  num_groups = max(1, -(-num_rows // bk))
+  group_rows = np.full(num_groups * bk, -1, np.int32)
+  group_rows[:num_rows] = order
+  group_steps = np.zeros(num_groups, np.int32)
+  for g in range(num_groups):
+    members = order[g * bk:(g + 1) * bk]
+    group_steps[g] = lengths[members].max() if members.size else 0
+  group_start = np.zeros(num_groups, np.int32)
+  group_start[1:] = np.cumsum(group_steps[:-1].astype(np.int64) * bk)
+  total = int(group_steps.astype(np.int64).sum()) * bk
+  # At least one vector of entries, so that no kernel operand is empty.
+  ell_offsets = np.full(max(total, bk), PADDING_OFFSET, np.int32)
+  ell_sources = np.full(max(total, bk), -1, np.int32)
+
+  # Rank of each nonzero within its row, in the caller's order.
+  by_row = np.argsort(rows, kind="stable")
+  row_starts = np.zeros(num_rows + 1, np.int64)
+  row_starts[1:] = np.cumsum(lengths)
+  rank = np.empty(rows.size, np.int64)
+  rank[by_row] = np.arange(rows.size) - row_starts[rows[by_row]]
+  lane_of_row = np.empty(num_rows, np.int64)
+  lane_of_row[order] = np.arange(num_rows)
+  group = lane_of_row[rows] // bk
+  lane = lane_of_row[rows] % bk
+  slot = group_start[group].astype(np.int64) + rank * bk + lane
+  ell_offsets[slot] = offsets
+  ell_sources[slot] = np.arange(rows.size)
+  return RowGroups(num_rows=num_rows, rows_per_program=bk,
+                   group_rows=group_rows, group_start=group_start,
+                   group_steps=group_steps, offsets=ell_offsets,
+                   sources=ell_sources)

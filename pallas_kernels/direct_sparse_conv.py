@@ -46,7 +46,8 @@ def accumulator_dtype(dtype) -> jnp.dtype:
 def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
                                group_steps_ref, offsets_ref, values_ref,
                                bias_ref, x_ref, y_ref, *, block_q, out_len,
-                               row_len, num_rows, relu, acc_dtype):
+                               row_len, num_rows, offset_unit, relu,
+                               acc_dtype):
   g = pl.program_id(0)
   q_block = pl.program_id(1)
   rows_per_program = group_rows_ref.shape[0] // group_start_ref.shape[0]
@@ -63,7 +64,7 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
     offsets = offsets_ref[pl.ds(base, rows_per_program)]
     weights = values_ref[pl.ds(base, rows_per_program)].astype(acc_dtype)
     live = (offsets >= 0)[:, None] & q_ok[None, :]
-    idx = jnp.maximum(offsets, 0)[:, None] + q[None, :]
+    idx = (jnp.maximum(offsets, 0) * offset_unit)[:, None] + q[None, :]
     xs = plgpu.load(x_ref.at[idx], mask=live, other=0.0)
     return acc + weights[:, None] * xs.astype(acc_dtype)
 
@@ -132,7 +133,8 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
         f"of {block_q}, more than the grid allows; raise block_q")
   kernel = functools.partial(
       _direct_sparse_conv_kernel, block_q=block_q, out_len=out_len,
-      row_len=num_q_blocks * block_q, num_rows=groups.num_rows, relu=relu,
+      row_len=num_q_blocks * block_q, num_rows=groups.num_rows,
+      offset_unit=groups.offset_unit, relu=relu,
       acc_dtype=acc_dtype)
   if bias is None:
     kernel = _without_bias(kernel)

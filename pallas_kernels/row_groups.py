@@ -41,7 +41,11 @@ class RowGroups:
       lane, or -1 for a lane past the last row.
     group_start: (num_groups,) int32; where each group's entries begin.
     group_steps: (num_groups,) int32; how many steps each group runs.
-    offsets: (num_entries,) int32; source offset per entry, -1 for padding.
+    offsets: (num_entries,) int32; source offset per entry in units of
+      `offset_unit`, -1 for padding.
+    offset_unit: every source offset is a multiple of it. The kernel
+      multiplies by this static number, which tells Triton that the loads are
+      aligned (e.g. to the batch size) and lets it issue vector loads.
     sources: (num_entries,) int32; index into the value vector, -1 for padding.
   """
 
@@ -51,6 +55,7 @@ class RowGroups:
   group_start: np.ndarray
   group_steps: np.ndarray
   offsets: np.ndarray
+  offset_unit: int
   sources: np.ndarray
 
   @property
@@ -63,14 +68,16 @@ class RowGroups:
 
   @property
   def max_offset(self) -> int:
-    return int(self.offsets.max(initial=0))
+    """The largest source offset, in elements."""
+    return int(self.offsets.max(initial=0)) * self.offset_unit
 
   def fingerprint(self) -> str:
     h = hashlib.sha1()
     for a in (self.group_rows, self.group_start, self.group_steps, self.offsets,
               self.sources):
       h.update(np.ascontiguousarray(a).tobytes())
-    h.update(f"{self.num_rows},{self.rows_per_program}".encode())
+    h.update(f"{self.num_rows},{self.rows_per_program},{self.offset_unit}"
+             .encode())
     return h.hexdigest()
 
   def gather_values(self, values: jax.Array) -> jax.Array:
@@ -127,6 +134,8 @@ def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
     group_steps[g] = lengths[members].max() if members.size else 0
   group_start = np.zeros(num_groups, np.int32)
   group_start[1:] = np.cumsum(group_steps[:-1].astype(np.int64) * bk)
+  unit = int(np.gcd.reduce(offsets)) if offsets.size else 1
+  unit = unit or 1
   total = int(group_steps.astype(np.int64).sum()) * bk
   # At least one vector of entries, so that no kernel operand is empty.
   ell_offsets = np.full(max(total, bk), PADDING_OFFSET, np.int32)
@@ -143,9 +152,9 @@ def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
   group = lane_of_row[rows] // bk
   lane = lane_of_row[rows] % bk
   slot = group_start[group].astype(np.int64) + rank * bk + lane
-  ell_offsets[slot] = offsets
+  ell_offsets[slot] = offsets // unit
   ell_sources[slot] = np.arange(rows.size)
   return RowGroups(num_rows=num_rows, rows_per_program=bk,
                    group_rows=group_rows, group_start=group_start,
                    group_steps=group_steps, offsets=ell_offsets,
-                   sources=ell_sources)
+                   offset_unit=unit, sources=ell_sources)

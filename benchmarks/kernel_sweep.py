@@ -97,6 +97,23 @@ def cupti_us(f, *args, iterations=20, repeats=3):
   return statistics.median(samples), max(samples) - min(samples)
 
 
+def breakdown(configs, batch):
+  """Per-kernel CUPTI times of one call: how much the layout passes cost."""
+  from jax.experimental.mosaic.gpu import profiler
+  for name in ("res3a_branch2b", "res5a_branch2b"):
+    layer = next(l for l in LAYERS if l["layer"] == name)
+    x, w, args = make_case(layer, batch, jnp.float32)
+    sk = ej.SparseKernel.from_dense(np.asarray(w))
+    for cfg in configs[:2]:
+      f = jax.jit(lambda x, sk, cfg=cfg: ej.sparse_conv(
+          x, sk, method="escort", config=cfg, **args))
+      f(x, sk)
+      _, per_kernel = profiler.measure(f, aggregate=False)(x, sk)
+      print("breakdown", name, cfg)
+      for kname, ms in per_kernel:
+        print(f"   {ms * 1e3:8.1f} us  {kname[:90]}")
+
+
 def time_configs(out, configs, batch):
   rows = []
   for name in TIMED:
@@ -146,6 +163,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--check", action="store_true")
   ap.add_argument("--time", action="store_true")
+  ap.add_argument("--breakdown", action="store_true")
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--configs", default="8,256,4,1;4,256,4,1;16,256,4,1")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -153,6 +171,10 @@ def main():
   print(jax.devices(), jax.__version__, flush=True)
   if a.check:
     check_all(a.out)
+  configs = [KernelConfig(*map(int, c.split(",")))
+             for c in a.configs.split(";")]
+  if a.breakdown:
+    breakdown(configs, a.batch)
   if a.time:
     configs = [KernelConfig(*map(int, c.split(",")))
                for c in a.configs.split(";")]

@@ -50,13 +50,15 @@ class KernelConfig:
   """Tile parameters of the direct sparse kernels.
 
   rows_per_program: output channels per program; block_q: output positions
-  per program (both powers of two); num_warps, num_stages: Triton's.
+  per program (both powers of two); num_warps, num_stages: Triton's; unroll:
+  loop steps whose loads are issued together.
   """
 
   rows_per_program: int = 8
   block_q: int = 256
   num_warps: int = 4
   num_stages: int = 1
+  unroll: int = 1
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -202,13 +204,15 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
   geometry and config)."""
   problem = cg.stretched_problem(structure, geometry)
   forward = pack_row_groups(problem.rows, problem.offsets,
-                            geometry.out_channels, config.rows_per_program)
+                            geometry.out_channels, config.rows_per_program,
+                            config.unroll)
   # dx[plane, p] = sum w * dy[k, p - shift]: read dy padded in front by
   # max_shift, at offset k * dy_row_len + (max_shift - shift).
   dy_row_len = geometry.max_shift + geometry.plane_len
   t_offsets = problem.rows * dy_row_len + (geometry.max_shift - problem.shifts)
   transposed = pack_row_groups(problem.planes, t_offsets,
-                               geometry.num_planes, config.rows_per_program)
+                               geometry.num_planes, config.rows_per_program,
+                               config.unroll)
   return EscortPlan(geometry=geometry, problem=problem, forward=forward,
                     transposed=transposed, config=config)
 

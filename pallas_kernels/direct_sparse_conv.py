@@ -46,7 +46,7 @@ def accumulator_dtype(dtype) -> jnp.dtype:
 def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
                                group_steps_ref, offsets_ref, values_ref,
                                bias_ref, x_ref, y_ref, *, block_q, out_len,
-                               row_len, num_rows, offset_unit, relu,
+                               row_len, num_rows, offset_unit, unroll, relu,
                                acc_dtype):
   g = pl.program_id(0)
   q_block = pl.program_id(1)
@@ -59,16 +59,23 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
   start = group_start_ref[g]
   steps = group_steps_ref[g]
 
-  def step(t, acc):
+  def load_step(t):
     base = start + t * rows_per_program
     offsets = offsets_ref[pl.ds(base, rows_per_program)]
-    weights = values_ref[pl.ds(base, rows_per_program)].astype(acc_dtype)
+    weights = values_ref[pl.ds(base, rows_per_program)]
     live = (offsets >= 0)[:, None] & q_ok[None, :]
     idx = (jnp.maximum(offsets, 0) * offset_unit)[:, None] + q[None, :]
-    xs = plgpu.load(x_ref.at[idx], mask=live, other=0.0)
-    return acc + weights[:, None] * xs.astype(acc_dtype)
+    return weights, plgpu.load(x_ref.at[idx], mask=live, other=0.0)
 
-  acc = lax.fori_loop(0, steps, step,
+  def unrolled_steps(u, acc):
+    # All loads of `unroll` steps are issued before the first FMA, so that
+    # several gathers are in flight at once (the loop is latency bound).
+    loaded = [load_step(u * unroll + i) for i in range(unroll)]
+    for weights, xs in loaded:
+      acc = acc + weights.astype(acc_dtype)[:, None] * xs.astype(acc_dtype)
+    return acc
+
+  acc = lax.fori_loop(0, steps // unroll, unrolled_steps,
                       jnp.zeros((rows_per_program, block_q), acc_dtype))
   if bias_ref is not None:
     bias = plgpu.load(bias_ref.at[safe_rows], mask=row_ok, other=0.0)
@@ -134,7 +141,7 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
   kernel = functools.partial(
       _direct_sparse_conv_kernel, block_q=block_q, out_len=out_len,
       row_len=num_q_blocks * block_q, num_rows=groups.num_rows,
-      offset_unit=groups.offset_unit, relu=relu,
+      offset_unit=groups.offset_unit, unroll=groups.step_multiple, relu=relu,
       acc_dtype=acc_dtype)
   if bias is None:
     kernel = _without_bias(kernel)

@@ -37,6 +37,8 @@ class RowGroups:
   Attributes:
     num_rows: rows of the output.
     rows_per_program: rows that one program computes (a power of two).
+    step_multiple: every group's step count is a multiple of it, so that a
+      kernel can unroll its loop by that much.
     group_rows: (num_groups * rows_per_program,) int32; the output row of each
       lane, or -1 for a lane past the last row.
     group_start: (num_groups,) int32; where each group's entries begin.
@@ -51,6 +53,7 @@ class RowGroups:
 
   num_rows: int
   rows_per_program: int
+  step_multiple: int
   group_rows: np.ndarray
   group_start: np.ndarray
   group_steps: np.ndarray
@@ -76,8 +79,8 @@ class RowGroups:
     for a in (self.group_rows, self.group_start, self.group_steps, self.offsets,
               self.sources):
       h.update(np.ascontiguousarray(a).tobytes())
-    h.update(f"{self.num_rows},{self.rows_per_program},{self.offset_unit}"
-             .encode())
+    h.update(f"{self.num_rows},{self.rows_per_program},{self.step_multiple},"
+             f"{self.offset_unit}".encode())
     return h.hexdigest()
 
   def gather_values(self, values: jax.Array) -> jax.Array:
@@ -94,7 +97,8 @@ class RowGroups:
 
 
 def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
-                    rows_per_program: int) -> RowGroups:
+                    rows_per_program: int, step_multiple: int = 1
+                    ) -> RowGroups:
   """Packs nonzeros given in any order into ELL row groups.
 
   Args:
@@ -102,6 +106,7 @@ def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
     offsets: (nnz,) non-negative source offset of each nonzero.
     num_rows: number of output rows.
     rows_per_program: rows per program; a power of two.
+    step_multiple: round each group's steps up to a multiple of this.
 
   Returns:
     The packing. Entry `sources` refers to positions in `rows`/`offsets`.
@@ -131,7 +136,8 @@ def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
   group_steps = np.zeros(num_groups, np.int32)
   for g in range(num_groups):
     members = order[g * bk:(g + 1) * bk]
-    group_steps[g] = lengths[members].max() if members.size else 0
+    longest = lengths[members].max() if members.size else 0
+    group_steps[g] = -(-longest // step_multiple) * step_multiple
   group_start = np.zeros(num_groups, np.int32)
   group_start[1:] = np.cumsum(group_steps[:-1].astype(np.int64) * bk)
   unit = int(np.gcd.reduce(offsets)) if offsets.size else 1
@@ -154,7 +160,10 @@ def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
   slot = group_start[group].astype(np.int64) + rank * bk + lane
   ell_offsets[slot] = offsets // unit
   ell_sources[slot] = np.arange(rows.size)
+  if step_multiple <= 0:
+    raise ValueError(f"step_multiple must be positive, got {step_multiple}")
   return RowGroups(num_rows=num_rows, rows_per_program=bk,
+                   step_multiple=step_multiple,
                    group_rows=group_rows, group_start=group_start,
                    group_steps=group_steps, offsets=ell_offsets,
                    offset_unit=unit, sources=ell_sources)

@@ -5,8 +5,10 @@ Which path runs where (`method`):
             through Triton on NVIDIA GPUs, run by the Pallas interpreter on
             other backends (slow: for tests).
   "dense"   lax.conv_general_dilated of the densified kernel, at `precision`.
-  "auto"    "escort" on GPUs, "dense" elsewhere (XLA's CPU convolution is far
-            faster than the interpreter).
+  "auto"    on GPUs, the tuned plan for this layer if one is recorded, else
+            the faster path by a cost model (escort_jax.dispatch); elsewhere
+            "dense" (XLA's CPU convolution is far faster than the
+            interpreter).
 
 Gradients (jax.custom_vjp around the kernels):
   input   the same direct sparse kernel, run with the transposed structure;
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax import conv_geometry as cg
+from escort_jax import dispatch
 from escort_jax.structure import SparseKernel
 from pallas_kernels.direct_sparse_conv import direct_sparse_conv
 from pallas_kernels.row_groups import RowGroups, pack_row_groups
@@ -334,7 +337,8 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
     lhs_dilation: unsupported (transposed convolution); must be None or 1.
     preferred_element_type: output dtype; by default the promoted dtype of
       x, the kernel and the bias, as nnx.Conv promotes them.
-    config: tile parameters of the escort kernels (default: KernelConfig()).
+    config: tile parameters of the escort kernels (default: the tuned plan
+      of this layer, else KernelConfig()).
 
   Returns:
     The output in layout dimension_numbers[2], (N, Ho, Wo, O) by default.
@@ -350,14 +354,14 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
   values = sk.values.astype(spec.compute_dtype)
   if bias is not None:
     bias = jnp.asarray(bias).astype(spec.compute_dtype)
-  if method == "auto":
-    method = "escort" if on_gpu() else "dense"
+  choice = dispatch.choose(sk.structure, g, spec.compute_dtype, precision,
+                           method, config, on_gpu())
   if g.out_h == 0 or g.out_w == 0 or g.batch == 0:
     y = jnp.zeros((g.batch, g.out_h, g.out_w, g.out_channels), spec.out_dtype)
-  elif method == "dense":
+  elif choice.method == "dense":
     y = _dense_conv(x_nhwc, values, bias, sk.structure, spec, activation,
                     precision)
   else:
     y = _escort_conv(x_nhwc, values, bias, sk.structure, spec, activation,
-                     config or DEFAULT_CONFIG)
+                     choice.config or DEFAULT_CONFIG)
   return _from_nhwc(y, spec.out_spec)

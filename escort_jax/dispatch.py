@@ -1,0 +1,85 @@
+"""Which path runs a sparse_conv call: method="auto" and its cost model.
+
+Order of authority:
+  1. an explicit method ("escort" or "dense") and config from the caller;
+  2. a tuned plan for (structure, geometry, dtype, precision) on this device
+     (escort_jax.plans, written by escort_jax.tune);
+  3. the cost model below.
+
+The cost model is fitted to H100 measurements of 2026-11-24
+(benchmarks/results/*tile-sweep*): the escort kernels sustain about 4.5
+TFLOP/s of useful work, dense cuDNN about 42 (fp32 HIGHEST), 130 (TF32) and
+400 (bf16) TFLOP/s. On other backends "auto" is always "dense": XLA's CPU
+convolution is far faster than the Pallas interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from escort_jax import plans
+from escort_jax.conv_geometry import ConvGeometry
+
+# Useful FLOP/s of each path, by input dtype (escort) or dtype and precision
+# (dense), and the fixed cost of the layout passes of the escort path.
+ESCORT_FLOPS = {"float32": 4.5e12, "bfloat16": 5.0e12, "float16": 5.0e12}
+DENSE_FLOPS = {("float32", "highest"): 42e12, ("float32", None): 130e12,
+               ("bfloat16", None): 400e12, ("float16", None): 400e12}
+LAYOUT_BYTES_PER_S = 1.5e12  # one transpose pass in, one out, read + write
+LAUNCH_S = 3e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  method: str  # "escort" or "dense"
+  config: object | None  # KernelConfig for escort
+  source: str  # "caller", "plan" or "cost-model"
+
+
+def precision_name(precision) -> str | None:
+  if precision is None:
+    return None
+  name = getattr(precision, "name", str(precision)).lower()
+  return "highest" if "highest" in name or "float32" in name else name
+
+
+def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
+                      precision) -> dict[str, float]:
+  """Cost-model times of the escort and dense paths, in seconds."""
+  g = geometry
+  name = jnp.dtype(dtype).name
+  useful = 2.0 * nnz * g.out_h * g.out_w * g.batch
+  itemsize = jnp.dtype(dtype).itemsize
+  layout_bytes = 2 * itemsize * (g.batch * g.in_h * g.in_w * g.in_channels +
+                                 g.batch * g.out_h * g.out_w * g.out_channels)
+  escort = (useful / ESCORT_FLOPS.get(name, 4.5e12) +
+            layout_bytes / LAYOUT_BYTES_PER_S + 2 * LAUNCH_S)
+  dense_rate = DENSE_FLOPS.get((name, precision_name(precision)),
+                               DENSE_FLOPS.get((name, None), 42e12))
+  dense = g.flops / dense_rate + LAUNCH_S
+  return {"escort": escort, "dense": dense}
+
+
+def choose(structure, geometry: ConvGeometry, dtype, precision, method: str,
+           config, on_gpu: bool) -> Choice:
+  """Resolves method="auto" and a missing config (see module docstring)."""
+  if method != "auto":
+    if method == "escort" and config is None:
+      entry = plans.lookup(plans.plan_key(structure.digest, geometry, dtype,
+                                          precision_name(precision)))
+      if entry is not None and entry.get("config"):
+        return Choice("escort", plans.config_from_entry(entry), "plan")
+    return Choice(method, config, "caller")
+  if not on_gpu:
+    return Choice("dense", None, "cost-model")
+  entry = plans.lookup(plans.plan_key(structure.digest, geometry, dtype,
+                                      precision_name(precision)))
+  if entry is not None:
+    cfg = config or (plans.config_from_entry(entry)
+                     if entry.get("config") else None)
+    return Choice(entry["method"], cfg, "plan")
+  t = predicted_seconds(geometry, structure.nnz, dtype, precision)
+  return Choice("escort" if t["escort"] < t["dense"] else "dense", config,
+                "cost-model")

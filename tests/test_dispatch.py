@@ -1,0 +1,96 @@
+"""method="auto": plans, the cost model, and the tuner (on the CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import escort_jax as ej
+from escort_jax import dispatch, ops, plans, tune
+from escort_jax.conv_geometry import make_geometry
+
+
+def _layer(seed, shape=(3, 3, 4, 6), density=0.3):
+  rng = np.random.default_rng(seed)
+  k = rng.standard_normal(shape).astype(np.float32)
+  k *= rng.random(shape) < density
+  return ej.SparseKernel.from_dense(k)
+
+
+def _primitives(fn, *args):
+  return {e.primitive.name for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns
+          } | {e.primitive.name for e in _sub_eqns(jax.make_jaxpr(fn)(*args))}
+
+
+def _sub_eqns(closed):
+  out = []
+  for e in closed.jaxpr.eqns:
+    for p in e.params.values():
+      if hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
+        out.extend(p.jaxpr.eqns)
+        out.extend(_sub_eqns(p))
+  return out
+
+
+@pytest.fixture
+def plan_dir(tmp_path, monkeypatch):
+  monkeypatch.setenv("ESCORT_JAX_PLAN_DIR", str(tmp_path))
+  plans.clear_cache()
+  yield tmp_path
+  plans.clear_cache()
+
+
+def test_auto_on_cpu_is_dense():
+  sk = _layer(0)
+  x = jnp.ones((1, 5, 5, 4)) + jnp.arange(4.0)
+  prims = _primitives(lambda x: ej.sparse_conv(x, sk), x)
+  assert "conv_general_dilated" in prims
+  assert "pallas_call" not in prims
+
+
+def test_auto_follows_a_recorded_plan(plan_dir, monkeypatch):
+  monkeypatch.setattr(ops, "on_gpu", lambda: True)
+  sk = _layer(1)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 5, 5, 4)),
+                  jnp.float32)
+  g = make_geometry(x.shape, sk.structure, (1, 1), "SAME", (1, 1), 1)
+  key = plans.plan_key(sk.structure.digest, g, jnp.float32, None)
+  for method, prim in (("escort", "pallas_call"),
+                       ("dense", "conv_general_dilated")):
+    plans.record(key, {"method": method,
+                       "config": {"rows_per_program": 2, "block_q": 32}},
+                 slug=plans.device_slug())
+    prims = _primitives(lambda x: ej.sparse_conv(x, sk), x)
+    assert prim in prims, (method, prims)
+  choice = dispatch.choose(sk.structure, g, jnp.float32, None, "escort",
+                           None, True)
+  assert choice.source == "plan"
+  assert choice.config == ej.KernelConfig(rows_per_program=2, block_q=32)
+
+
+def test_cost_model_prefers_dense_when_dense_and_escort_when_very_sparse():
+  g = make_geometry((32, 28, 28, 128), _layer(2, (3, 3, 128, 128)).structure,
+                    (1, 1), "SAME", (1, 1), 1)
+  full = 3 * 3 * 128 * 128
+  t_dense = dispatch.predicted_seconds(g, full, jnp.float32, "highest")
+  assert t_dense["dense"] < t_dense["escort"]
+  t_sparse = dispatch.predicted_seconds(g, full // 100, jnp.float32,
+                                        "highest")
+  assert t_sparse["escort"] < t_sparse["dense"]
+
+
+def test_tune_records_a_plan_that_dispatch_finds(plan_dir):
+  sk = _layer(3)
+  entry = tune.tune_layer(
+      (1, 6, 6, 4), sk, candidates=(ej.KernelConfig(2, 32, 4, 1, 1),),
+      num_inputs=2, directory=plan_dir)
+  assert entry["method"] in ("escort", "dense")
+  assert set(entry["times_us"]) == {"dense", ",".join(
+      f"{k}={v}" for k, v in
+      {"rows_per_program": 2, "block_q": 32, "num_warps": 4,
+       "num_stages": 1, "unroll": 1}.items())}
+  assert all(t > 0 for t in entry["times_us"].values())
+  g = make_geometry((1, 6, 6, 4), sk.structure, (1, 1), "SAME", (1, 1), 1)
+  found = plans.lookup(plans.plan_key(sk.structure.digest, g, jnp.float32,
+                                      None))
+  assert found == entry

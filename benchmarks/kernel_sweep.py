@@ -150,8 +150,8 @@ def time_configs(out, configs, batch):
                    floor_us=floor_us, baselines_us=base,
                    tflops=useful / t / 1e6)
         rows.append(row)
-        print(f"{name:18s} {jnp.dtype(dtype).name:8s} rpp={cfg.rows_per_program:2d}"
-              f" bq={cfg.block_q:4d} nw={cfg.num_warps} ns={cfg.num_stages} "
+        cfg_text = ",".join(str(int(v)) for v in cfg.__dict__.values())
+        print(f"{name:18s} {jnp.dtype(dtype).name:8s} {cfg_text:16s} "
               f"{t:8.1f}us  fp32H {base['lax_fp32_highest']/t:5.2f}x  "
               f"tf32 {base['lax_default']/t:5.2f}x  bf16 "
               f"{base['lax_bf16']/t:5.2f}x  floor {floor_us/t:5.1%} "

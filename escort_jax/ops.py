@@ -54,7 +54,9 @@ class KernelConfig:
 
   rows_per_program: output channels per program; block_q: output positions
   per program (both powers of two); num_warps, num_stages: Triton's; unroll:
-  loop steps whose loads are issued together.
+  loop steps whose loads are issued together; groups_per_program: row groups
+  one program runs in turn over the same positions (input reuse in L1);
+  q_major: output blocks on the fastest grid axis.
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100
@@ -65,6 +67,8 @@ class KernelConfig:
   num_warps: int = 4
   num_stages: int = 1
   unroll: int = 4
+  groups_per_program: int = 1
+  q_major: bool = False
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -223,13 +227,18 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
                     transposed=transposed, config=config)
 
 
+def _launch(c: KernelConfig) -> dict:
+  return dict(block_q=c.block_q, num_warps=c.num_warps,
+              num_stages=c.num_stages,
+              groups_per_program=c.groups_per_program, q_major=c.q_major)
+
+
 def _run_forward(plan: EscortPlan, values, bias, x_flat, relu, out_dtype):
   c = plan.config
   return direct_sparse_conv(
       x_flat, plan.forward.gather_values(values), plan.forward,
       out_len=plan.geometry.out_len, bias=bias, relu=relu,
-      out_dtype=out_dtype, block_q=c.block_q, num_warps=c.num_warps,
-      num_stages=c.num_stages, interpret=not on_gpu())
+      out_dtype=out_dtype, interpret=not on_gpu(), **_launch(c))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
@@ -262,8 +271,7 @@ def _escort_core_bwd(plan, relu, out_dtype, residuals, dy):
   dx_planes = direct_sparse_conv(
       dy_padded.reshape(-1), plan.transposed.gather_values(values),
       plan.transposed, out_len=g.plane_len, out_dtype=x_flat.dtype,
-      block_q=c.block_q, num_warps=c.num_warps, num_stages=c.num_stages,
-      interpret=interpret)
+      interpret=interpret, **_launch(c))
   dx_flat = jnp.pad(dx_planes.reshape(-1), (0, g.max_shift))
   return dvalues, dbias, dx_flat
 

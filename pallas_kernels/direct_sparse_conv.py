@@ -46,55 +46,67 @@ def accumulator_dtype(dtype) -> jnp.dtype:
 def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
                                group_steps_ref, offsets_ref, values_ref,
                                bias_ref, x_ref, y_ref, *, block_q, out_len,
-                               row_len, num_rows, offset_unit, unroll, relu,
-                               acc_dtype):
-  g = pl.program_id(0)
-  q_block = pl.program_id(1)
+                               row_len, num_rows, offset_unit, unroll,
+                               groups_per_program, q_major, relu, acc_dtype):
+  group_axis, q_axis = (1, 0) if q_major else (0, 1)
+  q_block = pl.program_id(q_axis)
+  # Read outside the loop: the interpreter cannot lower program_id inside one.
+  first_group = pl.program_id(group_axis) * groups_per_program
   rows_per_program = group_rows_ref.shape[0] // group_start_ref.shape[0]
-  rows = group_rows_ref[pl.ds(g * rows_per_program, rows_per_program)]
-  row_ok = rows >= 0
-  safe_rows = jnp.maximum(rows, 0)
   q = q_block * block_q + jnp.arange(block_q, dtype=jnp.int32)
   q_ok = q < out_len
-  start = group_start_ref[g]
-  steps = group_steps_ref[g]
 
-  def load_step(t):
-    base = start + t * rows_per_program
-    offsets = offsets_ref[pl.ds(base, rows_per_program)]
-    weights = values_ref[pl.ds(base, rows_per_program)]
-    live = (offsets >= 0)[:, None] & q_ok[None, :]
-    idx = (jnp.maximum(offsets, 0) * offset_unit)[:, None] + q[None, :]
-    return weights, plgpu.load(x_ref.at[idx], mask=live, other=0.0)
+  def one_group(i, carry):
+    # Consecutive groups of one program share its input window, which then
+    # stays in L1 between them.
+    g = first_group + i
+    rows = group_rows_ref[pl.ds(g * rows_per_program, rows_per_program)]
+    row_ok = rows >= 0
+    start = group_start_ref[g]
+    steps = group_steps_ref[g]
 
-  def unrolled_steps(u, acc):
-    # All loads of `unroll` steps are issued before the first FMA, so that
-    # several gathers are in flight at once (the loop is latency bound).
-    loaded = [load_step(u * unroll + i) for i in range(unroll)]
-    for weights, xs in loaded:
-      acc = acc + weights.astype(acc_dtype)[:, None] * xs.astype(acc_dtype)
-    return acc
+    def load_step(t):
+      base = start + t * rows_per_program
+      offsets = offsets_ref[pl.ds(base, rows_per_program)]
+      weights = values_ref[pl.ds(base, rows_per_program)]
+      live = (offsets >= 0)[:, None] & q_ok[None, :]
+      idx = (jnp.maximum(offsets, 0) * offset_unit)[:, None] + q[None, :]
+      return weights, plgpu.load(x_ref.at[idx], mask=live, other=0.0)
 
-  acc = lax.fori_loop(0, steps // unroll, unrolled_steps,
-                      jnp.zeros((rows_per_program, block_q), acc_dtype))
-  if bias_ref is not None:
-    bias = plgpu.load(bias_ref.at[safe_rows], mask=row_ok, other=0.0)
-    acc = acc + bias.astype(acc_dtype)[:, None]
-  if relu:
-    acc = jnp.maximum(acc, 0.0)
-  # Every lane stores, with no mask: lanes past the last row write a spare
-  # row, and positions past out_len the padded tail of each row. Masked
-  # scatters with repeated addresses are not well defined in interpret mode.
-  out_idx = (jnp.where(row_ok, rows, num_rows)[:, None] * row_len
-             + q[None, :])
-  plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
+    def unrolled_steps(u, acc):
+      # All loads of `unroll` steps are issued before the first FMA, so that
+      # several gathers are in flight at once (the loop is latency bound).
+      loaded = [load_step(u * unroll + j) for j in range(unroll)]
+      for weights, xs in loaded:
+        acc = acc + weights.astype(acc_dtype)[:, None] * xs.astype(acc_dtype)
+      return acc
+
+    acc = lax.fori_loop(0, steps // unroll, unrolled_steps,
+                        jnp.zeros((rows_per_program, block_q), acc_dtype))
+    if bias_ref is not None:
+      bias = plgpu.load(bias_ref.at[jnp.maximum(rows, 0)], mask=row_ok,
+                        other=0.0)
+      acc = acc + bias.astype(acc_dtype)[:, None]
+    if relu:
+      acc = jnp.maximum(acc, 0.0)
+    # Every lane stores, with no mask: lanes past the last row write a spare
+    # row, and positions past out_len the padded tail of each row. Masked
+    # scatters with repeated addresses are not well defined in interpret
+    # mode.
+    out_idx = (jnp.where(row_ok, rows, num_rows)[:, None] * row_len
+               + q[None, :])
+    plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
+    return carry
+
+  lax.fori_loop(0, groups_per_program, one_group, 0)
 
 
 def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
                        groups: RowGroups, *, out_len: int,
                        bias: jax.Array | None = None, relu: bool = False,
                        out_dtype=None, block_q: int = 256, num_warps: int = 4,
-                       num_stages: int = 1,
+                       num_stages: int = 1, groups_per_program: int = 1,
+                       q_major: bool = False,
                        interpret: bool = False) -> jax.Array:
   """Runs the direct sparse convolution kernel.
 
@@ -109,6 +121,9 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
     out_dtype: output dtype; defaults to x_flat's.
     block_q: output positions per program (a power of two).
     num_warps, num_stages: Triton launch parameters.
+    groups_per_program: row groups that one program runs in turn, over the
+      same output positions.
+    q_major: order the grid with output blocks on the fastest axis.
     interpret: run through the Pallas interpreter (CPU).
 
   Returns:
@@ -134,14 +149,25 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
   acc_dtype = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
   num_q_blocks = pl.cdiv(out_len, block_q)
-  if num_q_blocks > _MAX_GRID_AXIS:
-    raise ValueError(
-        f"{out_len} output positions per row need {num_q_blocks} programs "
-        f"of {block_q}, more than the grid allows; raise block_q")
+  num_programs = pl.cdiv(groups.num_groups, groups_per_program)
+  spare = num_programs * groups_per_program - groups.num_groups
+  # Spare groups have no rows and no steps: they store into the spare row.
+  group_rows = np.pad(groups.group_rows,
+                      (0, spare * groups.rows_per_program),
+                      constant_values=-1)
+  group_start = np.pad(groups.group_start, (0, spare))
+  group_steps = np.pad(groups.group_steps, (0, spare))
+  grid = (num_programs, num_q_blocks)
+  if q_major:
+    grid = grid[::-1]
+  if max(grid[1:]) > _MAX_GRID_AXIS:
+    raise ValueError(f"the grid {grid} exceeds Triton's limit of "
+                     f"{_MAX_GRID_AXIS} programs on axis 1; raise block_q")
   kernel = functools.partial(
       _direct_sparse_conv_kernel, block_q=block_q, out_len=out_len,
       row_len=num_q_blocks * block_q, num_rows=groups.num_rows,
-      offset_unit=groups.offset_unit, unroll=groups.step_multiple, relu=relu,
+      offset_unit=groups.offset_unit, unroll=groups.step_multiple,
+      groups_per_program=groups_per_program, q_major=q_major, relu=relu,
       acc_dtype=acc_dtype)
   if bias is None:
     kernel = _without_bias(kernel)
@@ -152,13 +178,13 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
       kernel,
       out_shape=jax.ShapeDtypeStruct(
           ((groups.num_rows + 1) * num_q_blocks * block_q,), out_dtype),
-      grid=(groups.num_groups, num_q_blocks),
+      grid=grid,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,
       name="escort_direct_sparse_conv",
-  )(jnp.asarray(groups.group_rows), jnp.asarray(groups.group_start),
-    jnp.asarray(groups.group_steps), jnp.asarray(groups.offsets), values,
+  )(jnp.asarray(group_rows), jnp.asarray(group_start),
+    jnp.asarray(group_steps), jnp.asarray(groups.offsets), values,
     *bias_args, x_flat)
   return y.reshape(groups.num_rows + 1, -1)[:groups.num_rows, :out_len]
 

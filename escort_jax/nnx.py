@@ -1,0 +1,509 @@
+"""Flax NNX integration: `SparseConv`, a drop-in for `nnx.Conv` (2-D, NHWC).
+
+A SparseConv holds the kept weights of a pruned HWIO kernel as one
+`nnx.Param` of shape (nnz,) and the static `SparseStructure` (where they
+sit) as a plain, non-Param attribute, so it lives in the graphdef of
+`nnx.split` and only the values are state: optimisers never see pruned
+weights, which therefore stay exactly zero through training.
+
+    conv = SparseConv(16, 32, (3, 3), sparsity=0.9, rngs=nnx.Rngs(0))
+    y = conv(x)                          # x (N, H, W, 16) -> (N, H, W, 32)
+    conv.values                          # nnx.Param, (nnz,)
+    conv.structure                       # SparseStructure, static
+    conv.dense_kernel()                  # (3, 3, 16, 32) HWIO, zeros pruned
+
+    sparse = SparseConv.from_conv(dense_conv)   # keeps its exact nonzeros
+
+The call runs `escort_jax.sparse_conv` (the Pallas kernels on GPUs with
+method="auto", XLA's dense convolution elsewhere).
+
+Works with flax 0.10 and later: Variable values are read and written through
+`_get_value` / `_set_value`, which use `get_value`/`set_value` where they
+exist (flax >= 0.12 deprecates `.value`) and `.value` otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, Callable, Sequence
+
+from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from escort_jax.ops import ACTIVATIONS, METHODS, KernelConfig, sparse_conv
+from escort_jax.structure import SparseKernel, SparseStructure
+
+__all__ = ["SparseConv", "UnsupportedConvError", "conv_unsupported_reason",
+           "magnitude_mask"]
+
+default_kernel_init = nnx.initializers.lecun_normal()
+default_bias_init = nnx.initializers.zeros_init()
+
+# Paddings nnx.Conv implements by padding the input itself (wrap / reflect /
+# causal); sparse_conv only zero-pads.
+_UNSUPPORTED_PADDINGS = ("CIRCULAR", "REFLECT", "CAUSAL")
+_SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in (
+    jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64))
+
+
+class UnsupportedConvError(NotImplementedError, ValueError):
+  """A convolution SparseConv cannot express (not 2-D, input dilation,
+  circular/reflect/causal padding, a custom conv function, ...).
+
+  Both a NotImplementedError and a ValueError, so either catches it.
+  """
+
+
+# --------------------------------------------------------------------------
+# Variable access that works on flax 0.10 ... 0.12+.
+
+
+def _get_value(var):
+  if hasattr(var, "get_value"):
+    return var.get_value()
+  return var.value
+
+
+def _set_value(var, value) -> None:
+  if hasattr(var, "set_value"):
+    var.set_value(value)
+  else:
+    var.value = value
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
+
+
+# --------------------------------------------------------------------------
+# Argument canonicalisation.
+
+
+def _pair(x, name: str) -> tuple[int, int]:
+  """None or an int or a 2-sequence -> (a, b), as nnx.Conv broadcasts."""
+  if x is None:  # nnx.Conv's legacy sentinel for 1
+    x = 1
+  if isinstance(x, (int, np.integer)):
+    return (int(x), int(x))
+  t = tuple(int(v) for v in x)
+  if len(t) != 2:
+    raise UnsupportedConvError(
+        f"{name}={x!r} has {len(t)} entries; SparseConv is 2-D only")
+  return t
+
+
+def _kernel_size(kernel_size) -> tuple[int, int]:
+  if isinstance(kernel_size, (int, np.integer)):
+    # nnx.Conv and linen.Conv read an int as a 1-D kernel; keep that meaning
+    # rather than silently building a 2-D layer.
+    raise UnsupportedConvError(
+        f"kernel_size={kernel_size} means a 1-D convolution (as in "
+        f"nnx.Conv); SparseConv is 2-D only: pass ({kernel_size}, "
+        f"{kernel_size})")
+  ks = tuple(int(k) for k in kernel_size)
+  if len(ks) != 2:
+    raise UnsupportedConvError(
+        f"kernel_size={tuple(kernel_size)} is a {len(ks)}-D kernel; "
+        "SparseConv supports 2-D convolutions only")
+  return ks
+
+
+def _canonical_padding(padding):
+  """nnx.Conv's padding forms -> a sparse_conv padding (str or 2 pairs)."""
+  if isinstance(padding, str):
+    p = padding.upper()
+    if p in _UNSUPPORTED_PADDINGS:
+      raise UnsupportedConvError(
+          f"padding={padding!r} is not supported by SparseConv (the sparse "
+          "kernels only zero-pad); use 'SAME', 'VALID' or explicit pairs")
+    return p
+  if isinstance(padding, (int, np.integer)):
+    return ((int(padding), int(padding)),) * 2
+  pads = list(padding)
+  if len(pads) != 2:
+    raise UnsupportedConvError(
+        f"padding={padding!r} must give 2 spatial dimensions")
+  out = []
+  for p in pads:
+    if isinstance(p, (int, np.integer)):
+      out.append((int(p), int(p)))
+    else:
+      lo, hi = p
+      out.append((int(lo), int(hi)))
+  return tuple(out)
+
+
+def _check_activation(activation):
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got "
+                     f"{activation!r}")
+
+
+def _check_method(method):
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def magnitude_mask(kernel, sparsity: float) -> np.ndarray:
+  """The mask of the largest-magnitude entries of a concrete kernel.
+
+  Args:
+    kernel: a concrete array of any shape.
+    sparsity: the fraction of entries to prune, in [0, 1]; the number pruned
+      is round(sparsity * kernel.size).
+
+  Returns:
+    A bool numpy array of kernel's shape, True where an entry is kept. Ties
+    keep the entry that comes first in row-major order (deterministic).
+  """
+  if not 0.0 <= float(sparsity) <= 1.0:
+    raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
+  if not _is_concrete(kernel):
+    raise TypeError(
+        "magnitude pruning needs a concrete kernel, got a tracer or abstract "
+        "array: the sparsity structure is static, so build the layer "
+        "outside jit / eval_shape (or pass mask=)")
+  w = np.abs(np.asarray(kernel, np.float64)).ravel()
+  n_keep = w.size - int(round(float(sparsity) * w.size))
+  # -w with a stable sort: largest first, ties in index order.
+  order = np.argsort(-w, kind="stable")
+  mask = np.zeros(w.size, bool)
+  mask[order[:n_keep]] = True
+  return mask.reshape(np.shape(kernel))
+
+
+def conv_unsupported_reason(conv) -> str | None:
+  """Why an nnx.Conv cannot become a SparseConv, or None if it can."""
+  ks = getattr(conv, "kernel_size", None)
+  if isinstance(ks, (int, np.integer)):
+    ks = (ks,)
+  if ks is None or len(tuple(ks)) != 2:
+    n = "?" if ks is None else len(tuple(ks))
+    return f"{n}-D convolution (only 2-D is supported)"
+  try:
+    if _pair(getattr(conv, "input_dilation", 1), "input_dilation") != (1, 1):
+      return (f"input_dilation={conv.input_dilation} (transposed "
+              "convolution is not supported)")
+    _pair(getattr(conv, "kernel_dilation", 1), "kernel_dilation")
+    _pair(getattr(conv, "strides", 1), "strides")
+    _canonical_padding(getattr(conv, "padding", "SAME"))
+  except UnsupportedConvError as e:
+    return str(e)
+  except (TypeError, ValueError) as e:
+    return f"unrecognised argument ({e})"
+  fn = getattr(conv, "conv_general_dilated", lax.conv_general_dilated)
+  if fn is not lax.conv_general_dilated:
+    return f"custom conv_general_dilated {fn!r}"
+  if isinstance(conv, nnx.Conv) and type(conv).__call__ is not (
+      nnx.Conv.__call__):
+    return f"{type(conv).__name__} overrides nnx.Conv.__call__"
+  kernel = getattr(conv, "kernel", None)
+  kernel = _get_value(kernel) if isinstance(kernel, nnx.Variable) else kernel
+  if kernel is None or len(getattr(kernel, "shape", ())) != 4:
+    return "no 4-D kernel"
+  if jnp.dtype(kernel.dtype) not in _SUPPORTED_DTYPES:
+    return f"kernel dtype {kernel.dtype} is not supported"
+  return None
+
+
+@functools.partial(
+    jax.jit, static_argnames=("structure", "strides", "padding", "dilation",
+                              "groups", "activation", "precision", "method",
+                              "preferred_element_type", "config"))
+def _conv_nhwc(x, values, bias, *, structure, strides, padding, dilation,
+               groups, activation, precision, method, preferred_element_type,
+               config):
+  """sparse_conv of an NHWC batch with an HWIO structure, as one jitted
+  call: called eagerly, a layer then compiles once per configuration and
+  input shape instead of once per primitive (inside an outer jit it is
+  inlined). All but the arrays are hashable statics."""
+  return sparse_conv(
+      x, SparseKernel(values, structure), strides, padding,
+      rhs_dilation=dilation, feature_group_count=groups,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), bias=bias,
+      activation=activation, precision=precision, method=method,
+      preferred_element_type=preferred_element_type, config=config)
+
+
+# --------------------------------------------------------------------------
+# The module.
+
+
+class SparseConv(nnx.Module):
+  """A 2-D convolution with a pruned kernel; a drop-in for `nnx.Conv`.
+
+  Layouts are Flax's: inputs (*batch, H, W, in_features) (NHWC; one or more
+  batch dimensions, or none), kernel HWIO (kh, kw, in_features // groups,
+  out_features), outputs (*batch, Ho, Wo, out_features).
+
+  State: `values`, an nnx.Param (nnz,) in CSR order of `structure`, and
+  `bias`, an nnx.Param (out_features,) (None without bias). The structure
+  is static: it is part of the graphdef, not of nnx.state(...).
+
+  Args:
+    in_features, out_features, kernel_size, strides, padding,
+    input_dilation, kernel_dilation, feature_group_count, use_bias, dtype,
+    param_dtype, precision, kernel_init, bias_init, promote_dtype,
+    preferred_element_type, rngs, kernel_metadata, bias_metadata: as in
+      nnx.Conv. kernel_size must be a pair (an int means 1-D there);
+      input_dilation must be 1 and padding must not be 'CIRCULAR',
+      'REFLECT' or 'CAUSAL' (UnsupportedConvError otherwise).
+    mask: which entries of the freshly initialised (kh, kw, I, O) kernel to
+      keep (nonzero = kept; a float mask also scales the kept values, as
+      nnx.Conv's mask multiplies the kernel). Concrete.
+    sparsity: instead of mask, magnitude-prune the initialised kernel to
+      this fraction of zeros (per layer); needs a concrete initialisation
+      (not under jit / eval_shape). With neither, every entry is kept.
+    sparse_kernel: instead of initialising, start from this HWIO
+      SparseKernel (its structure and values). rngs is then needed only for
+      bias_init; without rngs the bias starts at zero.
+    method: "auto", "escort" or "dense" (see escort_jax.sparse_conv).
+    activation: None or "relu" (fused into the sparse kernels).
+    config: escort_jax.KernelConfig tile parameters, or None for defaults.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      kernel_size: Sequence[int],
+      strides: None | int | Sequence[int] = 1,
+      *,
+      padding: Any = "SAME",
+      input_dilation: None | int | Sequence[int] = 1,
+      kernel_dilation: None | int | Sequence[int] = 1,
+      feature_group_count: int = 1,
+      use_bias: bool = True,
+      mask: Any = None,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      precision: lax.PrecisionLike = None,
+      kernel_init: Callable = default_kernel_init,
+      bias_init: Callable = default_bias_init,
+      promote_dtype: Callable = nnx_dtypes.promote_dtype,
+      preferred_element_type: Any = None,
+      rngs: nnx.Rngs | None = None,
+      kernel_metadata: Any = types.MappingProxyType({}),
+      bias_metadata: Any = types.MappingProxyType({}),
+      sparsity: float | None = None,
+      sparse_kernel: SparseKernel | None = None,
+      method: str = "auto",
+      activation: str | None = None,
+      config: KernelConfig | None = None,
+  ):
+    kernel_size = _kernel_size(kernel_size)
+    if _pair(input_dilation, "input_dilation") != (1, 1):
+      raise UnsupportedConvError(
+          f"input_dilation={input_dilation} (transposed convolution) is not "
+          "supported by SparseConv")
+    padding = _canonical_padding(padding)
+    _check_method(method)
+    _check_activation(activation)
+    groups = int(feature_group_count)
+    if groups < 1 or in_features % groups or out_features % groups:
+      raise ValueError(
+          f"feature_group_count={feature_group_count} must divide "
+          f"in_features={in_features} and out_features={out_features}")
+    given = [n for n, v in (("mask", mask), ("sparsity", sparsity),
+                            ("sparse_kernel", sparse_kernel)) if v is not None]
+    if len(given) > 1:
+      raise ValueError(f"pass at most one of mask=, sparsity= and "
+                       f"sparse_kernel=, got {given}")
+    kernel_shape = kernel_size + (in_features // groups, out_features)
+
+    if sparse_kernel is not None:
+      if not isinstance(sparse_kernel, SparseKernel):
+        raise TypeError("sparse_kernel must be a SparseKernel, got "
+                        f"{type(sparse_kernel).__name__}")
+      if sparse_kernel.layout != "HWIO" or sparse_kernel.shape != (
+          kernel_shape):
+        raise ValueError(
+            f"sparse_kernel has shape {sparse_kernel.shape} in layout "
+            f"{sparse_kernel.layout!r}; this layer needs HWIO {kernel_shape}")
+      structure = sparse_kernel.structure
+      values = jnp.asarray(sparse_kernel.values)
+    else:
+      if rngs is None:
+        raise TypeError("rngs is required to initialise the kernel (or pass "
+                        "sparse_kernel=)")
+      kernel = kernel_init(rngs.params(), kernel_shape, param_dtype)
+      if mask is not None:
+        if not _is_concrete(mask):
+          raise TypeError("mask must be concrete: the structure is static")
+        mask = np.asarray(mask)
+        if mask.shape != kernel_shape:
+          raise ValueError(f"mask has shape {mask.shape}, the kernel "
+                           f"{kernel_shape}")
+        structure = SparseStructure.from_mask(mask != 0, "HWIO")
+        pos = structure.dense_positions()
+        values = kernel[pos]
+        if mask.dtype != np.bool_:
+          values = values * jnp.asarray(mask[pos], values.dtype)
+      else:
+        keep = (np.ones(kernel_shape, bool) if sparsity is None
+                else magnitude_mask(kernel, sparsity))
+        structure = SparseStructure.from_mask(keep, "HWIO")
+        values = kernel[structure.dense_positions()]
+
+    self.values = nnx.Param(values, **kernel_metadata)
+    if use_bias:
+      if rngs is not None:
+        bias = bias_init(rngs.params(), (out_features,), param_dtype)
+      else:
+        bias = jnp.zeros((out_features,), param_dtype)
+      self.bias = nnx.Param(bias, **bias_metadata)
+    else:
+      self.bias = None
+
+    # Static attributes, canonicalised so that they are hashable (they end
+    # up in the graphdef, which nnx.jit hashes).
+    self.structure = structure
+    self.in_features = int(in_features)
+    self.out_features = int(out_features)
+    self.kernel_size = kernel_size
+    self.kernel_shape = kernel_shape
+    self.strides = _pair(strides, "strides")
+    self.padding = padding
+    self.input_dilation = (1, 1)
+    self.kernel_dilation = _pair(kernel_dilation, "kernel_dilation")
+    self.feature_group_count = groups
+    self.use_bias = bool(use_bias)
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.precision = precision
+    self.promote_dtype = promote_dtype
+    self.preferred_element_type = preferred_element_type
+    self.method = method
+    self.activation = activation
+    self.config = config
+
+  # ------------------------------------------------------------------------
+
+  @classmethod
+  def from_conv(cls, conv: nnx.Conv, *, method: str = "auto",
+                activation: str | None = None,
+                config: KernelConfig | None = None) -> SparseConv:
+    """A SparseConv computing what a (concrete) nnx.Conv computes.
+
+    Keeps exactly the nonzero entries of conv's kernel (times its mask, if
+    it has one) and copies its bias, strides, padding, dilation, groups,
+    dtype, param_dtype, precision (and promote_dtype /
+    preferred_element_type where the flax version has them). The new layer
+    shares no Variables with `conv`.
+
+    Raises:
+      UnsupportedConvError: conv is not 2-D, has input dilation, or pads
+        circularly / by reflection, or uses a custom conv function.
+    """
+    reason = conv_unsupported_reason(conv)
+    if reason is not None:
+      raise UnsupportedConvError(f"cannot convert {type(conv).__name__}: "
+                                 f"{reason}")
+    kernel = _get_value(conv.kernel)
+    if not _is_concrete(kernel):
+      raise TypeError("from_conv needs a concrete kernel (not under jit or "
+                      "eval_shape): the structure is static")
+    mask = getattr(conv, "mask", None)
+    if mask is not None:
+      kernel = kernel * jnp.asarray(mask, kernel.dtype)
+    sk = SparseKernel.from_dense(kernel, "HWIO")
+    bias = _conv_bias(conv)
+    new = cls._like(conv, sk, use_bias=bias is not None, method=method,
+                    activation=activation, config=config)
+    if bias is not None:
+      _set_value(new.bias, bias)
+    return new
+
+  @classmethod
+  def _like(cls, layer, sparse_kernel: SparseKernel, *, use_bias: bool,
+            method: str, activation, config) -> SparseConv:
+    """A SparseConv with `layer`'s hyper-parameters (an nnx.Conv or a
+    SparseConv, possibly abstract) and this kernel; bias zero."""
+    kwargs = {}
+    for name in ("promote_dtype", "preferred_element_type"):
+      if hasattr(layer, name):  # absent on older flax versions' nnx.Conv
+        kwargs[name] = getattr(layer, name)
+    return cls(
+        layer.in_features, layer.out_features, tuple(layer.kernel_size),
+        layer.strides, padding=layer.padding,
+        input_dilation=layer.input_dilation,
+        kernel_dilation=layer.kernel_dilation,
+        feature_group_count=layer.feature_group_count, use_bias=use_bias,
+        dtype=layer.dtype, param_dtype=layer.param_dtype,
+        precision=layer.precision, sparse_kernel=sparse_kernel,
+        method=method, activation=activation, config=config, **kwargs)
+
+  # ------------------------------------------------------------------------
+
+  @property
+  def sparse_kernel(self) -> SparseKernel:
+    """The kernel as a SparseKernel (values (nnz,) + structure), HWIO."""
+    return SparseKernel(_get_value(self.values), self.structure)
+
+  @property
+  def nnz(self) -> int:
+    return self.structure.nnz
+
+  @property
+  def density(self) -> float:
+    return self.structure.nnz / max(1, self.structure.size)
+
+  def dense_kernel(self) -> jax.Array:
+    """The HWIO kernel (kh, kw, in_features // groups, out_features) in the
+    values' (param) dtype, zeros at pruned entries; differentiable with
+    respect to `values`."""
+    return self.sparse_kernel.todense()
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """Applies the convolution.
+
+    Args:
+      inputs: (*batch, H, W, in_features); batch dimensions are flattened
+        into one for the convolution and restored (none: one unbatched
+        image), as nnx.Conv does.
+
+    Returns:
+      (*batch, Ho, Wo, out_features) in the promoted dtype (`dtype` if set,
+      else that of inputs, values and bias), or preferred_element_type.
+    """
+    inputs = jnp.asarray(inputs)
+    if inputs.ndim < 3:
+      raise ValueError(
+          f"inputs must be (*batch, H, W, C) with rank >= 3, got shape "
+          f"{inputs.shape}")
+    batch_shape = inputs.shape[:-3]
+    if len(batch_shape) != 1:
+      inputs = inputs.reshape((-1,) + inputs.shape[-3:])
+    if inputs.shape[-1] != self.in_features:
+      raise ValueError(f"inputs have {inputs.shape[-1]} channels, the layer "
+                       f"expects in_features={self.in_features}")
+    values = _get_value(self.values)
+    bias = _get_value(self.bias) if self.bias is not None else None
+    inputs, values, bias = self.promote_dtype((inputs, values, bias),
+                                              dtype=self.dtype)
+    y = _conv_nhwc(
+        inputs, values, bias, structure=self.structure, strides=self.strides,
+        padding=self.padding, dilation=self.kernel_dilation,
+        groups=self.feature_group_count, activation=self.activation,
+        precision=self.precision, method=self.method,
+        preferred_element_type=self.preferred_element_type,
+        config=self.config)
+    if len(batch_shape) != 1:
+      y = y.reshape(batch_shape + y.shape[1:])
+    return y
+
+
+def _conv_bias(conv):
+  """conv's bias array, or None (flax 0.10 stores Param(None), later
+  versions None or nnx.data(None))."""
+  if not getattr(conv, "use_bias", True):
+    return None
+  b = getattr(conv, "bias", None)
+  if isinstance(b, nnx.Variable):
+    b = _get_value(b)
+  return b

@@ -1,0 +1,214 @@
+"""escort_jax.convert.sparsify on small NNX models (CPU)."""
+
+from __future__ import annotations
+
+import warnings
+
+import chex
+from flax import nnx
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from escort_jax.convert import sparsify
+from escort_jax.nnx import SparseConv, _get_value, _set_value, magnitude_mask
+from tests.conftest import assert_close
+
+HIGHEST = lax.Precision.HIGHEST
+F32_BOUND = 1e-5
+
+
+def np_init(key, shape, dtype=jnp.float32):
+  """A kernel initialiser drawing from numpy, seeded by the key (XLA on the
+  CPU takes seconds to compile jax.random's normal for each new shape)."""
+  if isinstance(key, jax.core.Tracer):  # eval_shape: only the shape counts
+    return jnp.zeros(shape, dtype)
+  seed = int(np.asarray(jax.random.key_data(key)).sum())
+  w = np.random.default_rng(seed).standard_normal(shape)
+  return jnp.asarray(w / np.sqrt(np.prod(shape[:-1])), dtype)
+
+
+def _module_list(items):
+  # flax >= 0.12 wants nnx.List for a list of modules; older versions take
+  # a plain list (and have no nnx.List).
+  return nnx.List(items) if hasattr(nnx, "List") else list(items)
+
+
+class Net(nnx.Module):
+  """conv (attribute) -> Sequential(conv, relu) -> list[conv] -> circular
+  conv (stays dense) -> the first conv again (shared)."""
+
+  def __init__(self, rngs: nnx.Rngs, *, shared: bool = False):
+    conv = lambda i, o, **kw: nnx.Conv(i, o, (3, 3), precision=HIGHEST,
+                                       kernel_init=np_init, rngs=rngs, **kw)
+    self.stem = conv(3, 8)
+    self.body = nnx.Sequential(conv(8, 8, strides=2), nnx.relu)
+    self.blocks = _module_list([conv(8, 8, feature_group_count=2),
+                                conv(8, 3, padding="VALID")])
+    self.wrap = conv(3, 3, padding="CIRCULAR")
+    self.shared = shared
+
+  def __call__(self, x):  # (N, 8, 8, 3) -> (N, 2, 2, 8)
+    x = nnx.relu(self.stem(x))
+    x = self.body(x)
+    for block in self.blocks:
+      x = block(x)
+    x = self.wrap(x)
+    return self.stem(x) if self.shared else x
+
+
+def _pruned_net(sparsity=0.7, shared=False, seed=0):
+  """A Net whose 2-D conv kernels are magnitude-pruned in place; returns it
+  and {path: kept-mask}."""
+  net = Net(nnx.Rngs(seed), shared=shared)
+  masks = {}
+  for path, node in nnx.iter_graph(net):
+    if isinstance(node, nnx.Conv):
+      k = _get_value(node.kernel)
+      m = magnitude_mask(k, sparsity)
+      _set_value(node.kernel, jnp.where(m, k, 0).astype(k.dtype))
+      if node.bias is not None:
+        _set_value(node.bias, 0.1 * _x(node.bias.shape, seed=len(masks)))
+      masks[".".join(map(str, path))] = m
+  return net, masks
+
+
+def _x(shape=(2, 8, 8, 3), seed=1):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
+                     jnp.float32)
+
+
+def _convs(model):
+  return {".".join(map(str, p)): n for p, n in nnx.iter_graph(model)
+          if isinstance(n, (nnx.Conv, SparseConv))}
+
+
+def _snapshot(model):
+  return jax.tree_util.tree_map(np.asarray,
+                                jax.tree_util.tree_leaves(nnx.state(model)))
+
+
+def test_sparsify_converts_and_keeps_original():
+  net, masks = _pruned_net()
+  before = _snapshot(net)
+  x = _x()
+  with pytest.warns(UserWarning, match=r"1 convolution.*wrap.*CIRCULAR"):
+    sparse = sparsify(net, method="dense")
+  convs = _convs(sparse)
+  assert isinstance(convs["stem"], SparseConv)
+  assert isinstance(convs["body.layers.0"], SparseConv)
+  assert isinstance(convs["blocks.0"], SparseConv)
+  assert isinstance(convs["blocks.1"], SparseConv)
+  assert type(convs["wrap"]) is nnx.Conv
+  for name, m in masks.items():
+    if name != "wrap":
+      assert convs[name].nnz == m.sum()
+      np.testing.assert_array_equal(np.asarray(convs[name].dense_kernel())
+                                    != 0, m)
+  assert_close(sparse(x), net(x), F32_BOUND)
+  # The original is untouched: same types, same values, no shared Variables.
+  assert all(type(c) is nnx.Conv for c in _convs(net).values())
+  chex.assert_trees_all_equal(_snapshot(net), before)
+  _set_value(convs["stem"].values, jnp.zeros_like(_get_value(
+      convs["stem"].values)))
+  chex.assert_trees_all_equal(_snapshot(net), before)
+
+
+def test_shared_layer_stays_shared():
+  net, _ = _pruned_net(shared=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    sparse = sparsify(net, method="dense")
+  assert isinstance(sparse.stem, SparseConv)
+  x = _x()
+  assert_close(sparse(x), net(x), F32_BOUND)
+  # One SparseConv for the shared conv: nnx.state lists it once.
+  n_values = sum(1 for p, v in nnx.iter_graph(sparse)
+                 if isinstance(v, nnx.Param) and p[-1] == "values")
+  assert n_values == 4
+
+
+def test_filters_by_name_and_density():
+  net, _ = _pruned_net()
+  # Make blocks.1 dense again so that max_density excludes it.
+  k = _get_value(net.blocks[1].kernel)
+  _set_value(net.blocks[1].kernel, jnp.where(k == 0, 0.01, k))
+  x = _x()
+  kw = dict(method="dense", warn=False)
+  by_regex = _convs(sparsify(net, filter=r"^blocks\.", **kw))
+  assert {n for n, c in by_regex.items() if isinstance(c, SparseConv)} == {
+      "blocks.0", "blocks.1"}
+  by_fn = _convs(sparsify(net, filter=lambda p: p == "stem", **kw))
+  assert {n for n, c in by_fn.items() if isinstance(c, SparseConv)} == {
+      "stem"}
+  by_density = sparsify(net, max_density=0.5, **kw)
+  kinds = {n: type(c).__name__ for n, c in _convs(by_density).items()}
+  assert kinds == {"stem": "SparseConv", "body.layers.0": "SparseConv",
+                   "blocks.0": "SparseConv", "blocks.1": "Conv",
+                   "wrap": "Conv"}
+  assert_close(by_density(x), net(x), F32_BOUND)
+  # Filtering out the unconvertible conv also silences the warning.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sparsify(net, filter=lambda p: p != "wrap", method="dense")
+
+
+def test_training_keeps_pruned_weights_zero():
+  net, masks = _pruned_net()
+  sparse = sparsify(net, method="dense", warn=False)
+  x = _x((4, 8, 8, 3))
+  target = _x(net(x).shape, seed=7)
+  tx = optax.adam(1e-2)
+  params = nnx.state(sparse, nnx.Param)
+  opt_state = tx.init(params)
+
+  @nnx.jit
+  def step(model, opt_state):
+    def loss_fn(m):
+      return jnp.mean((m(x) - target) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    params = nnx.state(model, nnx.Param)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    nnx.update(model, optax.apply_updates(params, updates))
+    return loss, opt_state
+
+  losses = []
+  for _ in range(4):
+    loss, opt_state = step(sparse, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  convs = _convs(sparse)
+  for name, m in masks.items():
+    if name == "wrap":
+      continue
+    dense = np.asarray(convs[name].dense_kernel())
+    np.testing.assert_array_equal(dense[~m], 0.0)
+    orig = np.asarray(_get_value(_convs(net)[name].kernel))
+    assert not np.array_equal(dense[m], orig[m]), f"{name} did not train"
+
+
+def test_sparsify_escort_matches_dense():
+  """The converted model on the Pallas kernels (interpreted on CPU)."""
+  net, _ = _pruned_net(sparsity=0.8)
+  sparse = sparsify(net, method="escort", warn=False)
+  x = _x((1, 8, 8, 3))
+  assert_close(sparse(x), net(x), F32_BOUND)
+
+
+def test_sparsify_sequential_root_and_single_conv():
+  rngs = nnx.Rngs(0)
+  seq = nnx.Sequential(
+      nnx.Conv(3, 4, (3, 3), precision=HIGHEST, kernel_init=np_init,
+               rngs=rngs), nnx.relu,
+      nnx.Conv(4, 2, (1, 1), precision=HIGHEST, kernel_init=np_init,
+               rngs=rngs))
+  sp = sparsify(seq, method="dense")
+  assert all(isinstance(sp.layers[i], SparseConv) for i in (0, 2))
+  x = _x()
+  assert_close(sp(x), seq(x), F32_BOUND)
+  single = sparsify(seq.layers[0], method="dense")
+  assert isinstance(single, SparseConv)
+  assert_close(single(x), seq.layers[0](x), F32_BOUND)

@@ -1,0 +1,243 @@
+"""escort_jax.nnx.SparseConv against flax's nnx.Conv (CPU; dense path mostly,
+one escort / Pallas-interpreter test)."""
+
+from __future__ import annotations
+
+import chex
+from flax import nnx
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from escort_jax.nnx import (SparseConv, UnsupportedConvError, _get_value,
+                            _set_value, magnitude_mask)
+from escort_jax.structure import SparseKernel
+from tests.conftest import assert_close
+
+HIGHEST = lax.Precision.HIGHEST
+F32_BOUND = 1e-5
+
+
+def np_init(key, shape, dtype=jnp.float32):
+  """A kernel initialiser drawing from numpy, seeded by the key: XLA on the
+  CPU takes seconds to compile jax.random's normal for every new shape, so
+  the tests use this except where they check flax's own initialisation."""
+  if isinstance(key, jax.core.Tracer):  # eval_shape: only the shape counts
+    return jnp.zeros(shape, dtype)
+  seed = int(np.asarray(jax.random.key_data(key)).sum())
+  w = np.random.default_rng(seed).standard_normal(shape)
+  return jnp.asarray(w / np.sqrt(np.prod(shape[:-1])), dtype)
+
+
+def _grad(grads, name):
+  """grads[name] of an nnx.grad State as an array (a Variable or a raw
+  array, depending on the flax version)."""
+  g = grads[name]
+  return _get_value(g) if isinstance(g, nnx.Variable) else g
+
+
+def _x(shape=(2, 8, 8, 4), seed=1, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
+                     dtype)
+
+
+def _prune_conv(conv: nnx.Conv, sparsity: float) -> np.ndarray:
+  """Zeros the smallest entries of conv's kernel in place; returns the
+  kept-mask."""
+  kernel = _get_value(conv.kernel)
+  keep = magnitude_mask(kernel, sparsity)
+  _set_value(conv.kernel, jnp.where(keep, kernel, 0).astype(kernel.dtype))
+  return keep
+
+
+CONV_CASES = [
+    dict(),
+    dict(strides=(2, 1), padding="VALID", use_bias=False),
+    dict(padding=((1, 0), (2, 1)), kernel_dilation=2, feature_group_count=2),
+    dict(kernel_size=(1, 3), strides=2, padding=[0, 1]),
+    dict(kernel_size=(5, 5), strides=2, padding=1),
+    dict(padding="SAME_LOWER", kernel_size=(2, 2)),
+]
+
+
+@pytest.mark.parametrize("kw", CONV_CASES)
+def test_from_conv_matches_nnx_conv(kw):
+  kw = dict(kw)
+  ks = kw.pop("kernel_size", (3, 3))
+  conv = nnx.Conv(4, 6, ks, precision=HIGHEST, kernel_init=np_init,
+                  rngs=nnx.Rngs(0), **kw)
+  if kw.get("use_bias", True):
+    _set_value(conv.bias, _x((6,), seed=5))
+  keep = _prune_conv(conv, 0.6)
+  sc = SparseConv.from_conv(conv, method="dense")
+  assert sc.nnz == keep.sum()
+  chex.assert_trees_all_equal(sc.dense_kernel(), _get_value(conv.kernel))
+  x = _x()
+  assert_close(sc(x), conv(x), F32_BOUND)
+  # Unbatched and several batch dimensions, as nnx.Conv allows.
+  for shape in [(8, 8, 4), (2, 1, 8, 8, 4)]:
+    x = _x(shape)
+    assert_close(sc(x), conv(x), F32_BOUND, f"input {shape}")
+
+
+def test_fresh_layer_matches_masked_nnx_conv():
+  """Same rngs -> same initial kernel and bias as nnx.Conv; mask= keeps
+  exactly the masked entries (zeros included)."""
+  mask = np.random.default_rng(3).random((3, 3, 4, 6)) < 0.3
+  conv = nnx.Conv(4, 6, (3, 3), mask=jnp.asarray(mask), precision=HIGHEST,
+                  rngs=nnx.Rngs(0))
+  sc = SparseConv(4, 6, (3, 3), mask=mask, precision=HIGHEST,
+                  rngs=nnx.Rngs(0), method="dense")
+  assert sc.nnz == mask.sum()
+  assert sc.values.shape == (mask.sum(),)
+  chex.assert_trees_all_equal(sc.dense_kernel(),
+                              _get_value(conv.kernel) * mask)
+  x = _x()
+  assert_close(sc(x), conv(x), F32_BOUND)
+  # Neither mask nor sparsity: every entry kept, same as nnx.Conv.
+  full = SparseConv(4, 6, (3, 3), precision=HIGHEST, rngs=nnx.Rngs(0))
+  plain = nnx.Conv(4, 6, (3, 3), precision=HIGHEST, rngs=nnx.Rngs(0))
+  assert full.nnz == 3 * 3 * 4 * 6
+  chex.assert_trees_all_equal(full.dense_kernel(), _get_value(plain.kernel))
+
+
+def test_sparsity_prunes_by_magnitude_per_layer():
+  sc = SparseConv(4, 6, (3, 3), sparsity=0.75, rngs=nnx.Rngs(0))
+  plain = nnx.Conv(4, 6, (3, 3), rngs=nnx.Rngs(0))
+  k = np.asarray(_get_value(plain.kernel))
+  size = k.size
+  assert sc.nnz == size - round(0.75 * size)
+  dense = np.asarray(sc.dense_kernel())
+  kept = dense != 0
+  # The kept entries are the largest magnitudes, with their initial values.
+  np.testing.assert_array_equal(dense[kept], k[kept])
+  assert np.abs(k[kept]).min() >= np.abs(k[~kept]).max()
+  assert sc.density == pytest.approx(sc.nnz / size)
+
+
+@pytest.mark.parametrize("param_dtype,dtype,x_dtype", [
+    (jnp.float32, None, jnp.bfloat16),
+    (jnp.bfloat16, None, jnp.bfloat16),
+    (jnp.float32, jnp.bfloat16, jnp.float32),
+    (jnp.bfloat16, jnp.float32, jnp.float16),
+])
+def test_dtype_promotion_like_nnx_conv(param_dtype, dtype, x_dtype):
+  conv = nnx.Conv(4, 6, (3, 3), dtype=dtype, param_dtype=param_dtype,
+                  precision=HIGHEST, kernel_init=np_init, rngs=nnx.Rngs(0))
+  _prune_conv(conv, 0.5)
+  sc = SparseConv.from_conv(conv, method="dense")
+  assert sc.values.dtype == jnp.dtype(param_dtype)
+  assert sc.dense_kernel().dtype == jnp.dtype(param_dtype)
+  x = _x(dtype=x_dtype)
+  y, ref = sc(x), conv(x)
+  assert y.dtype == ref.dtype
+  assert_close(y.astype(jnp.float32), ref.astype(jnp.float32),
+               1e-2 if y.dtype != jnp.float32 else F32_BOUND)
+
+
+def test_unsupported_configurations_raise():
+  rngs = nnx.Rngs(0)
+  with pytest.raises(UnsupportedConvError, match="1-D"):
+    SparseConv(4, 6, 3, rngs=rngs)
+  with pytest.raises(ValueError, match="2-D"):
+    SparseConv(4, 6, (3,), rngs=rngs)
+  with pytest.raises(ValueError, match="2-D"):
+    SparseConv(4, 6, (3, 3, 3), rngs=rngs)
+  with pytest.raises(NotImplementedError, match="input_dilation"):
+    SparseConv(4, 6, (3, 3), input_dilation=2, rngs=rngs)
+  with pytest.raises(UnsupportedConvError, match="CIRCULAR"):
+    SparseConv(4, 6, (3, 3), padding="CIRCULAR", rngs=rngs)
+  with pytest.raises(ValueError, match="at most one"):
+    SparseConv(4, 6, (3, 3), mask=np.ones((3, 3, 4, 6), bool), sparsity=0.5,
+               rngs=rngs)
+  with pytest.raises(ValueError, match="method"):
+    SparseConv(4, 6, (3, 3), method="fast", rngs=rngs)
+  with pytest.raises(TypeError, match="rngs"):
+    SparseConv(4, 6, (3, 3))
+  for bad in [nnx.Conv(4, 6, (3,), kernel_init=np_init, rngs=rngs),
+              nnx.Conv(4, 6, (3, 3), padding="CIRCULAR", kernel_init=np_init,
+                       rngs=rngs),
+              nnx.Conv(4, 6, (3, 3), input_dilation=2, kernel_init=np_init,
+                       rngs=rngs)]:
+    with pytest.raises(UnsupportedConvError):
+      SparseConv.from_conv(bad)
+  sc = SparseConv(4, 6, (3, 3), kernel_init=np_init, rngs=rngs)
+  with pytest.raises(ValueError, match="channels"):
+    sc(_x((1, 8, 8, 5)))
+
+
+def test_nnx_transforms_split_merge_state():
+  conv = nnx.Conv(4, 6, (3, 3), precision=HIGHEST, kernel_init=np_init,
+                  rngs=nnx.Rngs(0))
+  _prune_conv(conv, 0.7)
+  sc = SparseConv.from_conv(conv, method="dense")
+  x = _x()
+
+  # State holds only values and bias; the structure is static.
+  state = nnx.state(sc)
+  params = nnx.state(sc, nnx.Param)
+  leaves = jax.tree_util.tree_leaves(state)
+  assert len(leaves) == 2
+  assert sorted(l.shape for l in leaves) == [(6,), (sc.nnz,)]
+  chex.assert_trees_all_equal(jax.tree_util.tree_leaves(params), leaves)
+
+  graphdef, state = nnx.split(sc)
+  again = nnx.merge(graphdef, state)
+  assert again.structure == sc.structure
+  chex.assert_trees_all_equal(again(x), sc(x))
+
+  @nnx.jit
+  def forward(model, x):
+    return model(x)
+
+  assert_close(forward(sc, x), conv(x), F32_BOUND)
+
+  # Gradients w.r.t. values = dense kernel gradients at the kept entries.
+  def loss(model):
+    return jnp.sum(model(x) ** 2)
+
+  grads = nnx.grad(loss)(sc)
+  dense_grads = nnx.grad(loss)(conv)
+  gv, gk = _grad(grads, "values"), _grad(dense_grads, "kernel")
+  assert_close(gv, gk[sc.structure.dense_positions()], F32_BOUND, "dvalues")
+
+
+def test_dense_kernel_is_differentiable():
+  sc = SparseConv(4, 6, (3, 3), sparsity=0.5, kernel_init=np_init,
+                  rngs=nnx.Rngs(0))
+  values = _get_value(sc.values)
+  structure = sc.structure
+
+  def f(v):
+    return jnp.sum(SparseKernel(v, structure).todense() ** 2)
+
+  def g(model):
+    return jnp.sum(model.dense_kernel() ** 2)
+
+  grads = nnx.grad(g)(sc)
+  gv = _grad(grads, "values")
+  chex.assert_trees_all_close(gv, 2 * values)
+  chex.assert_trees_all_close(jax.grad(f)(values), 2 * values)
+
+
+def test_escort_method_matches_nnx_conv():
+  """The Pallas kernels (interpreted on CPU): forward and gradients."""
+  conv = nnx.Conv(3, 4, (3, 3), strides=2, precision=HIGHEST,
+                  kernel_init=np_init, rngs=nnx.Rngs(0))
+  _set_value(conv.bias, jnp.arange(4, dtype=jnp.float32) / 4)
+  _prune_conv(conv, 0.6)
+  sc = SparseConv.from_conv(conv, method="escort")
+  x = _x((2, 8, 8, 3))
+  assert_close(sc(x), conv(x), F32_BOUND)
+
+  def loss(model):
+    return jnp.sum(jnp.sin(model(x)))
+
+  g = nnx.grad(loss)(sc)
+  gd = nnx.grad(loss)(conv)
+  gv, gk = _grad(g, "values"), _grad(gd, "kernel")
+  assert_close(gv, gk[sc.structure.dense_positions()], F32_BOUND, "dvalues")
+  relu = SparseConv.from_conv(conv, method="escort", activation="relu")
+  assert_close(relu(x), jax.nn.relu(conv(x)), F32_BOUND, "relu")

@@ -2,14 +2,35 @@
 
 The public API:
   SparseKernel, SparseStructure  the pruned kernel (values + static structure)
-  sparse_conv                    the op, with lax.conv_general_dilated's names
-  KernelConfig                   tile parameters of the Pallas kernels
-  baselines                      dense and BCOO references with the op's call
+  sparse_conv, KernelConfig      the op and the tile parameters of its kernels
+  sparsify                       an NNX model with every Conv made sparse
+  save_sparse, load_sparse       checkpoints of sparse NNX models
+Submodules: nnx and linen (SparseConv layers), prune, models, baselines,
+tune, bench. The Flax-based ones load on first use.
 """
+
+import importlib
 
 from escort_jax.ops import KernelConfig, METHODS, sparse_conv
 from escort_jax.structure import SparseKernel, SparseStructure
 
+_LAZY_SUBMODULES = ("nnx", "linen", "prune", "models", "baselines", "tune",
+                    "bench", "convert", "checkpoint", "workload", "plans",
+                    "dispatch")
+_LAZY_NAMES = {"sparsify": "convert", "save_sparse": "checkpoint",
+               "load_sparse": "checkpoint"}
+
 __all__ = ["KernelConfig", "METHODS", "SparseKernel", "SparseStructure",
-           "sparse_conv"]
+           "sparse_conv", *_LAZY_NAMES, *_LAZY_SUBMODULES]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # Flax and the harness are imported only when used, so `import escort_jax`
+  # stays light for code that only needs the op.
+  if name in _LAZY_SUBMODULES:
+    return importlib.import_module(f"escort_jax.{name}")
+  if name in _LAZY_NAMES:
+    return getattr(importlib.import_module(
+        f"escort_jax.{_LAZY_NAMES[name]}"), name)
+  raise AttributeError(f"module 'escort_jax' has no attribute {name!r}")

@@ -234,6 +234,9 @@ def _conv_nhwc(x, values, bias, *, structure, strides, padding, dilation,
 # The module.
 
 
+_PLAIN_ATTRIBUTES_KEPT = ("caffe_name",)
+
+
 class SparseConv(nnx.Module):
   """A 2-D convolution with a pruned kernel; a drop-in for `nnx.Conv`.
 
@@ -417,6 +420,11 @@ class SparseConv(nnx.Module):
                     activation=activation, config=config)
     if bias is not None:
       _set_value(new.bias, bias)
+    # Plain attributes that models hang on their layers (the model zoo's
+    # `caffe_name`) are not constructor arguments; keep them.
+    for name in _PLAIN_ATTRIBUTES_KEPT:
+      if hasattr(conv, name):
+        setattr(new, name, getattr(conv, name))
     return new
 
   @classmethod

@@ -36,7 +36,8 @@ import numpy as np
 from escort_jax import conv_geometry as cg
 from escort_jax import dispatch
 from escort_jax.structure import SparseKernel
-from pallas_kernels.direct_sparse_conv import direct_sparse_conv
+from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
+                                               direct_sparse_conv)
 from pallas_kernels.row_groups import RowGroups, pack_row_groups
 from pallas_kernels.sampled_dense_dense import sampled_dense_dense
 
@@ -165,6 +166,10 @@ def make_spec(x, sk: SparseKernel, window_strides, padding, *, rhs_dilation,
   compute_dtype = jnp.result_type(*dtypes)
   out_dtype = jnp.dtype(preferred_element_type or compute_dtype)
   _check_dtype(out_dtype, "preferred_element_type")
+  if jnp.promote_types(compute_dtype, out_dtype) != out_dtype:
+    raise ValueError(
+        f"preferred_element_type={out_dtype} is narrower than the inputs' "
+        f"{jnp.dtype(compute_dtype)}; as in lax, it may only widen")
   x_nhwc_shape = [x_shape[lhs_spec.index(d)] for d in "NHWC"]
   geometry = cg.make_geometry(x_nhwc_shape, sk.structure, window_strides,
                               padding, rhs_dilation, feature_group_count)
@@ -261,7 +266,8 @@ def _escort_core_bwd(plan, relu, out_dtype, residuals, dy):
     dy = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
   dbias = None
   if bias is not None:
-    dbias = jnp.sum(dy, axis=1, dtype=jnp.float32).astype(bias.dtype)
+    dbias = jnp.sum(dy, axis=1, dtype=accumulator_dtype(dy.dtype)).astype(
+        bias.dtype)
   dvalues = sampled_dense_dense(
       dy, x_flat, plan.problem.rows, plan.problem.offsets,
       valid_period=g.valid_period, valid_len=g.valid_len,

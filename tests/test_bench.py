@@ -1,0 +1,442 @@
+"""The workload (escort_jax.workload) and the benchmark harness
+(escort_jax.bench): perfetto-trace parsing on synthetic traces (so the GPU
+route is tested on the CPU), the floor model, configs, a tiny CPU run's
+results schema, --resume, and the report."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import json
+from pathlib import Path
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from escort_jax import bench
+from escort_jax import workload as wl
+
+# --------------------------------------------------------------------------
+# The workload.
+
+
+def test_workload_counts():
+  layers = wl.load_layers()
+  assert len(layers) == 40
+  assert len(wl.pruned_layers()) == 39
+  assert [l.name for l in layers if not l.pruned] == ["caffenet/conv1"]
+  assert wl.batch_sizes() == [1, 32]
+  assert len({l.name for l in layers}) == 40
+  # The 36 stride-1 ungrouped pruned layers of BENCHMARKING.md.
+  assert len([l for l in wl.pruned_layers()
+              if l.stride == 1 and l.groups == 1]) == 36
+
+
+def test_make_kernel_exact_nnz_every_layer():
+  for layer in wl.load_layers():
+    k = wl.make_kernel(layer)
+    assert k.shape == layer.kernel_shape
+    assert k.dtype == np.float32
+    assert np.count_nonzero(k) == round(layer.size * (1 - layer.sparsity))
+    assert np.count_nonzero(k) == layer.nnz()
+
+
+def test_make_kernel_deterministic_and_nested():
+  layer = wl.get_layer("resnet50/res3a_branch2b")
+  a, b = wl.make_kernel(layer), wl.make_kernel(layer)
+  np.testing.assert_array_equal(a, b)
+  other = wl.make_kernel(layer, seed=123)
+  assert not np.array_equal(a, other)
+  assert np.count_nonzero(other) == np.count_nonzero(a)
+  # Another layer of the same shape gets another kernel (seed per layer).
+  twin = wl.get_layer("resnet50/res3b_branch2b")
+  assert twin.kernel_shape == layer.kernel_shape
+  assert not np.array_equal(wl.make_kernel(twin, sparsity=layer.sparsity), a)
+  # A sweep's kernels are nested and agree where both keep a weight.
+  k50 = wl.make_kernel(layer, sparsity=0.5)
+  k99 = wl.make_kernel(layer, sparsity=0.99)
+  assert np.count_nonzero(k50) == round(layer.size * 0.5)
+  assert np.count_nonzero(k99) == round(layer.size * 0.01)
+  assert np.all((k99 != 0) <= (k50 != 0))
+  np.testing.assert_array_equal(k99[k99 != 0], k50[k99 != 0])
+  # Positions spread over the whole kernel: every output channel is hit.
+  assert np.all(np.count_nonzero(k50.reshape(-1, 128), axis=0) > 0)
+
+
+def test_make_kernel_dtypes_and_input():
+  layer = wl.get_layer("googlenet/inception_3a/5x5")
+  kb = wl.make_kernel(layer, dtype=jnp.bfloat16)
+  assert kb.dtype == jnp.bfloat16
+  assert np.count_nonzero(np.asarray(kb, np.float32)) == layer.nnz()
+  x = wl.make_input(layer, 2, seed=1)
+  assert x.shape == (2, 28, 28, 16) and x.dtype == jnp.float32
+  np.testing.assert_array_equal(x, wl.make_input(layer, 2, seed=1))
+  assert not np.array_equal(x, wl.make_input(layer, 2, seed=2))
+  assert wl.make_input(layer, 1, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+  conv = layer.conv_kwargs()
+  assert conv == dict(window_strides=(1, 1), padding=((2, 2), (2, 2)),
+                      feature_group_count=1)
+
+
+def test_find_layers_and_scaling():
+  names = [l.name for l in wl.find_layers(["resnet50/res3a_branch2b",
+                                           "inception_3a"])]
+  assert names == ["googlenet/inception_3a/3x3",
+                   "googlenet/inception_3a/5x5", "resnet50/res3a_branch2b"]
+  assert len(wl.find_layers(nets=["caffenet"])) == 5
+  with pytest.raises(KeyError, match="no layer matches"):
+    wl.find_layers(["nope"])
+  conv1 = wl.get_layer("caffenet/conv1")
+  assert conv1.out_hw == 55
+  small = conv1.scaled(8)
+  assert small.in_hw == 11 and small.out_hw == 1  # the kernel still fits
+  assert wl.get_layer("resnet50/res5a_branch2b").scaled(8).in_hw == 7
+
+
+# --------------------------------------------------------------------------
+# Perfetto traces.
+
+
+def _meta_process(pid, name):
+  return {"ph": "M", "pid": pid, "name": "process_name",
+          "args": {"name": name}}
+
+
+def _meta_thread(pid, tid, name):
+  return {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name",
+          "args": {"name": name}}
+
+
+def _x(pid, tid, ts, dur, name="kernel"):
+  return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur,
+          "name": name}
+
+
+def _synthetic_trace():
+  return {"displayTimeUnit": "ns", "traceEvents": [
+      _meta_process(1, "/host:CPU"),
+      _meta_process(2, "/device:GPU:0"),
+      _meta_process(3, "/device:GPU:1"),
+      _meta_process(4, "/device:GPU:10"),
+      {"ph": "M", "pid": 2, "name": "process_sort_index",
+       "args": {"sort_index": 2}},
+      _meta_thread(2, 7, "Stream #7(Compute)"),
+      _meta_thread(2, 8, "XLA Ops"),
+      _meta_thread(1, 1, "python"),
+      _x(2, 7, 10.0, 3.0, "pad"),
+      _x(2, 7, 14.0, 4.5, "escort_kernel"),
+      _x(2, 7, 20.0, 5.0, "escort_kernel"),
+      _x(2, 8, 10.0, 100.0, "derived op line"),  # repeats the stream line
+      _x(1, 1, 0.0, 1000.0, "host work"),
+      _x(3, 1, 10.0, 50.0, "other gpu"),
+      _x(4, 1, 10.0, 70.0, "gpu 10"),
+      {"ph": "i", "pid": 2, "tid": 7, "ts": 12.0, "name": "instant"},
+      {"ph": "X", "pid": 2, "tid": 7, "ts": 30.0, "name": "no dur"},
+      {}]}
+
+
+@pytest.mark.parametrize("form", ["gz", "json", "dict", "list"])
+def test_parse_perfetto_trace(tmp_path, form):
+  trace = _synthetic_trace()
+  if form == "gz":
+    src = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(src, "wt") as f:
+      json.dump(trace, f)
+  elif form == "json":
+    src = tmp_path / "trace.json"
+    src.write_text(json.dumps(trace))
+  elif form == "dict":
+    src = trace
+  else:
+    src = trace["traceEvents"]
+  s = bench.parse_perfetto_trace(src)
+  assert s.total_us == pytest.approx(12.5)
+  assert s.num_events == 4
+  assert s.processes == ["/device:GPU:0"]
+  assert s.threads == ["Stream #7(Compute)"]
+  assert s.kernels_us == {"pad": 3.0, "escort_kernel": 9.5, "no dur": 0.0}
+  assert [e[0] for e in s.events] == [10.0, 14.0, 20.0, 30.0]
+  assert bench.parse_perfetto_trace(src, "/device:GPU:1").total_us == 50.0
+  assert bench.parse_perfetto_trace(src, "/device:GPU:10").total_us == 70.0
+  assert bench.parse_perfetto_trace(src, "/device:GPU:2").num_events == 0
+
+
+def test_trace_split():
+  s = bench.parse_perfetto_trace({"traceEvents": [
+      _meta_process(2, "/device:GPU:0"),
+      _x(2, 1, 0.0, 3.0, "pad"), _x(2, 1, 5.0, 4.5, "escort"),
+      _x(2, 1, 9.0, 1.0, "pad"), _x(2, 1, 12.0, 4.0, "escort")]})
+  parts = s.split(2)
+  assert [p.total_us for p in parts] == [7.5, 5.0]
+  assert parts[0].kernels_us == {"pad": 3.0, "escort": 4.5}
+  assert s.split(3) is None
+  # The synthetic trace above: 4 events, but the halves differ.
+  assert bench.parse_perfetto_trace(_synthetic_trace()).split(2) is None
+
+
+def _install_fake_profiler(monkeypatch, kernels_per_call=2):
+  """Replaces jax.profiler.trace by one that writes a synthetic perfetto
+  trace: every call of the timed function launches `kernels_per_call`
+  kernels, of (pass + 1) * 10 us in total in its pass over the inputs."""
+  calls = []
+
+  @contextlib.contextmanager
+  def fake_trace(log_dir):
+    start = len(calls)
+    yield
+    made = calls[start:]
+    events = [_meta_process(9, "/host:CPU"), _meta_process(5,
+                                                           "/device:GPU:0"),
+              _meta_thread(5, 1, "Stream #1(Compute)")]
+    ts = 0.0
+    for n_in_trace, inputs_per_pass in enumerate(made):
+      pass_index = n_in_trace // inputs_per_pass
+      for k in range(kernels_per_call):
+        dur = (pass_index + 1) * 10.0 / kernels_per_call
+        events.append(_x(5, 1, ts, dur, f"k{k}"))
+        ts += 100.0
+    out = Path(log_dir) / "plugins" / "profile" / "run"
+    out.mkdir(parents=True)
+    with gzip.open(out / "perfetto_trace.json.gz", "wt") as f:
+      json.dump({"traceEvents": events}, f)
+
+  monkeypatch.setattr(bench, "_trace", fake_trace)
+  return calls
+
+
+@pytest.mark.parametrize("per_repeat", [False, True])
+def test_device_time_us_gpu_route(monkeypatch, per_repeat):
+  calls = _install_fake_profiler(monkeypatch)
+  inputs = [jnp.ones(3) * i for i in range(4)]
+
+  def fn(x):
+    calls.append(len(inputs))
+    return x + 1
+
+  t = bench.device_time_us(fn, inputs, repeats=3, warmup=2,
+                           timer=bench.TIMER_GPU,
+                           trace_per_repeat=per_repeat)
+  assert t.timer == bench.TIMER_GPU
+  if per_repeat:  # every trace is its own first pass: 10 us each
+    assert t.samples_us == pytest.approx([10.0, 10.0, 10.0])
+  else:  # one trace, cut into three passes of 10, 20, 30 us per call
+    assert t.samples_us == pytest.approx([10.0, 20.0, 30.0])
+    assert t.median_us == pytest.approx(20.0)
+    assert t.spread_us == pytest.approx(20.0)
+    assert t.kernels_us == pytest.approx({"k0": 10.0, "k1": 10.0})
+  assert len(calls) == 2 + 3 * 4  # warm-up, then each input once a repeat
+
+
+def test_device_time_us_gpu_route_no_events(monkeypatch):
+  @contextlib.contextmanager
+  def empty_trace(log_dir):
+    yield
+    out = Path(log_dir) / "p"
+    out.mkdir(parents=True)
+    with gzip.open(out / "perfetto_trace.json.gz", "wt") as f:
+      json.dump({"traceEvents": [_meta_process(1, "/host:CPU")]}, f)
+
+  monkeypatch.setattr(bench, "_trace", empty_trace)
+  with pytest.raises(RuntimeError, match="no device events"):
+    bench.device_time_us(lambda x: x, [jnp.ones(2)], repeats=1,
+                         timer=bench.TIMER_GPU)
+
+
+def test_device_time_us_cpu():
+  t = bench.device_time_us(lambda x: x * 2, [jnp.ones(4), jnp.zeros(4)],
+                           repeats=3)
+  assert t.timer == bench.TIMER_CPU
+  assert len(t.samples_us) == 3 and t.median_us > 0
+  assert t.spread_us >= 0
+
+
+# --------------------------------------------------------------------------
+# Floor, configs, names.
+
+
+def test_floor_model_matches_benchmarking_example():
+  """res3 3x3, 128->128 at 28x28, batch 32, density 0.1: ~11 us in fp32."""
+  layer = wl.get_layer("resnet50/res3a_branch2b")
+  nnz = round(layer.size * 0.1)
+  fm = bench.floor_model(layer, 32, nnz, "float32")
+  assert fm["useful_flops"] == 2 * nnz * 28 * 28 * 32
+  assert fm["floor_us"] == pytest.approx(11.0, rel=0.02)
+  assert fm["floor_us"] == max(fm["compute_us"], fm["memory_us"])
+  expect_bytes = (32 * 28 * 28 * 128 * 4 * 2 + nnz * 8 + 129 * 4)
+  assert fm["bytes"] == expect_bytes
+  # bf16 halves the bytes, keeps the CUDA-core rate.
+  fb = bench.floor_model(layer, 32, nnz, "bfloat16")
+  assert fb["compute_us"] == pytest.approx(fm["compute_us"])
+  assert fb["memory_us"] < fm["memory_us"]
+
+
+def test_parse_config_and_labels():
+  cfg, items = bench.parse_config("rows_per_program=8,block_q=256,num_warps=4")
+  assert (cfg.rows_per_program, cfg.block_q, cfg.num_warps) == (8, 256, 4)
+  assert bench.config_label("escort", items) == "escort[rpp=8,bq=256,nw=4]"
+  cfg2, items2 = bench.parse_config("rpp=16, ns=2")
+  assert cfg2.rows_per_program == 16 and cfg2.num_stages == 2
+  if any(f.name == "q_major" for f in dataclasses.fields(cfg2)):
+    cfg3, items3 = bench.parse_config("q_major=true,rpp=4")
+    assert cfg3.q_major is True
+    assert bench.config_label("escort", items3) == "escort[qm=1,rpp=4]"
+    with pytest.raises(bench.UsageError):
+      bench.parse_config("qm=2")
+  specs = bench.method_specs(["escort", "auto", "dense"],
+                             ["rpp=8,bq=256,nw=4", "rpp=4"])
+  assert [s.label for s in specs] == [
+      "escort[rpp=8,bq=256,nw=4]", "escort[rpp=4]",
+      "auto[rpp=8,bq=256,nw=4]", "auto[rpp=4]", "dense"]
+  for bad in ("foo=1", "rpp", "rpp=x", ""):
+    with pytest.raises(bench.UsageError):
+      bench.parse_config(bad)
+  with pytest.raises(bench.UsageError):
+    bench.method_specs(["fast"])
+  assert bench.parse_dtype("bf16") == "bfloat16"
+  with pytest.raises(bench.UsageError):
+    bench.parse_dtype("int8")
+
+
+def test_default_results_path_and_slug():
+  assert bench.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+  p = bench.default_results_path()
+  assert p.parent.name == "results" and p.parent.parent.name == "benchmarks"
+  assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{4}-[a-z0-9-]+\.json", p.name)
+
+
+# --------------------------------------------------------------------------
+# A tiny CPU run: schema, resume, report.
+
+ROW_KEYS = {"net", "layer", "batch", "sparsity", "dtype", "method", "time_us",
+            "baselines_us", "floor_us", "floor_fraction", "tflops",
+            "spread_us", "speedups"}
+
+
+def _tiny(tmp_path, **kwargs):
+  args = dict(batches=[1], dtypes=["float32"], methods=["escort", "auto"],
+              max_hw=6, num_inputs=2, repeats=1, show_progress=False,
+              out=tmp_path / "r.json")
+  args.update(kwargs)
+  return bench.run_benchmark(
+      [wl.get_layer("googlenet/inception_3a/5x5")], **args)
+
+
+def test_tiny_run_schema_resume_report(tmp_path):
+  results, path = _tiny(tmp_path)
+  assert path == tmp_path / "r.json"
+  on_disk = json.loads(path.read_text())
+  assert on_disk == json.loads(json.dumps(results))
+  for key in ("device", "jax_version", "date", "gpus", "rows"):
+    assert key in on_disk
+  assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", on_disk["date"])
+  assert on_disk["timer"] == bench.TIMER_CPU and on_disk["gpus"] == 0
+  rows = on_disk["rows"]
+  assert [r["method"] for r in rows] == ["escort", "auto"]
+  for r in rows:
+    assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+    assert r["net"] == "googlenet" and r["layer"] == "inception_3a/5x5"
+    assert r["batch"] == 1 and r["dtype"] == "float32"
+    assert r["sparsity"] == pytest.approx(0.845625, abs=1e-4)
+    assert set(r["baselines_us"]) == set(bench.BASELINES)
+    assert set(r["speedups"]) == set(bench.BASELINES)
+    for b, t in r["baselines_us"].items():
+      assert t > 0
+      assert r["speedups"][b] == pytest.approx(t / r["time_us"])
+    assert r["time_us"] > 0 and r["spread_us"] >= 0
+    assert r["floor_fraction"] == pytest.approx(r["floor_us"] / r["time_us"])
+    assert r["tflops"] > 0
+    assert r["rel_err"] < 1e-5
+    assert r["in_hw"] == 6 and r["timer"] == bench.TIMER_CPU
+    assert r["sweep"] is False and "error" not in r
+
+  # --resume: the two rows are skipped, one new row is appended.
+  results2, path2 = bench.run_benchmark(
+      [wl.get_layer("googlenet/inception_3a/5x5")], batches=[1],
+      dtypes=["float32"], methods=["escort", "dense"], max_hw=6,
+      num_inputs=2, repeats=1, show_progress=False, resume=path,
+      baselines=["lax_fp32_highest"])
+  assert path2 == path
+  rows2 = json.loads(path.read_text())["rows"]
+  assert [r["method"] for r in rows2] == ["escort", "auto", "dense"]
+  assert len(results2["runs"]) == 2
+  assert rows2[:2] == rows
+
+  # The report.
+  paths = bench.write_report(path)
+  md = paths["markdown"]
+  assert md == tmp_path / "r.md" and md.exists()
+  text = md.read_text()
+  assert "Geometric means" in text and "inception_3a/5x5" in text
+  assert "| pruned | 1 | float32 | escort | 1 |" in text
+  assert [p.name for p in paths["plots"]] == ["r-layers.png"]
+  assert all(p.exists() and p.stat().st_size > 1000 for p in paths["plots"])
+
+
+def test_resume_refuses_another_device(tmp_path):
+  f = tmp_path / "other.json"
+  f.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "rows": []}))
+  with pytest.raises(bench.UsageError, match="same device"):
+    _tiny(tmp_path, resume=f)
+
+
+def test_sweep_rows_and_plot(tmp_path):
+  results, path = bench.run_sweep(
+      [wl.get_layer("googlenet/inception_3a/5x5")], sparsities=[0.5, 0.95],
+      batches=[1], methods=["auto"], max_hw=5, num_inputs=1, repeats=1,
+      baselines=["lax_fp32_highest", "bcoo"], show_progress=False,
+      out=tmp_path / "sweep.json")
+  rows = results["rows"]
+  assert [r["target_sparsity"] for r in rows] == [0.5, 0.95]
+  assert all(r["sweep"] for r in rows)
+  assert rows[0]["nnz"] == round(wl.get_layer(
+      "googlenet/inception_3a/5x5").size * 0.5)
+  paths = bench.write_report(path, tmp_path / "rep")
+  names = sorted(p.name for p in paths["plots"])
+  assert names == ["sweep-sweep.png"]  # no published-sparsity rows
+  assert "Sparsity sweep rows" in paths["markdown"].read_text()
+
+
+def test_failed_row_is_recorded_and_retried(tmp_path, monkeypatch):
+  real = bench.sparse_conv
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("triton says no")
+
+  monkeypatch.setattr(bench, "sparse_conv", broken)
+  results, path = _tiny(tmp_path, methods=["escort"],
+                        baselines=["lax_fp32_highest"])
+  (row,) = results["rows"]
+  assert "triton says no" in row["error"] and row["time_us"] is None
+  bench.write_report(path)  # a failed row does not break the report
+  monkeypatch.setattr(bench, "sparse_conv", real)
+  results, _ = _tiny(tmp_path, methods=["escort"],
+                     baselines=["lax_fp32_highest"], resume=path)
+  (row,) = results["rows"]
+  assert "error" not in row and row["time_us"] > 0
+
+
+def test_device_time_us_real_profiler_on_host_process():
+  """The real jax.profiler.trace -> perfetto_trace.json.gz -> parse route,
+  summing the host process (a CPU has no device process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  f = jax.jit(lambda x: jnp.sin(x) @ x)
+  xs = [jnp.full((64, 64), i, jnp.float32) for i in range(3)]
+  for per_repeat in (False, True):
+    t = bench.device_time_us(f, xs, repeats=2, timer=bench.TIMER_GPU,
+                             device="/host:CPU",
+                             trace_per_repeat=per_repeat)
+    assert len(t.samples_us) == 2 and t.median_us > 0 and t.kernels_us
+  with pytest.raises(RuntimeError, match="/host:CPU"):
+    bench.device_time_us(f, xs, repeats=1, timer=bench.TIMER_GPU)
+
+
+def test_trace_split_needs_identical_runs():
+  s = bench.parse_perfetto_trace({"traceEvents": [
+      _meta_process(2, "/device:GPU:0"),
+      _x(2, 1, 0.0, 1.0, "a"), _x(2, 1, 1.0, 1.0, "b"),
+      _x(2, 1, 2.0, 1.0, "b"), _x(2, 1, 3.0, 1.0, "a")]})
+  assert s.split(2) is None
+  assert [p.total_us for p in s.split(1)] == [4.0]

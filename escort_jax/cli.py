@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip the Markdown/PNG report")
   bench.add_argument("--json", action="store_true",
                      help="print the results JSON on stdout")
+  bench.add_argument("--tune", action="store_true",
+                     help="instead of benchmarking, tune the selected layers:"
+                     " time kernel configs and dense lax.conv, and record "
+                     "each layer's winner as its plan (method='auto' uses "
+                     "it)")
+  bench.add_argument("--plan-dir", metavar="DIR",
+                     help="with --tune: where to write plans (default: "
+                     "$ESCORT_JAX_PLAN_DIR, else the package's plans/)")
   return parser
 
 
@@ -363,6 +371,9 @@ def _cmd_bench(args) -> int:
     inputs = inputs or 2
     repeats = repeats or 1
   console = _console(stderr=True)
+  if args.tune:
+    return _tune(layers, batches or wl.batch_sizes(),
+                 _split_list(args.dtype) or ["float32"], args, console)
   try:
     results, path = bench.run_benchmark(
         layers, batches=batches or wl.batch_sizes(),
@@ -388,6 +399,40 @@ def _cmd_bench(args) -> int:
     console.print(f"[red]{len(failed)} rows failed; see 'error' in {path}[/]")
     return EXIT_CHECK_FAILED
   return EXIT_OK
+
+
+def _tune(layers, batches, dtypes, args, console) -> int:
+  """`bench --tune`: records a plan per (layer, batch, dtype)."""
+  import pathlib
+  from escort_jax import tune
+  from escort_jax.structure import SparseKernel
+  directory = pathlib.Path(args.plan_dir) if args.plan_dir else None
+  report = []
+  for layer in layers:
+    sk = SparseKernel.from_dense(_workload_kernel(layer))
+    conv = layer.conv_kwargs()
+    for batch in batches:
+      for dtype in dtypes:
+        entry = tune.tune_layer(
+            (batch, layer.in_hw, layer.in_hw, layer.in_channels), sk,
+            conv["window_strides"], conv["padding"],
+            feature_group_count=conv["feature_group_count"],
+            dtype=dtype, num_inputs=args.inputs or 10, directory=directory)
+        times = entry["times_us"]
+        best = min((t for k, t in times.items() if k != "dense"),
+                   default=float("nan"))
+        console.print(f"{layer.name} b={batch} {dtype}: {entry['method']} "
+                      f"(escort {best:.1f} us, dense {times['dense']:.1f} us)")
+        report.append(dict(layer=layer.name, batch=batch, dtype=dtype,
+                           **entry))
+  if args.json:
+    print(json.dumps(report, indent=1))
+  return EXIT_OK
+
+
+def _workload_kernel(layer):
+  from escort_jax import workload as wl
+  return wl.make_kernel(layer)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,16 +20,19 @@ from escort_jax import dispatch, plans
 from escort_jax.ops import KernelConfig, make_spec, sparse_conv
 from escort_jax.structure import SparseKernel
 
-# Candidates from the H100 tile sweeps of 2026-11-24: the best configs of
-# 8 workload layers, from small programs (latency) to wide rows.
+# Candidates from the H100 tile sweeps of 2026-11-24
+# (benchmarks/results/*tile-sweep*): the configs that won on some layer.
 DEFAULT_CANDIDATES = (
     KernelConfig(4, 128, 4, 1, 4),
+    KernelConfig(4, 128, 4, 1, 4, q_major=True),
     KernelConfig(2, 256, 4, 1, 4),
-    KernelConfig(4, 64, 2, 1, 4),
-    KernelConfig(4, 128, 4, 1, 1),
     KernelConfig(8, 256, 4, 1, 1),
-    KernelConfig(16, 128, 4, 1, 1),
 )
+
+
+def config_label(cfg: KernelConfig) -> str:
+  """'rows_per_program=4,block_q=128,...': the key of a config's time."""
+  return ",".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
 
 
 def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
@@ -74,7 +77,7 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
   for cfg in candidates:
     f = jax.jit(lambda x, cfg=cfg: sparse_conv(
         x, skd, window_strides, padding, method="escort", config=cfg, **conv))
-    label = ",".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
+    label = config_label(cfg)
     try:
       t = device_time_us(f, inputs).median_us
     except Exception as e:  # pylint: disable=broad-except

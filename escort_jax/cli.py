@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                      " time kernel configs and dense lax.conv, and record "
                      "each layer's winner as its plan (method='auto' uses "
                      "it)")
+  bench.add_argument("--network", nargs="+", metavar="NET",
+                     help="whole-network rows instead: jitted inference of "
+                     "the SkimCaffe-pruned NET (caffenet, googlenet, "
+                     "resnet50), sparse against dense, at fp32 HIGHEST and "
+                     "default precision")
   bench.add_argument("--plan-dir", metavar="DIR",
                      help="with --tune: where to write plans (default: "
                      "$ESCORT_JAX_PLAN_DIR, else the package's plans/)")
@@ -371,6 +376,14 @@ def _cmd_bench(args) -> int:
     inputs = inputs or 2
     repeats = repeats or 1
   console = _console(stderr=True)
+  if args.network:
+    from escort_jax import bench_network
+    results = bench_network.run(_split_list(args.network),
+                                batches or wl.batch_sizes(), out=args.out,
+                                in_hw=max_hw, num_inputs=inputs or 5)
+    if args.json:
+      print(json.dumps(results, indent=1))
+    return EXIT_OK
   if args.tune:
     return _tune(layers, batches or wl.batch_sizes(),
                  _split_list(args.dtype) or ["float32"], args, console)

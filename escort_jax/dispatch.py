@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from escort_jax import plans
@@ -39,8 +40,11 @@ class Choice:
 
 
 def precision_name(precision) -> str | None:
+  """"highest" for full fp32 (explicitly, or by jax.default_matmul_precision),
+  else the precision's name, or None for the default."""
   if precision is None:
-    return None
+    default = jax.config.jax_default_matmul_precision
+    return "highest" if default in ("highest", "float32") else None
   name = getattr(precision, "name", str(precision)).lower()
   return "highest" if "highest" in name or "float32" in name else name
 

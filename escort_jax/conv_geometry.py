@@ -211,6 +211,10 @@ def make_geometry(x_shape_nhwc: Sequence[int], structure: SparseStructure,
         f"(kernel shape {structure.shape}, {structure.layout})")
   window = ((r - 1) * dilation[0] + 1, (s - 1) * dilation[1] + 1)
   pads = resolve_padding(padding, (h, w), window, strides)
+  for size, (lo, hi), axis in ((h, pads[0], "height"), (w, pads[1], "width")):
+    if size + lo + hi < 0:
+      raise ValueError(f"padding {pads} crops more than the input's {axis} "
+                       f"of {size}")
   return ConvGeometry(batch=n, in_h=h, in_w=w, in_channels=c,
                       out_channels=o, kernel_h=r, kernel_w=s,
                       strides=strides, dilation=dilation, padding=pads,

@@ -140,11 +140,15 @@ def make_spec(x, sk: SparseKernel, window_strides, padding, *, rhs_dilation,
   if activation not in ACTIVATIONS:
     raise ValueError(f"unknown activation {activation!r}; expected None or "
                      "'relu'")
-  if lhs_dilation is not None and tuple(np.broadcast_to(
-      np.asarray(lhs_dilation), (2,))) != (1, 1):
-    raise NotImplementedError(
-        "lhs_dilation (transposed convolution) is not supported by "
-        "sparse_conv")
+  if lhs_dilation is not None:
+    dil = np.atleast_1d(np.asarray(lhs_dilation))
+    if dil.ndim != 1 or dil.size not in (1, 2):
+      raise ValueError(f"lhs_dilation must be an int or a pair of ints, got "
+                       f"{lhs_dilation!r}")
+    if not np.all(dil == 1):
+      raise NotImplementedError(
+          "lhs_dilation (transposed convolution) is not supported by "
+          "sparse_conv")
   x_shape = np.shape(x)
   if len(x_shape) != 4:
     raise ValueError(
@@ -357,6 +361,10 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
   Returns:
     The output in layout dimension_numbers[2], (N, Ho, Wo, O) by default.
   """
+  # Lists and numpy arrays are accepted as lax accepts them.
+  x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+  if bias is not None and not isinstance(bias, jax.Array):
+    bias = jnp.asarray(bias)
   spec = make_spec(x, sk, window_strides, padding, rhs_dilation=rhs_dilation,
                    feature_group_count=feature_group_count,
                    dimension_numbers=dimension_numbers, bias=bias,

@@ -117,12 +117,6 @@ class ConvGeometry:
     return (du * self.plane_w + dv) * self.batch
 
   @property
-  def flat_len(self) -> int:
-    # The wide columns of the last plane may read up to max_shift past its
-    # end; those outputs are cropped, but the reads must stay in bounds.
-    return self.num_planes * self.plane_len + self.max_shift
-
-  @property
   def flops(self) -> int:
     """Dense FLOPs (2 per multiply-add)."""
     return (2 * self.batch * self.out_h * self.out_w * self.out_channels *
@@ -259,8 +253,12 @@ def stretched_problem(structure: SparseStructure,
                           shifts=shifts)
 
 
-def to_flat_input(x_nhwc: jax.Array, g: ConvGeometry) -> jax.Array:
-  """(N, H, W, C) -> x_flat (flat_len,): pad, split phases, batch innermost."""
+def to_flat_input(x_nhwc: jax.Array, g: ConvGeometry,
+                  tail: int | None = None) -> jax.Array:
+  """(N, H, W, C) -> x_flat (num_planes * plane_len + tail,): pad, split
+  phases, batch innermost, then `tail` zeros (default max_shift: the wide
+  columns of the last plane read up to max_shift past its end; those outputs
+  are cropped, but the reads must stay in bounds)."""
   sh, sw = g.strides
   (pt, pb), (pl_, pr) = g.padding
   # Extra rows/columns complete the last phase; no real output reads them.
@@ -272,7 +270,7 @@ def to_flat_input(x_nhwc: jax.Array, g: ConvGeometry) -> jax.Array:
   n, c = g.batch, g.in_channels
   x = x.reshape(n, g.plane_h, sh, g.plane_w, sw, c)
   x = x.transpose(5, 2, 4, 1, 3, 0)  # (C, i, j, Ha, Wb, N)
-  return jnp.pad(x.reshape(-1), (0, g.max_shift))
+  return jnp.pad(x.reshape(-1), (0, g.max_shift if tail is None else tail))
 
 
 def from_wide_output(y: jax.Array, g: ConvGeometry) -> jax.Array:

@@ -57,7 +57,9 @@ class KernelConfig:
   per program (both powers of two); num_warps, num_stages: Triton's; unroll:
   loop steps whose loads are issued together; groups_per_program: row groups
   one program runs in turn over the same positions (input reuse in L1);
-  q_major: output blocks on the fastest grid axis.
+  q_major: output blocks on the fastest grid axis; unmasked: lay a run of
+  zeros after the input and point padding entries at it, so that the kernel
+  loads without masks.
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100
@@ -70,6 +72,7 @@ class KernelConfig:
   unroll: int = 4
   groups_per_program: int = 1
   q_major: bool = False
+  unmasked: bool = False
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -215,6 +218,23 @@ class EscortPlan:
   def dy_row_len(self) -> int:
     return self.geometry.max_shift + self.geometry.plane_len
 
+  @property
+  def x_tail(self) -> int:
+    """Zeros after the input planes: what the wide columns of the last plane
+    read, plus (unmasked) the zero run that padding entries read."""
+    return _tail(self.geometry.out_len, self.geometry.max_shift, self.config)
+
+  @property
+  def dy_tail(self) -> int:
+    return _tail(self.geometry.plane_len, self.geometry.max_shift,
+                 self.config)
+
+
+def _tail(out_len: int, max_shift: int, config: KernelConfig) -> int:
+  if not config.unmasked:
+    return max_shift
+  return -(-out_len // config.block_q) * config.block_q + max_shift
+
 
 @functools.lru_cache(maxsize=1024)
 def escort_plan(structure, geometry: cg.ConvGeometry,
@@ -222,16 +242,19 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
   """Packs the forward and transposed problems (cached per structure,
   geometry and config)."""
   problem = cg.stretched_problem(structure, geometry)
-  forward = pack_row_groups(problem.rows, problem.offsets,
-                            geometry.out_channels, config.rows_per_program,
-                            config.unroll)
+  g = geometry
+  forward = pack_row_groups(
+      problem.rows, problem.offsets, g.out_channels, config.rows_per_program,
+      config.unroll,
+      zeros_offset=g.num_planes * g.plane_len if config.unmasked else None)
   # dx[plane, p] = sum w * dy[k, p - shift]: read dy padded in front by
   # max_shift, at offset k * dy_row_len + (max_shift - shift).
   dy_row_len = geometry.max_shift + geometry.plane_len
   t_offsets = problem.rows * dy_row_len + (geometry.max_shift - problem.shifts)
-  transposed = pack_row_groups(problem.planes, t_offsets,
-                               geometry.num_planes, config.rows_per_program,
-                               config.unroll)
+  transposed = pack_row_groups(
+      problem.planes, t_offsets, g.num_planes, config.rows_per_program,
+      config.unroll,
+      zeros_offset=g.out_channels * dy_row_len if config.unmasked else None)
   return EscortPlan(geometry=geometry, problem=problem, forward=forward,
                     transposed=transposed, config=config)
 
@@ -252,7 +275,7 @@ def _run_forward(plan: EscortPlan, values, bias, x_flat, relu, out_dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
 def _escort_core(plan: EscortPlan, values, bias, x_flat, relu, out_dtype):
-  """(nnz,), (K,) | None, (flat_len,) -> wide output (K, out_len)."""
+  """(nnz,), (K,) | None, x_flat -> wide output (K, out_len)."""
   return _run_forward(plan, values, bias, x_flat, relu, out_dtype)
 
 
@@ -278,11 +301,12 @@ def _escort_core_bwd(plan, relu, out_dtype, residuals, dy):
       interpret=interpret).astype(values.dtype)
   dy_padded = jnp.pad(dy, ((0, 0), (g.max_shift, plan.dy_row_len -
                                     g.max_shift - g.out_len)))
+  dy_flat = jnp.pad(dy_padded.reshape(-1), (0, plan.dy_tail))
   dx_planes = direct_sparse_conv(
-      dy_padded.reshape(-1), plan.transposed.gather_values(values),
+      dy_flat, plan.transposed.gather_values(values),
       plan.transposed, out_len=g.plane_len, out_dtype=x_flat.dtype,
       interpret=interpret, **_launch(c))
-  dx_flat = jnp.pad(dx_planes.reshape(-1), (0, g.max_shift))
+  dx_flat = jnp.pad(dx_planes.reshape(-1), (0, plan.x_tail))
   return dvalues, dbias, dx_flat
 
 
@@ -293,7 +317,7 @@ def _escort_conv(x_nhwc, values, bias, structure, spec: ConvSpec, activation,
                  config: KernelConfig):
   g = spec.geometry
   plan = escort_plan(structure, g, config)
-  x_flat = cg.to_flat_input(x_nhwc, g)
+  x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
   y = _escort_core(plan, values, bias, x_flat, activation == "relu",
                    jnp.dtype(spec.out_dtype))
   return cg.from_wide_output(y, g)

@@ -47,7 +47,8 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
                                group_steps_ref, offsets_ref, values_ref,
                                bias_ref, x_ref, y_ref, *, block_q, out_len,
                                row_len, num_rows, offset_unit, unroll,
-                               groups_per_program, q_major, relu, acc_dtype):
+                               groups_per_program, q_major, masked, relu,
+                               acc_dtype):
   group_axis, q_axis = (1, 0) if q_major else (0, 1)
   q_block = pl.program_id(q_axis)
   # Read outside the loop: the interpreter cannot lower program_id inside one.
@@ -69,6 +70,10 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
       base = start + t * rows_per_program
       offsets = offsets_ref[pl.ds(base, rows_per_program)]
       weights = values_ref[pl.ds(base, rows_per_program)]
+      if not masked:
+        # Padding entries read zeros and every read is in bounds.
+        idx = (offsets * offset_unit)[:, None] + q[None, :]
+        return weights, plgpu.load(x_ref.at[idx])
       live = (offsets >= 0)[:, None] & q_ok[None, :]
       idx = (jnp.maximum(offsets, 0) * offset_unit)[:, None] + q[None, :]
       return weights, plgpu.load(x_ref.at[idx], mask=live, other=0.0)
@@ -112,7 +117,8 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
 
   Args:
     x_flat: (in_len,) flat input. Every offset + q with q < out_len must be
-      inside it.
+      inside it; with groups.zeros_offset set, every q below out_len rounded
+      up to block_q, and a run of that many zeros at zeros_offset.
     values: (groups.padded_entries,) weights from `groups.gather_values`.
     groups: the static row packing.
     out_len: output positions per row.
@@ -134,13 +140,16 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
   if values.shape != (groups.padded_entries,):
     raise ValueError(f"values must have shape ({groups.padded_entries},), "
                      f"got {values.shape}")
-  if groups.max_offset + out_len > x_flat.shape[0]:
-    raise ValueError(
-        f"the input is too short for its offsets: the largest offset "
-        f"{groups.max_offset} plus out_len {out_len} exceeds "
-        f"{x_flat.shape[0]}")
   if block_q & (block_q - 1):
     raise ValueError(f"block_q must be a power of two, got {block_q}")
+  masked = groups.zeros_offset is None
+  # Unmasked, every program reads whole blocks of block_q positions.
+  read_len = out_len if masked else pl.cdiv(out_len, block_q) * block_q
+  if groups.max_offset + read_len > x_flat.shape[0]:
+    raise ValueError(
+        f"the input is too short for its offsets: the largest offset "
+        f"{groups.max_offset} plus {read_len} positions exceeds "
+        f"{x_flat.shape[0]}")
   if x_flat.shape[0] + out_len >= np.iinfo(np.int32).max or (
       (groups.num_rows + 1) * (out_len + block_q) >= np.iinfo(np.int32).max):
     raise OverflowError(
@@ -167,7 +176,8 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
       _direct_sparse_conv_kernel, block_q=block_q, out_len=out_len,
       row_len=num_q_blocks * block_q, num_rows=groups.num_rows,
       offset_unit=groups.offset_unit, unroll=groups.step_multiple,
-      groups_per_program=groups_per_program, q_major=q_major, relu=relu,
+      groups_per_program=groups_per_program, q_major=q_major, masked=masked,
+      relu=relu,
       acc_dtype=acc_dtype)
   if bias is None:
     kernel = _without_bias(kernel)

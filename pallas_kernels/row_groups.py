@@ -45,6 +45,10 @@ class RowGroups:
     group_steps: (num_groups,) int32; how many steps each group runs.
     offsets: (num_entries,) int32; source offset per entry in units of
       `offset_unit`, -1 for padding.
+    zeros_offset: None, or where the caller guarantees a run of zeros at
+      least as long as the kernel's padded output rows. Padding entries
+      then read those zeros, so the kernel needs no masks (and Triton can
+      vectorise its loads); otherwise they carry offset -1 and are masked.
     offset_unit: every source offset is a multiple of it. The kernel
       multiplies by this static number, which tells Triton that the loads are
       aligned (e.g. to the batch size) and lets it issue vector loads.
@@ -58,6 +62,7 @@ class RowGroups:
   group_start: np.ndarray
   group_steps: np.ndarray
   offsets: np.ndarray
+  zeros_offset: int | None
   offset_unit: int
   sources: np.ndarray
 
@@ -80,7 +85,7 @@ class RowGroups:
               self.sources):
       h.update(np.ascontiguousarray(a).tobytes())
     h.update(f"{self.num_rows},{self.rows_per_program},{self.step_multiple},"
-             f"{self.offset_unit}".encode())
+             f"{self.offset_unit},{self.zeros_offset}".encode())
     return h.hexdigest()
 
   def gather_values(self, values: jax.Array) -> jax.Array:
@@ -97,8 +102,8 @@ class RowGroups:
 
 
 def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
-                    rows_per_program: int, step_multiple: int = 1
-                    ) -> RowGroups:
+                    rows_per_program: int, step_multiple: int = 1,
+                    zeros_offset: int | None = None) -> RowGroups:
   """Packs nonzeros given in any order into ELL row groups.
 
   Args:
@@ -107,6 +112,7 @@ def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
     num_rows: number of output rows.
     rows_per_program: rows per program; a power of two.
     step_multiple: round each group's steps up to a multiple of this.
+    zeros_offset: see RowGroups.zeros_offset.
 
   Returns:
     The packing. Entry `sources` refers to positions in `rows`/`offsets`.
@@ -140,11 +146,14 @@ def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
     group_steps[g] = -(-longest // step_multiple) * step_multiple
   group_start = np.zeros(num_groups, np.int32)
   group_start[1:] = np.cumsum(group_steps[:-1].astype(np.int64) * bk)
-  unit = int(np.gcd.reduce(offsets)) if offsets.size else 1
+  every_offset = offsets if zeros_offset is None else np.append(
+      offsets, zeros_offset)
+  unit = int(np.gcd.reduce(every_offset)) if every_offset.size else 1
   unit = unit or 1
+  padding = PADDING_OFFSET if zeros_offset is None else zeros_offset // unit
   total = int(group_steps.astype(np.int64).sum()) * bk
   # At least one vector of entries, so that no kernel operand is empty.
-  ell_offsets = np.full(max(total, bk), PADDING_OFFSET, np.int32)
+  ell_offsets = np.full(max(total, bk), padding, np.int32)
   ell_sources = np.full(max(total, bk), -1, np.int32)
 
   # Rank of each nonzero within its row, in the caller's order.
@@ -166,4 +175,5 @@ def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
                    step_multiple=step_multiple,
                    group_rows=group_rows, group_start=group_start,
                    group_steps=group_steps, offsets=ell_offsets,
-                   offset_unit=unit, sources=ell_sources)
+                   zeros_offset=zeros_offset, offset_unit=unit,
+                   sources=ell_sources)

@@ -1,0 +1,362 @@
+"""sparse_conv and nnx SparseConv under data-parallel sharding over the batch,
+on 8 fake CPU devices.
+
+XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before JAX
+initialises, so the checks run in one subprocess: this file, run as a script
+(`python tests/test_sharding.py`), computes every check and prints one JSON
+line; the tests below read it. Single-device results are the reference:
+forward outputs must match bitwise, gradients to 1e-6 (the batch reduction
+is summed in another order).
+
+What is checked, for method="dense" and method="escort" (Pallas interpret
+mode on the CPU):
+  jit_auto      jax.jit with the input device_put to NamedSharding(mesh,
+                P("batch")) on a mesh of AxisType.Auto axes (GSPMD);
+  jit_explicit  the same on a mesh of AxisType.Explicit axes (what
+                jax.make_mesh builds by default in jax 0.10);
+  shard_map     jax.jit(jax.shard_map(sparse_conv, in_specs=P("batch"), ...))
+                with check_vma=False, and with the default check_vma=True;
+  nnx_jit / nnx_shard_map   an nnx model of SparseConv layers;
+  grad_*        gradients of values, bias and input (jit with a sharded
+                input; shard_map with per-shard gradients psum'd).
+
+Findings with jax 0.10.2 (the known-issue tests say so as xfails):
+  - jit + NamedSharding(P("batch")) on an Auto mesh gives the right numbers
+    for both methods, but the escort output comes back replicated: GSPMD
+    gathers the batch (the flat layout has it innermost) and every device
+    computes the whole batch. Data parallelism for escort needs shard_map.
+  - jax.shard_map(sparse_conv) over the batch works for both methods with
+    check_vma=False; with the default check_vma=True the escort
+    pallas_calls fail (their out_shape has no manual axis type).
+  - On an Explicit mesh (jax.make_mesh's default) jit of escort fails with a
+    ShardingTypeError in conv_geometry.to_flat_input's reshape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_DEVICES = 8
+GRAD_BOUND = 1e-6
+METHODS = ("dense", "escort")
+
+
+# --------------------------------------------------------------------------
+# The worker (runs in the subprocess, with 8 CPU devices).
+
+
+def _worker() -> dict:
+  import time
+
+  import jax
+  from jax import lax
+  import jax.numpy as jnp
+  from jax.sharding import AxisType, Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+  import numpy as np
+  from flax import nnx
+
+  from escort_jax import SparseKernel, sparse_conv
+  from escort_jax.nnx import SparseConv
+  from tests.conftest import random_array, random_pruned_kernel, rel_err
+
+  t_start = time.perf_counter()
+  results: dict = {"devices": len(jax.devices()),
+                   "platform": jax.default_backend(),
+                   "jax": jax.__version__, "checks": {}}
+  checks = results["checks"]
+
+  def record(name, fn):
+    """Runs fn() -> (got, want, bitwise_required, extra) and records it."""
+    t = time.perf_counter()
+    try:
+      got, want, bitwise, extra = fn()
+      got_l, want_l = jax.tree.leaves(got), jax.tree.leaves(want)
+      assert len(got_l) == len(want_l), (len(got_l), len(want_l))
+      equal = all(np.array_equal(np.asarray(g), np.asarray(w))
+                  for g, w in zip(got_l, want_l))
+      err = max(rel_err(np.asarray(g), np.asarray(w))
+                for g, w in zip(got_l, want_l))
+      finite = all(np.all(np.isfinite(np.asarray(g))) for g in got_l)
+      nonzero = all(np.any(np.asarray(w) != 0) for w in want_l)
+      checks[name] = dict(ok=bool(finite and nonzero and (
+          equal if bitwise else err <= GRAD_BOUND)), bitwise=bool(equal),
+                          rel_err=float(err), finite=bool(finite),
+                          nonzero=bool(nonzero), error=None, **extra)
+    except Exception as e:  # recorded; the tests decide what is expected
+      checks[name] = dict(ok=False, error=f"{type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]}")
+    checks[name]["seconds"] = round(time.perf_counter() - t, 2)
+
+  def spec_of(a):
+    s = getattr(a, "sharding", None)
+    return str(getattr(s, "spec", s))
+
+  def sharded_over_batch(a):
+    s = getattr(a, "sharding", None)
+    spec = getattr(s, "spec", None)
+    return bool(spec is not None and len(spec) > 0 and spec[0] == "batch")
+
+  devices = np.array(jax.devices()[:NUM_DEVICES])
+  meshes = {"auto": Mesh(devices, ("batch",),
+                         axis_types=(AxisType.Auto,)),
+            "explicit": Mesh(devices, ("batch",),
+                             axis_types=(AxisType.Explicit,))}
+  results["make_mesh_default_axis_types"] = str(
+      jax.make_mesh((NUM_DEVICES,), ("batch",)).axis_types)
+
+  rng = np.random.default_rng(901)
+  kernel = random_pruned_kernel(rng, (3, 3, 4, 6), 0.5)
+  sk = SparseKernel.from_dense(kernel)
+  x = random_array(rng, (16, 7, 9, 4))
+  b = random_array(rng, (6,))
+  ct = random_array(rng, (16, 4, 9, 6))
+
+  def conv(method):
+    def f(x, sk, b):
+      return sparse_conv(x, sk, (2, 1), "SAME", bias=b, activation="relu",
+                         method=method, precision=lax.Precision.HIGHEST)
+    return f
+
+  def loss(method):
+    def f(values, b, x):
+      return jnp.sum(ct * conv(method)(x, sk.with_values(values), b))
+    return f
+
+  single = {m: jax.jit(conv(m))(x, sk, b) for m in METHODS}
+  single_grads = {m: jax.jit(jax.grad(loss(m), argnums=(0, 1, 2)))(
+      sk.values, b, x) for m in METHODS}
+
+  for mesh_name, mesh in meshes.items():
+    batch_sharding = NamedSharding(mesh, P("batch"))
+    xs = jax.device_put(x, batch_sharding)
+    for m in METHODS:
+      def jit_fwd(m=m, xs=xs):
+        y = jax.jit(conv(m))(xs, sk, b)
+        return y, single[m], True, dict(
+            out_spec=spec_of(y), out_sharded=sharded_over_batch(y),
+            in_sharded=sharded_over_batch(xs))
+      record(f"jit_{mesh_name}/{m}", jit_fwd)
+
+    if mesh_name != "auto":
+      # (Gradients under explicit sharding fail in lax's own conv transpose
+      # in jax 0.10, so they are not compared there.)
+      continue
+    for m in METHODS:
+      def jit_grad(m=m, xs=xs):
+        g = jax.jit(jax.grad(loss(m), argnums=(0, 1, 2)))(sk.values, b, xs)
+        return g, single_grads[m], False, dict(dx_spec=spec_of(g[2]))
+      record(f"grad_jit_{mesh_name}/{m}", jit_grad)
+
+    for m in METHODS:
+      for check_vma in (False, True):
+        def smap_fwd(m=m, check_vma=check_vma, mesh=mesh, xs=xs):
+          f = jax.jit(jax.shard_map(
+              conv(m), mesh=mesh, in_specs=(P("batch"), P(), P()),
+              out_specs=P("batch"), check_vma=check_vma))
+          y = f(xs, sk, b)
+          return y, single[m], True, dict(out_spec=spec_of(y),
+                                          out_sharded=sharded_over_batch(y))
+        record(f"shard_map_vma{int(check_vma)}/{m}", smap_fwd)
+
+      def smap_grad(m=m, mesh=mesh, xs=xs):
+        # Data parallel: per-shard gradients, summed over the batch axis.
+        def local(values, b, x, ct_local):
+          def l(values, b, x):
+            y = conv(m)(x, sk.with_values(values), b)
+            return jnp.sum(ct_local * y)
+          dv, db, dx = jax.grad(l, argnums=(0, 1, 2))(values, b, x)
+          return lax.psum(dv, "batch"), lax.psum(db, "batch"), dx
+        f = jax.jit(jax.shard_map(
+            local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+            out_specs=(P(), P(), P("batch")), check_vma=False))
+        g = f(sk.values, b, xs, jax.device_put(ct, batch_sharding))
+        return g, single_grads[m], False, dict(dx_spec=spec_of(g[2]))
+      record(f"grad_shard_map/{m}", smap_grad)
+
+  # ------------------------------------------------------------------------
+  # nnx: a model of SparseConv layers, under nnx.jit and nnx.shard_map.
+
+  class Net(nnx.Module):
+    def __init__(self, method, rngs):
+      self.conv1 = SparseConv(4, 8, (3, 3), sparsity=0.6, method=method,
+                              activation="relu", rngs=rngs)
+      self.conv2 = SparseConv(8, 6, (3, 3), strides=(2, 2), sparsity=0.7,
+                              padding=((1, 0), (0, 2)), method=method,
+                              rngs=rngs)
+
+    def __call__(self, x):
+      return self.conv2(self.conv1(x))
+
+  def nnx_loss(model, x):
+    return jnp.sum(model(x) ** 2)
+
+  for m in METHODS:
+    model = Net(m, nnx.Rngs(7))
+    # Non-zero biases, so that their gradients are compared too.
+    for layer in (model.conv1, model.conv2):
+      layer.bias.set_value(random_array(rng, layer.bias.get_value().shape))
+    ref = nnx.jit(lambda model, x: model(x))(model, x)
+    ref_grads = nnx.jit(nnx.grad(nnx_loss))(model, x)
+    mesh = meshes["auto"]
+    xs = jax.device_put(x, NamedSharding(mesh, P("batch")))
+
+    def nnx_fwd(model=model, xs=xs, ref=ref):
+      y = nnx.jit(lambda model, x: model(x))(model, xs)
+      return y, ref, True, dict(out_spec=spec_of(y),
+                                out_sharded=sharded_over_batch(y))
+    record(f"nnx_jit_auto/{m}", nnx_fwd)
+
+    def nnx_grad(model=model, xs=xs, ref_grads=ref_grads):
+      g = nnx.jit(nnx.grad(nnx_loss))(model, xs)
+      return (nnx.to_pure_dict(g), nnx.to_pure_dict(ref_grads), False, {})
+    record(f"grad_nnx_jit_auto/{m}", nnx_grad)
+
+    def nnx_smap(model=model, xs=xs, ref=ref, mesh=mesh):
+      f = nnx.jit(nnx.shard_map(lambda model, x: model(x), mesh=mesh,
+                                in_specs=(P(), P("batch")),
+                                out_specs=P("batch"), check_vma=False))
+      y = f(model, xs)
+      return y, ref, True, dict(out_spec=spec_of(y),
+                                out_sharded=sharded_over_batch(y))
+    record(f"nnx_shard_map/{m}", nnx_smap)
+
+  results["seconds"] = round(time.perf_counter() - t_start, 1)
+  return results
+
+
+# --------------------------------------------------------------------------
+# The tests (in the pytest process).
+
+
+@pytest.fixture(scope="module")
+def results():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform"
+                      f"_device_count={NUM_DEVICES}").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+  proc = subprocess.run([sys.executable, str(Path(__file__).resolve())],
+                        env=env, cwd=str(REPO), capture_output=True,
+                        text=True, timeout=300)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert proc.returncode == 0 and lines, (
+      f"the sharding worker failed (rc {proc.returncode}):\n"
+      f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+  return json.loads(lines[-1])
+
+
+def _check(results, name):
+  c = results["checks"][name]
+  assert c["error"] is None, f"{name}: {c['error']}"
+  assert c["finite"] and c["nonzero"], f"{name}: {c}"
+  return c
+
+
+def test_worker_runs_on_8_cpu_devices(results):
+  assert results["devices"] >= NUM_DEVICES, results
+  assert results["platform"] == "cpu"
+  assert results["seconds"] < 120, results["seconds"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_jit_with_batch_sharded_input_matches_single_device(results, method):
+  c = _check(results, f"jit_auto/{method}")
+  assert c["in_sharded"], c
+  assert c["bitwise"], c
+
+
+def test_jit_dense_output_stays_batch_sharded(results):
+  c = _check(results, "jit_auto/dense")
+  assert c["out_sharded"], c
+
+
+# Known issues are checked imperatively: while the recorded failure is the
+# known one the test is an xfail; once it works the results must be right
+# (jax 0.11 may differ from 0.10 here); any other error or a wrong number
+# fails.
+
+
+def _known_issue(c, pattern, reason):
+  if c["error"] is not None and pattern in c["error"]:
+    pytest.xfail(f"{reason} [{c['error'][:160]}]")
+
+
+def test_jit_escort_output_stays_batch_sharded(results):
+  c = _check(results, "jit_auto/escort")
+  if not c["out_sharded"]:
+    pytest.xfail(
+        "under plain jit, GSPMD does not carry the batch sharding through "
+        "the escort path's flat layout (batch innermost, then a "
+        f"pallas_call): the output comes back as {c['out_spec']}, i.e. every "
+        "device computes the whole batch; use jax.shard_map for data "
+        "parallelism")
+
+
+def test_jit_explicit_mesh_dense_matches(results):
+  c = _check(results, "jit_explicit/dense")
+  assert c["bitwise"] and c["out_sharded"], c
+
+
+def test_jit_explicit_mesh_escort_matches(results):
+  c = results["checks"]["jit_explicit/escort"]
+  _known_issue(c, "reshape is not supported", (
+      "library bug: on a mesh of AxisType.Explicit axes (jax.make_mesh's "
+      "default in jax 0.10) jit of method='escort' fails in "
+      "conv_geometry.to_flat_input, whose reshape needs an out_sharding"))
+  c = _check(results, "jit_explicit/escort")
+  assert c["bitwise"], c
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shard_map_over_batch_matches_single_device(results, method):
+  c = _check(results, f"shard_map_vma0/{method}")
+  assert c["bitwise"] and c["out_sharded"], c
+
+
+def test_shard_map_dense_with_check_vma(results):
+  c = _check(results, "shard_map_vma1/dense")
+  assert c["bitwise"], c
+
+
+def test_shard_map_escort_with_check_vma(results):
+  c = results["checks"]["shard_map_vma1/escort"]
+  _known_issue(c, "manual_axis_type", (
+      "library bug: under jax.shard_map with the default check_vma=True the "
+      "escort pallas_calls fail, their out_shape ShapeDtypeStruct carries "
+      "no manual_axis_type (vma) of the inputs; check_vma=False works"))
+  c = _check(results, "shard_map_vma1/escort")
+  assert c["bitwise"] and c["out_sharded"], c
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("how", ["grad_jit_auto", "grad_shard_map"])
+def test_gradients_under_sharding_match_single_device(results, method, how):
+  c = _check(results, f"{how}/{method}")
+  assert c["rel_err"] <= GRAD_BOUND, c
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nnx_jit_with_batch_sharded_input_matches(results, method):
+  c = _check(results, f"nnx_jit_auto/{method}")
+  assert c["bitwise"], c
+  g = _check(results, f"grad_nnx_jit_auto/{method}")
+  assert g["rel_err"] <= GRAD_BOUND, g
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nnx_shard_map_matches(results, method):
+  c = _check(results, f"nnx_shard_map/{method}")
+  assert c["bitwise"] and c["out_sharded"], c
+
+
+if __name__ == "__main__":
+  print(json.dumps(_worker()))

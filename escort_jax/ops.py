@@ -72,7 +72,8 @@ class KernelConfig:
   unroll: int = 4
   groups_per_program: int = 1
   q_major: bool = False
-  unmasked: bool = False
+  # Unmasked loads were 2-8% faster on the H100 (tile sweep d, 2026-11-24).
+  unmasked: bool = True
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -243,6 +244,10 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
   geometry and config)."""
   problem = cg.stretched_problem(structure, geometry)
   g = geometry
+  if min(g.num_planes, g.out_channels) < 4:
+    # The zero run is one padded output row long: next to fewer than four
+    # planes (or rows) it would grow the input (or dy) by a quarter or more.
+    config = dataclasses.replace(config, unmasked=False)
   forward = pack_row_groups(
       problem.rows, problem.offsets, g.out_channels, config.rows_per_program,
       config.unroll,

@@ -150,14 +150,17 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
         f"the input is too short for its offsets: the largest offset "
         f"{groups.max_offset} plus {read_len} positions exceeds "
         f"{x_flat.shape[0]}")
-  if x_flat.shape[0] + out_len >= np.iinfo(np.int32).max or (
-      (groups.num_rows + 1) * (out_len + block_q) >= np.iinfo(np.int32).max):
+  num_q_blocks = pl.cdiv(out_len, block_q)
+  int32_max = np.iinfo(np.int32).max
+  if x_flat.shape[0] > int32_max or (
+      (groups.num_rows + 1) * num_q_blocks * block_q > int32_max):
     raise OverflowError(
-        "the flat input or output has 2**31 elements or more, beyond the "
-        "int32 indexing of this kernel; split the batch")
+        f"the flat input ({x_flat.shape[0]} elements) or output "
+        f"({groups.num_rows + 1} x {num_q_blocks * block_q}) has 2**31 "
+        "elements or more, beyond the int32 indexing of this kernel; split "
+        "the batch")
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
   acc_dtype = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
-  num_q_blocks = pl.cdiv(out_len, block_q)
   num_programs = pl.cdiv(groups.num_groups, groups_per_program)
   spare = num_programs * groups_per_program - groups.num_groups
   # Spare groups have no rows and no steps: they store into the spare row.
@@ -166,6 +169,8 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
                       constant_values=-1)
   group_start = np.pad(groups.group_start, (0, spare))
   group_steps = np.pad(groups.group_steps, (0, spare))
+  # Triton caps grid axis 1 (not 0): large outputs put their blocks first.
+  q_major = q_major or num_q_blocks > _MAX_GRID_AXIS
   grid = (num_programs, num_q_blocks)
   if q_major:
     grid = grid[::-1]

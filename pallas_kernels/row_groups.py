@@ -129,7 +129,7 @@ def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
   if offsets.size and offsets.max() >= np.iinfo(np.int32).max:
     raise OverflowError(
         f"a source offset ({int(offsets.max())}) does not fit in int32; the "
-        "input is too large for the int32-indexed kernels")
+        "input is too large for the int32-indexed kernels: split the batch")
   bk = rows_per_program
   lengths = np.bincount(rows, minlength=num_rows) if rows.size else np.zeros(
       num_rows, np.int64)

@@ -105,16 +105,6 @@ class SparseStructure:
     k, c, r, s = self.coordinates()
     return (r, s, c, k) if self.layout == "HWIO" else (k, c, r, s)
 
-  def dense_gather_map(self) -> tuple[np.ndarray, np.ndarray]:
-    """For each dense position (flat, in `layout` order): the index of its
-    value in `values` (0 where pruned), and whether it is kept."""
-    flat = np.ravel_multi_index(self.dense_positions(), self.shape)
-    source = np.zeros(self.size, np.int32)
-    source[flat] = np.arange(self.nnz, dtype=np.int32)
-    kept = np.zeros(self.size, bool)
-    kept[flat] = True
-    return source, kept
-
   def __eq__(self, other: Any) -> bool:
     if not isinstance(other, SparseStructure):
       return NotImplemented
@@ -209,14 +199,14 @@ class SparseKernel:
 
     Differentiable with respect to `values`.
     """
-    source, kept = self.structure.dense_gather_map()
-    if self.nnz == 0:
-      return jnp.zeros(self.shape, self.values.dtype)
-    # A gather from the small values vector, fused with the zero fill: one
-    # pass over the dense kernel, where a scatter takes a fill and a scatter.
-    gathered = jnp.take(self.values, source.reshape(self.shape))
-    return jnp.where(kept.reshape(self.shape), gathered,
-                     jnp.zeros((), self.values.dtype))
+    # A scatter of the nnz values: its index constant is nnz-sized, where a
+    # gather would bake a dense-sized one into every compiled program.
+    flat = np.ravel_multi_index(self.structure.dense_positions(),
+                                self.shape).astype(np.int32)
+    dense = jnp.zeros(self.structure.size, self.values.dtype)
+    dense = dense.at[flat].set(self.values, unique_indices=True,
+                               indices_are_sorted=False)
+    return dense.reshape(self.shape)
 
   def with_values(self, values) -> SparseKernel:
     """The same structure with other values (nnz,)."""

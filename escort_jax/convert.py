@@ -41,7 +41,9 @@ def path_str(path) -> str:
   return ".".join(str(p) for p in path)
 
 
-def _path_filter(filter) -> Callable[[str], bool]:
+def path_filter(filter) -> Callable[[str], bool]:
+  """None, a regex (string or compiled; re.search) or a callable on the
+  dotted path -> a predicate on dotted paths."""
   if filter is None:
     return lambda path: True
   if isinstance(filter, str):
@@ -140,7 +142,7 @@ def sparsify(model, *, filter: Any = None, max_density: float | None = None,
   """
   if max_density is not None and not 0.0 <= max_density <= 1.0:
     raise ValueError(f"max_density must lie in [0, 1], got {max_density}")
-  keep = _path_filter(filter)
+  keep = path_filter(filter)
   new = nnx.clone(model)
   repl: dict[int, Any] = {}
   skipped: list[str] = []

@@ -57,6 +57,7 @@ import numpy as np
 from escort_jax.nnx import (UnsupportedConvError, _canonical_padding,
                             _check_activation, _check_method, _conv_nhwc,
                             _kernel_size, _pair, magnitude_mask)
+from escort_jax.convert import path_filter
 from escort_jax.ops import KernelConfig
 from escort_jax.structure import SparseKernel, SparseStructure
 
@@ -212,19 +213,6 @@ def _conv_paths(params, prefix=()):
       yield from _conv_paths(v, prefix + (k,))
 
 
-def _path_filter(filter):
-  if filter is None:
-    return lambda path: True
-  if isinstance(filter, str):
-    filter = re.compile(filter)
-  if isinstance(filter, re.Pattern):
-    return lambda path: filter.search(path) is not None
-  if callable(filter):
-    return lambda path: bool(filter(path))
-  raise TypeError(f"filter must be None, a regex or a callable, got "
-                  f"{filter!r}")
-
-
 def _get(params, path):
   for k in path:
     params = params[k]
@@ -280,7 +268,7 @@ def sparsify_params(params, structures: Mapping[str, Any] | None = None, *,
   if sum(x is not None for x in (structures, threshold, sparsity)) > 1:
     raise ValueError("pass at most one of structures, threshold, sparsity")
   inner, rewrap = _unwrap(params)
-  keep = _path_filter(filter)
+  keep = path_filter(filter)
   chosen = {} if structures is None else dict(structures)
   out_structures: dict[str, SparseStructure] = {}
   found = set()
@@ -347,7 +335,7 @@ def prune_params(params, *, sparsity: float | None = None,
   if (sparsity is None) == (threshold is None):
     raise ValueError("pass exactly one of sparsity and threshold")
   inner, rewrap = _unwrap(params)
-  keep = _path_filter(filter)
+  keep = path_filter(filter)
   for path, mod in list(_conv_paths(inner)):
     if not keep("/".join(path)):
       continue

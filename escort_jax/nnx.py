@@ -459,7 +459,7 @@ class SparseConv(nnx.Module):
 
   @property
   def density(self) -> float:
-    return self.structure.nnz / max(1, self.structure.size)
+    return self.sparse_kernel.density
 
   def dense_kernel(self) -> jax.Array:
     """The HWIO kernel (kh, kw, in_features // groups, out_features) in the

@@ -156,3 +156,13 @@ def _x64_stays_off():
   assert not jax.config.jax_enable_x64, "float64 was left on globally"
   yield
   assert not jax.config.jax_enable_x64, "this test left float64 on"
+
+
+def np_init(key, shape, dtype=jnp.float32):
+  """A kernel initialiser drawing from numpy, seeded by the key (XLA on the
+  CPU takes seconds to compile jax.random's normal for each new shape)."""
+  if isinstance(key, jax.core.Tracer):  # eval_shape: only the shape counts
+    return jnp.zeros(shape, dtype)
+  seed = int(np.asarray(jax.random.key_data(key)).sum())
+  w = np.random.default_rng(seed).standard_normal(shape)
+  return jnp.asarray(w / np.sqrt(np.prod(shape[:-1])), dtype)

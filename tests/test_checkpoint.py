@@ -16,18 +16,9 @@ from escort_jax.checkpoint import (load_sparse, save_sparse,
                                    structure_from_dict, structure_to_dict)
 from escort_jax.convert import sparsify
 from escort_jax.nnx import SparseConv, _get_value, _set_value, magnitude_mask
+from tests.conftest import np_init
 
 HIGHEST = lax.Precision.HIGHEST
-
-
-def np_init(key, shape, dtype=jnp.float32):
-  """A kernel initialiser drawing from numpy, seeded by the key (XLA on the
-  CPU takes seconds to compile jax.random's normal for each new shape)."""
-  if isinstance(key, jax.core.Tracer):  # eval_shape: only the shape counts
-    return jnp.zeros(shape, dtype)
-  seed = int(np.asarray(jax.random.key_data(key)).sum())
-  w = np.random.default_rng(seed).standard_normal(shape)
-  return jnp.asarray(w / np.sqrt(np.prod(shape[:-1])), dtype)
 
 
 class Net(nnx.Module):

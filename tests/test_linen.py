@@ -17,20 +17,10 @@ import pytest
 import escort_jax.linen as esl
 from escort_jax.nnx import UnsupportedConvError
 from escort_jax.structure import SparseStructure
-from tests.conftest import assert_close
+from tests.conftest import assert_close, np_init
 
 HIGHEST = lax.Precision.HIGHEST
 F32_BOUND = 1e-5
-
-
-def np_init(key, shape, dtype=jnp.float32):
-  """A kernel initialiser drawing from numpy, seeded by the key (XLA on the
-  CPU takes seconds to compile jax.random's normal for each new shape)."""
-  if isinstance(key, jax.core.Tracer):  # eval_shape: only the shape counts
-    return jnp.zeros(shape, dtype)
-  seed = int(np.asarray(jax.random.key_data(key)).sum())
-  w = np.random.default_rng(seed).standard_normal(shape)
-  return jnp.asarray(w / np.sqrt(np.prod(shape[:-1])), dtype)
 
 
 class Net(nn.Module):

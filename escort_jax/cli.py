@@ -1,41 +1,52 @@
 """The `escort-jax` command line (also `python -m escort_jax`).
 
-  escort-jax demo [--batch N] [--json]
-      Converts four workload layers to SparseKernels, checks
-      sparse_conv(method="escort") against lax.conv at HIGHEST precision and,
-      on a GPU, times escort against dense lax.conv.
-  escort-jax bench [--layers ...] [--batch ...] [--dtype ...] [--sweep] ...
-      The benchmark harness (escort_jax.bench): writes the results JSON and
-      its Markdown/PNG report under benchmarks/results/.
+  escort-jax demo [--plot PATH] [--json] ...
+      The main job, no arguments needed: builds the SkimCaffe-pruned
+      ResNet-50, converts its pruned layers to SparseConv, checks the sparse
+      model and the escort kernels against dense convolution at fp32
+      HIGHEST, times sparse against dense on a GPU (per layer and end to
+      end), prints a per-layer table and writes a speedup plot
+      (./escort-demo.png). Without a GPU: a reduced run (batch 1, 64x64)
+      that checks correctness and says what a GPU would run.
+  escort-jax convert IN OUT [--model NET] [--sparsity S | --profile NET |
+                    --keep-zeros] [--max-density D]
+      Loads a dense Flax NNX checkpoint (msgpack state dict, or an orbax
+      directory), prunes it, converts it with sparsify and writes a sparse
+      checkpoint (escort_jax.checkpoint.save_sparse).
+  escort-jax inspect CKPT [--model NET] [--batch N] [--input-shape S]
+                    [--assume-gpu [--device SLUG]]
+      Per converted layer: sparsity, nnz, the path sparse_conv would take
+      (tuned plan or cost model) and its recorded or predicted speedup.
+  escort-jax bench ...
+      The benchmark harness (escort_jax.bench).
 
-Exit status: 0 ok; 1 a correctness check failed (or a benchmark row
-failed); 2 a usage error.
+Every subcommand takes --json (the result as JSON on stdout; progress and
+tables then go to stderr). --model is a net of escort_jax.models
+(resnet50, googlenet, caffenet) or an import path "package.module:factory"
+of your own NNX model.
+
+Exit status: 0 ok; 1 a check failed (or a benchmark row failed); 2 a usage
+or input error (bad option, missing or unreadable file, a checkpoint that
+does not fit the model).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 
-# The demo's layers: a ResNet-50 3x3, a GoogLeNet 5x5, a grouped CaffeNet
-# layer, and a strided one (caffenet conv1 is dense in the workload, so it is
-# pruned to 90% here). (name, sparsity override)
-DEMO_LAYERS = (
-    ("resnet50/res3a_branch2b", None),
-    ("googlenet/inception_3a/5x5", None),
-    ("caffenet/conv2", None),
-    ("caffenet/conv1", 0.9),
-)
-# Norm-wise relative error bound against fp32 HIGHEST; accumulation order
-# differences are ~1e-7, a wrong kernel is O(1).
-DEMO_TOLERANCE = 1e-4
+BUILTIN_MODELS = ("resnet50", "googlenet", "caffenet")
+PRECISIONS = ("highest", "default")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,11 +80,36 @@ def _sparsity(text: str) -> float:
         f"expected a sparsity such as 0.9 or 90%, got {text!r}") from None
   if percent:
     v /= 100.0
-  if not 0.0 <= v < 1.0:
+  if not 0.0 <= v < 1.0 or math.isnan(v):
     raise argparse.ArgumentTypeError(
         f"a sparsity (fraction of zero weights) must lie in [0, 1), got "
         f"{text!r}; write 0.9 or 90%")
   return v
+
+
+def _density(text: str) -> float:
+  """A fraction of nonzero weights in [0, 1] ("0.5" or "50%")."""
+  raw = text.strip()
+  percent = raw.endswith("%")
+  try:
+    v = float(raw[:-1] if percent else raw)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected a density such as 0.5 or 50%, got {text!r}") from None
+  if percent:
+    v /= 100.0
+  if not 0.0 <= v <= 1.0 or math.isnan(v):
+    raise argparse.ArgumentTypeError(
+        f"a density (fraction of nonzero weights) must lie in [0, 1], got "
+        f"{text!r}")
+  return v
+
+
+def _check_layers(text: str) -> int | None:
+  """"all" -> None, else a positive count."""
+  if text.strip().lower() == "all":
+    return None
+  return _positive_int(text)
 
 
 def _split_list(values: Sequence[str] | None) -> list[str] | None:
@@ -86,29 +122,130 @@ def _split_list(values: Sequence[str] | None) -> list[str] | None:
   return out
 
 
+_MODEL_HELP = ("the architecture: resnet50, googlenet, caffenet (escort_jax."
+               "models), or 'package.module:factory' naming your NNX Module "
+               "class or a function returning the model (default: "
+               "resnet50)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+  """The argparse parser of every subcommand."""
   parser = _Parser(
       prog="escort-jax",
       description="Direct sparse convolution (Escort) for pruned CNNs in "
-      "JAX: a correctness demo and the benchmark harness.",
-      epilog="Exit status: 0 ok, 1 a check failed, 2 usage error.")
-  sub = parser.add_subparsers(dest="command", metavar="{demo,bench}",
+      "JAX: the demo, checkpoint conversion and inspection, and the "
+      "benchmark harness.",
+      epilog="Exit status: 0 ok, 1 a check failed, 2 usage or input error.")
+  sub = parser.add_subparsers(dest="command",
+                              metavar="{demo,convert,inspect,bench}",
                               parser_class=_Parser)
 
   demo = sub.add_parser(
-      "demo", help="check escort against lax.conv on four real layers",
-      description="Converts four workload layers (ResNet-50 3x3, GoogLeNet "
-      "5x5, grouped CaffeNet conv2, strided CaffeNet conv1 at 90%% "
-      "sparsity) to SparseKernels, checks sparse_conv(method='escort') "
-      "against lax.conv_general_dilated at HIGHEST precision, and on a GPU "
-      "times escort against dense lax.conv.")
+      "demo", help="the main job: a pruned ResNet-50 made sparse, checked "
+      "and timed",
+      description="Builds Caffe's ResNet-50 with random weights pruned to "
+      "the SkimCaffe profile, converts its pruned layers (density <= 0.5) "
+      "to SparseConv, checks the sparse network against the dense one and "
+      "the escort kernels against lax.conv at fp32 HIGHEST (relative error "
+      "<= 1e-4), and on a GPU times each sparse layer and the whole network "
+      "against dense (device kernel time and wall clock; batch 32 at "
+      "224x224). Prints a per-layer table and writes a speedup plot. "
+      "Without a GPU it runs a reduced check (batch 1 at 64x64, the escort "
+      "kernels in the Pallas interpreter) in under a minute, and shows "
+      "what an H100 would run instead of speed: speed needs a GPU.")
   demo.add_argument("--batch", type=_positive_int, default=None,
-                    help="batch size (default: 1 on the CPU, 32 on a GPU)")
+                    help="batch size (default: 32 on a GPU, 1 elsewhere)")
+  demo.add_argument("--input-shape", metavar="N|H,W",
+                    help="input height and width (default: 224 on a GPU, "
+                    "64 elsewhere)")
+  demo.add_argument("--precision", choices=PRECISIONS, default="highest",
+                    help="precision of the per-layer timings (default: "
+                    "highest = fp32; the checks are always at highest, the "
+                    "whole network is timed at both)")
+  demo.add_argument("--check-layers", type=_check_layers, default=-1,
+                    metavar="N|all",
+                    help="how many sparse layers to check one by one in "
+                    "escort mode (default: all; 4 on a CPU above 64x64)")
+  demo.add_argument("--plot", metavar="PATH", default="escort-demo.png",
+                    help="where to write the per-layer speedup plot "
+                    "(default: ./escort-demo.png)")
+  demo.add_argument("--no-plot", action="store_true",
+                    help="write no plot")
+  demo.add_argument("--save", metavar="PATH",
+                    help="also write the sparse model as a checkpoint "
+                    "(look at it with 'escort-jax inspect PATH')")
+  demo.add_argument("--seed", type=int, default=0,
+                    help="seed of the random weights and inputs (default 0)")
   demo.add_argument("--json", action="store_true",
-                    help="print machine-readable JSON on stdout")
-  demo.add_argument("--max-hw", type=_positive_int, default=None,
-                    help="cap the input size (channels and kernels stay "
-                    "real); default: the real size")
+                    help="print the result as JSON on stdout (the table "
+                    "goes to stderr)")
+
+  convert = sub.add_parser(
+      "convert", help="prune a dense checkpoint and write a sparse one",
+      description="Loads a Flax NNX checkpoint of a dense model (a msgpack "
+      "file of the state dict, e.g. flax.serialization.to_bytes(nnx."
+      "to_pure_dict(nnx.state(model))), or an orbax checkpoint directory), "
+      "prunes it, converts its sparse convolutions to SparseConv "
+      "(escort_jax.sparsify) and writes a sparse checkpoint (escort_jax.save_sparse; load it with "
+      "escort_jax.load_sparse). Checks that every converted layer keeps "
+      "exactly the pruned kernel and that OUT reads back.")
+  convert.add_argument("input", metavar="IN",
+                       help="the dense checkpoint (msgpack file or orbax "
+                       "directory)")
+  convert.add_argument("output", metavar="OUT",
+                       help="the sparse checkpoint to write (msgpack)")
+  convert.add_argument("--model", default="resnet50", help=_MODEL_HELP)
+  how = convert.add_mutually_exclusive_group()
+  how.add_argument("--sparsity", type=_sparsity, metavar="S",
+                   help="magnitude-prune every conv to this fraction of "
+                   "zeros (0.9 or 90%%), each layer on its own, and convert "
+                   "them all")
+  how.add_argument("--profile", metavar="NET", choices=BUILTIN_MODELS,
+                   help="prune to SkimCaffe's published per-layer sparsities "
+                   "of NET (resnet50, googlenet, caffenet; layers named as "
+                   "in Caffe)")
+  how.add_argument("--keep-zeros", action="store_true",
+                   help="do not prune: convert the convs that are already "
+                   "sparse (the default)")
+  convert.add_argument("--max-density", type=_density, metavar="D",
+                       help="convert only convs with at most this fraction "
+                       "of nonzeros (default 0.5; with --sparsity, every "
+                       "pruned conv)")
+  convert.add_argument("--json", action="store_true",
+                       help="print the result as JSON on stdout")
+
+  inspect_ = sub.add_parser(
+      "inspect", help="show a sparse checkpoint's layers and the kernel "
+      "each would run",
+      description="Loads a sparse checkpoint (escort-jax convert, "
+      "escort_jax.save_sparse) and shows each converted layer's sparsity, "
+      "nnz, input shape, the path sparse_conv would take for it (escort or "
+      "dense, from a tuned plan or the cost model) and its recorded or "
+      "predicted speedup over dense lax.conv. Nothing is timed.")
+  inspect_.add_argument("checkpoint", metavar="CKPT",
+                        help="the sparse checkpoint")
+  inspect_.add_argument("--model", default="resnet50", help=_MODEL_HELP)
+  inspect_.add_argument("--batch", type=_positive_int, default=32,
+                        help="batch size (default 32)")
+  inspect_.add_argument("--input-shape", metavar="N|H,W|H,W,C",
+                        help="the model input (default: the model's, e.g. "
+                        "224,224,3 for resnet50)")
+  inspect_.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="compute dtype (default float32)")
+  inspect_.add_argument("--precision", choices=PRECISIONS, default="default",
+                        help="matmul precision of the dense path (default: "
+                        "default, i.e. TF32 on Hopper; plans are recorded "
+                        "at it)")
+  inspect_.add_argument("--assume-gpu", action="store_true",
+                        help="decide as on a GPU (its tuned plans, else the "
+                        "cost model) instead of on the current backend")
+  inspect_.add_argument("--device", metavar="SLUG",
+                        help="with --assume-gpu (implied): the GPU whose "
+                        "plan file to use, as escort_jax/plans/<SLUG>.json "
+                        "names it (default: nvidia-h100-80gb-hbm3, the "
+                        "packaged plans)")
+  inspect_.add_argument("--json", action="store_true",
+                        help="print the result as JSON on stdout")
 
   bench = sub.add_parser(
       "bench", help="benchmark sparse_conv against the dense and BCOO "
@@ -185,155 +322,422 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+
 # --------------------------------------------------------------------------
-# demo
-
-
-def run_demo(batch: int | None = None, max_hw: int | None = None,
-             console=None) -> dict[str, Any]:
-  """Checks escort on DEMO_LAYERS; returns a JSON-able summary."""
-  import jax
-  from jax import lax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from escort_jax import SparseKernel, sparse_conv
-  from escort_jax import baselines as bl
-  from escort_jax import bench
-  from escort_jax import workload as wl
-
-  on_gpu = jax.default_backend() == "gpu"
-  batch = batch or (32 if on_gpu else 1)
-  info = bench.device_info()
-  out: dict[str, Any] = {
-      "device": info["device"], "backend": info["backend"],
-      "jax_version": info["jax_version"], "batch": batch,
-      "tolerance": DEMO_TOLERANCE, "timed": on_gpu,
-      "timer": bench.TIMER_GPU if on_gpu else None, "layers": []}
-  for name, sp in DEMO_LAYERS:
-    layer = wl.get_layer(name)
-    small = layer.scaled(max_hw)
-    conv = small.conv_kwargs()
-    t0 = time.perf_counter()
-    dense = wl.make_kernel(layer, sparsity=sp)
-    sk = SparseKernel.from_dense(dense)
-    x = wl.make_input(small, batch, seed=0)
-    bias = jnp.asarray(np.random.default_rng(0).standard_normal(
-        layer.out_channels), jnp.float32)
-    ref = lax.conv_general_dilated(
-        x, jnp.asarray(dense), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=lax.Precision.HIGHEST, **conv)
-    escort = jax.jit(lambda x, sk, bias=None, act=None: sparse_conv(
-        x, sk, method="escort", bias=bias, activation=act, **conv),
-                     static_argnames=("act",))
-    y = escort(x, sk)
-    err = bench.rel_err(y, ref)
-    # The fused epilogue too: bias and relu inside the kernel.
-    y2 = escort(x, sk, bias, act="relu")
-    err_fused = bench.rel_err(y2, jnp.maximum(ref + bias, 0))
-    ok = bool(np.isfinite(err) and np.isfinite(err_fused)
-              and err <= DEMO_TOLERANCE and err_fused <= DEMO_TOLERANCE
-              and y.shape == ref.shape)
-    entry: dict[str, Any] = {
-        "layer": name, "sparsity": round(sk.sparsity, 6), "nnz": sk.nnz,
-        "kernel_shape": list(layer.kernel_shape),
-        "input_shape": list(x.shape), "output_shape": list(y.shape),
-        "stride": layer.stride, "padding": layer.padding,
-        "groups": layer.groups, "rel_err": err, "rel_err_bias_relu":
-        err_fused, "ok": ok, "check_s": round(time.perf_counter() - t0, 2)}
-    if on_gpu:
-      xs = [wl.make_input(small, batch, seed=i) for i in range(10)]
-      xs_bf16 = [v.astype(jnp.bfloat16) for v in xs]
-      f_escort = lambda v: escort(v, sk)
-      highest = bl.make_dense_conv(sk, precision=lax.Precision.HIGHEST,
-                                   **conv)
-      bf16 = bl.make_dense_conv(
-          sk.with_values(sk.values.astype(jnp.bfloat16)), **conv)
-      t_e = bench.device_time_us(f_escort, xs, repeats=3).median_us
-      t_h = bench.device_time_us(highest, xs, repeats=3).median_us
-      t_b = bench.device_time_us(bf16, xs_bf16, repeats=3).median_us
-      fm = bench.floor_model(small, batch, sk.nnz, "float32")
-      entry.update({"escort_us": t_e, "lax_fp32_highest_us": t_h,
-                    "lax_bf16_us": t_b, "speedup_vs_fp32_highest": t_h / t_e,
-                    "speedup_vs_bf16": t_b / t_e, "floor_us": fm["floor_us"],
-                    "floor_fraction": fm["floor_us"] / t_e})
-    out["layers"].append(entry)
-    if console is not None:
-      console.print(f"  {name}: rel err {err:.1e} / {err_fused:.1e} "
-                    f"({'ok' if ok else 'FAILED'})")
-  out["ok"] = all(e["ok"] for e in out["layers"])
-  return out
-
-
-def _print_demo(result: dict, console) -> None:
-  from rich.table import Table
-  timed = result["timed"]
-  table = Table(title=f"escort-jax demo — {result['device']} (jax "
-                f"{result['jax_version']}), batch {result['batch']}")
-  for col in ("layer", "kernel (HWIO)", "input (NHWC)", "stride/groups",
-              "sparsity", "nnz", "rel err", "bias+relu err", "check"):
-    table.add_column(col, justify="left" if col == "layer" else "right",
-                     no_wrap=col == "layer")
-  if timed:
-    for col in ("escort µs", "lax fp32 HIGHEST µs", "lax bf16 µs",
-                "vs HIGHEST", "vs bf16", "floor %"):
-      table.add_column(col, justify="right")
-  for e in result["layers"]:
-    cells = [e["layer"], "×".join(map(str, e["kernel_shape"])),
-             "×".join(map(str, e["input_shape"])),
-             f"{e['stride']}/{e['groups']}", f"{e['sparsity']:.1%}",
-             str(e["nnz"]), f"{e['rel_err']:.1e}",
-             f"{e['rel_err_bias_relu']:.1e}",
-             "[green]pass[/]" if e["ok"] else "[red]FAIL[/]"]
-    if timed:
-      cells += [f"{e['escort_us']:.1f}", f"{e['lax_fp32_highest_us']:.1f}",
-                f"{e['lax_bf16_us']:.1f}",
-                f"{e['speedup_vs_fp32_highest']:.2f}x",
-                f"{e['speedup_vs_bf16']:.2f}x",
-                f"{e['floor_fraction']:.1%}"]
-    table.add_row(*cells)
-  console.print(table)
-  console.print(f"Check: sparse_conv(method='escort') against "
-                f"lax.conv_general_dilated at HIGHEST precision, norm-wise "
-                f"relative error <= {result['tolerance']:.0e}.")
-  if not timed:
-    console.print(
-        "[yellow]No GPU here: escort ran in the Pallas interpreter, which "
-        "checks correctness only. Speed needs an NVIDIA GPU (run "
-        "'escort-jax demo' or 'escort-jax bench' there).[/]")
-  else:
-    console.print(f"Times: device kernel time per call ({result['timer']}), "
-                  "median of 3 traces over 10 inputs.")
-  if result["ok"]:
-    console.print("[bold green]All checks passed.[/]")
-  else:
-    bad = [e["layer"] for e in result["layers"] if not e["ok"]]
-    console.print(f"[bold red]Check FAILED on {', '.join(bad)}.[/]")
+# Output helpers.
 
 
 def _console(stderr: bool):
   """A rich Console; wide when writing to a file or pipe (logs), so tables
   are not cut to 80 columns."""
   from rich.console import Console
-  console = Console(stderr=stderr)
+  # soft_wrap: long lines are not broken by rich (a terminal wraps them;
+  # logs keep them whole, so they can be grepped).
+  console = Console(stderr=stderr, soft_wrap=True)
   if not console.is_terminal and console.width < 160:
-    console = Console(stderr=stderr, width=160)
+    console = Console(stderr=stderr, width=160, soft_wrap=True)
   return console
 
 
-def _cmd_demo(args) -> int:
-  console = _console(stderr=args.json)
-  if not args.json:
-    console.print("[bold]escort-jax demo[/]: checking four workload layers "
-                  "...")
-  result = run_demo(batch=args.batch, max_hw=args.max_hw,
-                    console=None if args.json else console)
-  if args.json:
-    print(json.dumps(result, indent=1))
+class RichProgress:
+  """report.NullProgress's interface on a rich console: a spinner per step
+  and a bar per loop on a terminal, one line per step and loop in logs."""
+
+  def __init__(self, console):
+    self.console = console
+    self.live = console.is_terminal
+
+  @contextlib.contextmanager
+  def step(self, description: str):
+    """Runs the body with a spinner; prints a ✓ line with its time."""
+    t0 = time.perf_counter()
+    if self.live:
+      with self.console.status(f"{description} ..."):
+        yield
+    else:
+      self.console.print(f"  {description} ...", highlight=False)
+      yield
+    self.console.print(f"[green]✓[/] {description} "
+                       f"[dim]({time.perf_counter() - t0:.1f} s)[/]",
+                       highlight=False)
+
+  def track(self, iterable, description: str, total: int | None = None):
+    """Iterates with a progress bar; prints a ✓ line at the end."""
+    t0 = time.perf_counter()
+    items = list(iterable)
+    total = len(items) if total is None else total
+    if self.live:
+      from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
+                                 SpinnerColumn, TextColumn, TimeElapsedColumn)
+      with Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                    BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=self.console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+          yield item
+          bar.advance(task)
+    else:
+      self.console.print(f"  {description} ({total}) ...", highlight=False)
+      yield from items
+    self.console.print(f"[green]✓[/] {description} ({total}) "
+                       f"[dim]({time.perf_counter() - t0:.1f} s)[/]",
+                       highlight=False)
+
+  def note(self, text: str) -> None:
+    """Prints a line."""
+    self.console.print(text, highlight=False)
+
+
+def _shape(s) -> str:
+  return "×".join(map(str, s)) if s else "—"
+
+
+def _us(t) -> str:
+  if t is None:
+    return "—"
+  return f"{t / 1000:.2f} ms" if t >= 1000 else f"{t:.1f} µs"
+
+
+def _x(v) -> str:
+  return "—" if v is None else f"{v:.2f}x"
+
+
+def _speed_style(v) -> str:
+  if v is None:
+    return "—"
+  color = "green" if v > 1.05 else "red" if v < 0.95 else "white"
+  return f"[{color}]{v:.2f}x[/]"
+
+
+def _path_text(choice) -> str:
+  if choice is None:
+    return "[dim]not reached[/]"
+  color = "cyan" if choice["method"] == "escort" else "white"
+  source = {"plan": "plan", "cost-model": "cost model", "caller": "set",
+            "backend": choice.get("device", "").upper() or "backend"}.get(
+                choice["source"], choice["source"])
+  return f"[{color}]{choice['method']}[/] [dim]({source})[/]"
+
+
+def _print_json(result: dict) -> None:
+  print(json.dumps(result, indent=1, default=_json_default))
+
+
+def _json_default(o):
+  import numpy as np
+  if isinstance(o, (np.integer,)):
+    return int(o)
+  if isinstance(o, (np.floating,)):
+    return float(o)
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)
+
+
+def _check_writable(flag: str, path: str) -> None:
+  """Fails early (before a long run) if `path` cannot be written."""
+  import os
+  from pathlib import Path
+  from escort_jax.report import InputError
+  p = Path(path)
+  if p.is_dir():
+    raise InputError(f"{flag} {path}: is a directory")
+  parent = p.resolve().parent
+  if not parent.is_dir():
+    raise InputError(f"{flag} {path}: no such directory {parent}")
+  if not os.access(parent, os.W_OK):
+    raise InputError(f"{flag} {path}: cannot write to {parent}")
+
+
+def _input_error(command: str, message: str) -> int:
+  print(f"escort-jax {command}: error: {message}", file=sys.stderr)
+  return EXIT_USAGE
+
+
+# --------------------------------------------------------------------------
+# demo
+
+
+def _print_demo(result: dict, console) -> None:
+  from rich.table import Table
+  on_gpu = result["on_gpu"]
+  h, w, _ = result["input_shape"]
+  title = (f"escort-jax demo — {result['model']} (SkimCaffe-pruned, random "
+           f"weights), {result['device']}, jax {result['jax_version']}, "
+           f"batch {result['batch']}, {h}x{w}")
+  if not on_gpu:
+    title += " — reduced CPU run"
+  table = Table(title=title, title_justify="left")
+  cols = ["layer", "kernel (HWIO)", "input (NHWC)", "sparsity", "nnz",
+          "path here", "escort check"]
+  if on_gpu:
+    cols += ["auto", "escort", "dense", "speedup", "escort speedup"]
   else:
-    _print_demo(result, console)
+    view = result["gpu_view"]
+    cols += [f"path on H100, b{view['batch']} "
+             f"{view['input_shape'][0]}²", "H100 escort vs dense"]
+  for col in cols:
+    table.add_column(col, justify="left" if col in ("layer", "path here")
+                     or col.startswith("path") else "right",
+                     no_wrap=col == "layer")
+  for r in result["layers"]:
+    chk = r.get("check")
+    if chk is None:
+      check = "[dim]—[/]"
+    else:
+      check = (f"{chk['rel_err']:.1e} "
+               f"{'[green]✓[/]' if chk['ok'] else '[red]FAIL[/]'}")
+    cells = [r["layer"], _shape(r["kernel_shape"]), _shape(r["input_shape"]),
+             f"{r['sparsity']:.1%}", str(r["nnz"]), _path_text(r["choice"]),
+             check]
+    if on_gpu:
+      t = r.get("times") or {}
+      cells += [_us(t.get("sparse_us")), _us(t.get("escort_us")),
+                _us(t.get("dense_us")), _speed_style(t.get("speedup")),
+                _speed_style(t.get("escort_speedup"))]
+    else:
+      v = r.get("gpu_view")
+      cells += [_path_text(v), "—" if not v or v["escort_speedup"] is None
+                else f"{v['escort_speedup']:.2f}x [dim]{v['speedup_kind']}[/]"]
+    table.add_row(*cells)
+  console.print(table)
+
+  net = result["network"]
+  chk = net["check"]
+  tol = result["tolerance"]
+  mark = lambda ok: "[green]✓[/]" if ok else "[red]FAILED[/]"  # noqa: E731
+  here = "" if on_gpu else " (method='auto' runs dense on the CPU)"
+  console.print(
+      f"Whole network, sparse model as converted{here} vs dense model at "
+      f"fp32 HIGHEST: relative error {chk['rel_err']:.1e} (bound "
+      f"{tol:.0e}) {mark(chk['ok'])}", highlight=False)
+  esc = net.get("check_escort")
+  if esc:
+    where = "compiled" if on_gpu else "in the Pallas interpreter"
+    console.print(
+        f"Whole network with every sparse layer on the escort kernels "
+        f"({where}) vs dense: relative error {esc['rel_err']:.1e} "
+        f"{mark(esc['ok'])}", highlight=False)
+  checked = [r for r in result["layers"] if r.get("check")]
+  if checked:
+    worst = max(r["check"]["rel_err"] for r in checked)
+    where = "compiled" if on_gpu else "in the Pallas interpreter"
+    ok = all(r["check"]["ok"] for r in checked)
+    console.print(
+        f"Escort kernels ({where}) against lax.conv at HIGHEST on "
+        f"{len(checked)} of {len(result['layers'])} sparse layers, each on "
+        f"its input shape (random inputs): worst relative error "
+        f"{worst:.1e} {mark(ok)}", highlight=False)
+  for t in net["timings"]:
+    if on_gpu:
+      console.print(
+          f"[bold]End to end ({t['precision']} precision): sparse "
+          f"{_us(t['sparse_us'])} vs dense {_us(t['dense_us'])} device "
+          f"kernel time → {_speed_style(t['speedup'])}[/]; wall clock "
+          f"{_us(t['sparse_wall_us'])} vs {_us(t['dense_wall_us'])} → "
+          f"{_speed_style(t['speedup_wall'])}", highlight=False)
+    else:
+      console.print(
+          f"CPU wall clock per forward pass ({t['precision']}): sparse model "
+          f"{_us(t['sparse_wall_us'])}, dense model "
+          f"{_us(t['dense_wall_us'])}. Not a speed result: method='auto' "
+          "runs both as XLA dense convolutions on the CPU.", highlight=False)
+  if on_gpu:
+    console.print(
+        f"Per-layer times: device kernel time per call ({result['timer']}), "
+        f"median of 3 traces over {result.get('layer_inputs', 10)} inputs, "
+        f"{result['precision']} "
+        "precision; speedup = dense lax.conv time / sparse time. 'auto' is "
+        "the path the model runs (see 'path here'); 'escort' forces the "
+        "escort kernel.", highlight=False)
+  else:
+    view = result["gpu_view"]
+    console.print(
+        "[yellow]No GPU here: the escort kernels ran in the Pallas "
+        "interpreter, which checks correctness only, and method='auto' runs "
+        "dense convolutions. Speed needs an NVIDIA GPU: run 'escort-jax "
+        "demo' there. The H100 columns are NOT measured: they are the "
+        "tuned plans' recorded times where a plan exists, else the cost "
+        f"model's prediction, for batch {view['batch']} at "
+        f"{view['input_shape'][0]}x{view['input_shape'][1]}.[/]",
+        highlight=False)
+  if result.get("plot"):
+    console.print(f"Plot: {result['plot']}", highlight=False)
+  if result.get("saved"):
+    console.print(f"Sparse model saved to {result['saved']} (escort-jax "
+                  f"inspect {result['saved']} --model {result['model']})",
+                  highlight=False)
+  console.print(f"[dim]The demo took {result['elapsed_s']:.0f} s.[/]")
+  if result["ok"]:
+    console.print("[bold green]All checks passed.[/]")
+  else:
+    console.print("[bold red]A check FAILED (see above).[/]")
+
+
+def _cmd_demo(args) -> int:
+  from escort_jax import demo, report
+  console = _console(stderr=args.json)
+  try:
+    shape = None
+    if args.input_shape:
+      shape = report.parse_input_shape(args.input_shape, (0, 0, 3))
+      if shape[2] != 3:
+        raise report.InputError(f"--input-shape {args.input_shape!r}: "
+                                "ResNet-50 takes 3 input channels")
+    for flag, path in (("--plot", None if args.no_plot else args.plot),
+                       ("--save", args.save)):
+      if path:
+        _check_writable(flag, path)
+  except report.InputError as e:
+    return _input_error("demo", str(e))
+  console.print("[bold]escort-jax demo[/]: SkimCaffe-pruned ResNet-50, "
+                "sparse vs dense", highlight=False)
+  result = demo.run_demo(
+      batch=args.batch, input_shape=shape, precision=args.precision,
+      check_layers=args.check_layers,
+      plot_path=None if args.no_plot else args.plot, save_path=args.save,
+      seed=args.seed, progress=RichProgress(console))
+  _print_demo(result, console)
+  if args.json:
+    _print_json(result)
   return EXIT_OK if result["ok"] else EXIT_CHECK_FAILED
 
+
+# --------------------------------------------------------------------------
+# convert
+
+
+def _print_convert(result: dict, console) -> None:
+  from rich.table import Table
+  if result["mode"] == "sparsity":
+    mode = f"magnitude-pruned to {result['sparsity']:.1%} per conv"
+  elif result["mode"] == "profile":
+    mode = f"pruned to the SkimCaffe {result['profile']} profile"
+  else:
+    mode = "existing zeros kept (no pruning)"
+  table = Table(title=f"escort-jax convert — {result['input']} → "
+                f"{result['output']} ({result['model']}; {mode})",
+                title_justify="left")
+  for col in ("layer", "path", "kernel (HWIO)", "density before",
+              "sparsity", "nnz", "result"):
+    table.add_column(col, justify="left" if col in ("layer", "path",
+                                                    "result") else "right")
+  for r in result["layers"]:
+    res = ("[cyan]SparseConv[/]" if r["converted"] else
+           f"[dim]{r['note']}[/]")
+    if r["converted"] and not r.get("kernel_kept_exactly", True):
+      res = "[red]SparseConv, kernel differs![/]"
+    table.add_row(r["layer"], r["path"] if r["path"] != r["layer"] else "",
+                  _shape(r["kernel_shape"]), f"{r['density_before']:.1%}",
+                  f"{r['sparsity']:.1%}", str(r["nnz"]), res)
+  console.print(table)
+  t = result["totals"]
+  console.print(
+      f"{t['converted']} of {t['convs']} convs converted: "
+      f"{t['converted_nnz']:,} of {t['converted_weights']:,} weights kept "
+      f"({t['converted_sparsity']:.1%} sparse); all convs "
+      f"{t['conv_sparsity']:.1%} sparse. Wrote {result['output']} "
+      f"({t['output_bytes'] / 2**20:.1f} MiB).", highlight=False)
+  if result["pruned_linear_layers"]:
+    console.print(f"Linear layers pruned (they stay dense nnx.Linear with "
+                  f"zeros): {', '.join(result['pruned_linear_layers'])}",
+                  highlight=False)
+  c = result["checks"]
+  ok = lambda b: "[green]✓[/]" if b else "[red]FAILED[/]"  # noqa: E731
+  console.print(f"Checks: every SparseConv keeps exactly the pruned kernel "
+                f"{ok(c['kernels_kept_exactly'])}; {result['output']} reads "
+                f"back identically {ok(c['reads_back'])}", highlight=False)
+  console.print(f"Next: escort-jax inspect {result['output']} --model "
+                f"{result['model']}", highlight=False)
+
+
+def _cmd_convert(args) -> int:
+  from escort_jax import report
+  console = _console(stderr=args.json)
+  try:
+    spec = report.resolve_model(args.model)
+    result = report.convert_checkpoint(
+        args.input, args.output, spec, sparsity=args.sparsity,
+        profile=args.profile, max_density=args.max_density,
+        progress=RichProgress(console))
+  except report.InputError as e:
+    return _input_error("convert", str(e))
+  _print_convert(result, console)
+  if args.json:
+    _print_json(result)
+  return EXIT_OK if result["ok"] else EXIT_CHECK_FAILED
+
+
+# --------------------------------------------------------------------------
+# inspect
+
+
+def _print_inspect(result: dict, console) -> None:
+  from rich.table import Table
+  where = (f"as on {result['assume_gpu']} (assumed)" if result["assume_gpu"]
+           else f"on this {result['backend'].upper()}")
+  table = Table(
+      title=f"escort-jax inspect — {result['checkpoint']} "
+      f"({result['model']}), batch {result['batch']}, "
+      f"{_shape(result['input_shape'])}, {result['dtype']}, "
+      f"{result['precision']} precision, {where}", title_justify="left")
+  for col in ("layer", "kernel (HWIO)", "input (NHWC)", "sparsity", "nnz",
+              "path", "escort", "dense", "escort vs dense", "chosen"):
+    table.add_column(col, justify="left" if col in ("layer", "path")
+                     else "right", no_wrap=col == "layer")
+  for r in result["layers"]:
+    c = r["choice"]
+    kind = f" [dim]{c['speedup_kind']}[/]" if c and c["speedup_kind"] else ""
+    table.add_row(
+        r["layer"], _shape(r["kernel_shape"]), _shape(r["input_shape"]),
+        f"{r['sparsity']:.1%}", str(r["nnz"]), _path_text(c),
+        _us(c and c["escort_us"]), _us(c and c["dense_us"]),
+        (_x(c["escort_speedup"]) + kind) if c and c["escort_speedup"]
+        else "—",
+        _speed_style(c and c["speedup"]))
+  console.print(table)
+  t = result["totals"]
+  console.print(
+      f"{t['layers']} SparseConv layers, {t['nnz']:,} of {t['weights']:,} "
+      f"weights kept ({t['sparsity']:.1%} sparse); {t['escort_layers']} take "
+      f"the escort path, {t['dense_layers']} dense.", highlight=False)
+  if "speedup" in t:
+    console.print(
+        f"Sparse layers together ({t['speedup_kind']}, not measured here): "
+        f"chosen paths {_us(t['chosen_us'])} vs dense {_us(t['dense_us'])} "
+        f"→ {_speed_style(t['speedup'])}; escort everywhere "
+        f"{_us(t['escort_us'])} → {_x(t['escort_speedup'])}.",
+        highlight=False)
+  elif not result["assume_gpu"]:
+    console.print(
+        f"[yellow]No GPU here: method='auto' runs every layer dense on the "
+        f"{result['backend'].upper()}. Add --assume-gpu to see what an H100 "
+        "would run (its tuned plans, else the cost model).[/]",
+        highlight=False)
+  for n in result["notes"]:
+    console.print(f"[yellow]Note: {n}[/]", highlight=False)
+
+
+def _cmd_inspect(args) -> int:
+  from escort_jax import report
+  console = _console(stderr=args.json)
+  slug = None
+  if args.assume_gpu or args.device:
+    slug = args.device or report.DEFAULT_GPU_SLUG
+  try:
+    spec = report.resolve_model(args.model)
+    shape = (report.parse_input_shape(args.input_shape, spec.input_shape)
+             if args.input_shape or spec.input_shape else None)
+    result = report.inspect_checkpoint(
+        args.checkpoint, spec, batch=args.batch, input_shape=shape,
+        dtype=args.dtype, precision=args.precision, gpu_slug=slug,
+        progress=RichProgress(console))
+  except report.InputError as e:
+    return _input_error("inspect", str(e))
+  _print_inspect(result, console)
+  if args.json:
+    _print_json(result)
+  return EXIT_OK
 
 # --------------------------------------------------------------------------
 # bench
@@ -448,17 +852,25 @@ def _workload_kernel(layer):
   return wl.make_kernel(layer)
 
 
+
+
+_COMMANDS = {"demo": "_cmd_demo", "convert": "_cmd_convert",
+             "inspect": "_cmd_inspect", "bench": "_cmd_bench"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """The console script: `escort-jax` / `python -m escort_jax`."""
+  """The console script: `escort-jax` / `python -m escort_jax`.
+
+  Returns the exit status: 0 ok, 1 a check failed, 2 a usage or input
+  error (argparse's own errors exit with 2 through SystemExit).
+  """
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.command is None:
     parser.print_help(sys.stderr)
     return EXIT_USAGE
   try:
-    if args.command == "demo":
-      return _cmd_demo(args)
-    return _cmd_bench(args)
+    return globals()[_COMMANDS[args.command]](args)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130

@@ -15,8 +15,8 @@ from escort_jax.ops import KernelConfig, METHODS, sparse_conv
 from escort_jax.structure import SparseKernel, SparseStructure
 
 _LAZY_SUBMODULES = ("nnx", "linen", "prune", "models", "baselines", "tune",
-                    "bench", "convert", "checkpoint", "workload", "plans",
-                    "dispatch")
+                    "bench", "bench_network", "convert", "checkpoint",
+                    "workload", "plans", "dispatch", "report", "demo")
 _LAZY_NAMES = {"sparsify": "convert", "save_sparse": "checkpoint",
                "load_sparse": "checkpoint"}
 

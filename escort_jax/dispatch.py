@@ -67,19 +67,23 @@ def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
 
 
 def choose(structure, geometry: ConvGeometry, dtype, precision, method: str,
-           config, on_gpu: bool) -> Choice:
-  """Resolves method="auto" and a missing config (see module docstring)."""
+           config, on_gpu: bool, slug: str | None = None) -> Choice:
+  """Resolves method="auto" and a missing config (see module docstring).
+
+  `slug` names the GPU whose plans to consult (plans.device_slug(); default:
+  this process's device), so a CPU can say what a GPU would run.
+  """
+  key = plans.plan_key(structure.digest, geometry, dtype,
+                       precision_name(precision))
   if method != "auto":
     if method == "escort" and config is None:
-      entry = plans.lookup(plans.plan_key(structure.digest, geometry, dtype,
-                                          precision_name(precision)))
+      entry = plans.lookup(key, slug)
       if entry is not None and entry.get("config"):
         return Choice("escort", plans.config_from_entry(entry), "plan")
     return Choice(method, config, "caller")
   if not on_gpu:
     return Choice("dense", None, "cost-model")
-  entry = plans.lookup(plans.plan_key(structure.digest, geometry, dtype,
-                                      precision_name(precision)))
+  entry = plans.lookup(key, slug)
   if entry is not None:
     cfg = config or (plans.config_from_entry(entry)
                      if entry.get("config") else None)

@@ -420,11 +420,6 @@ class SparseConv(nnx.Module):
                     activation=activation, config=config)
     if bias is not None:
       _set_value(new.bias, bias)
-    # Plain attributes that models hang on their layers (the model zoo's
-    # `caffe_name`) are not constructor arguments; keep them.
-    for name in _PLAIN_ATTRIBUTES_KEPT:
-      if hasattr(conv, name):
-        setattr(new, name, getattr(conv, name))
     return new
 
   @classmethod
@@ -436,7 +431,7 @@ class SparseConv(nnx.Module):
     for name in ("promote_dtype", "preferred_element_type"):
       if hasattr(layer, name):  # absent on older flax versions' nnx.Conv
         kwargs[name] = getattr(layer, name)
-    return cls(
+    new = cls(
         layer.in_features, layer.out_features, tuple(layer.kernel_size),
         layer.strides, padding=layer.padding,
         input_dilation=layer.input_dilation,
@@ -445,6 +440,12 @@ class SparseConv(nnx.Module):
         dtype=layer.dtype, param_dtype=layer.param_dtype,
         precision=layer.precision, sparse_kernel=sparse_kernel,
         method=method, activation=activation, config=config, **kwargs)
+    # Plain attributes that models hang on their layers (the model zoo's
+    # `caffe_name`) are not constructor arguments; keep them.
+    for name in _PLAIN_ATTRIBUTES_KEPT:
+      if hasattr(layer, name):
+        setattr(new, name, getattr(layer, name))
+    return new
 
   # ------------------------------------------------------------------------
 

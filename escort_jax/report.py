@@ -589,21 +589,10 @@ def choose_path(structure, geometry, dtype="float32", precision=None,
     else:
       chosen, source = method, "caller"
       reason = f"method={method!r} set on the layer"
-  elif gpu_slug is None:
+  else:
     choice = dispatch.choose(structure, geometry, dtype, precision, method,
-                             config, True)
+                             config, True, slug=gpu_slug)
     chosen, source = choice.method, choice.source
-    reason = ""
-  else:  # as dispatch.choose would on that GPU
-    if method != "auto":
-      chosen, source = method, "caller"
-    elif entry is not None:
-      chosen, source = entry["method"], "plan"
-    else:
-      t = dispatch.predicted_seconds(geometry, structure.nnz, dtype,
-                                     precision)
-      chosen = "escort" if t["escort"] < t["dense"] else "dense"
-      source = "cost-model"
     reason = ""
   escort_us = dense_us = None
   kind = None
@@ -994,13 +983,6 @@ def load_sparse_checked(path: str | os.PathLike, spec: ModelSpec):
   except Exception as e:  # msgpack's own errors on a file that is not one
     raise InputError(f"{path} is not an escort-jax sparse checkpoint "
                      f"({type(e).__name__}: {e})") from None
-  # load_sparse builds new SparseConvs; keep the layers' Caffe names.
-  from flax import nnx
-  names = {p: getattr(n, "caffe_name", None)
-           for p, n in nnx.iter_graph(abstract)}
-  for p, node in nnx.iter_graph(model):
-    if isinstance(names.get(p), str) and not hasattr(node, "caffe_name"):
-      node.caffe_name = names[p]
   return model
 
 

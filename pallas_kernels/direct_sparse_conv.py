@@ -93,7 +93,8 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
                         other=0.0)
       acc = acc + bias.astype(acc_dtype)[:, None]
     if relu:
-      acc = jnp.maximum(acc, 0.0)
+      # Not jnp.maximum: Triton lowers it to a max that drops NaN.
+      acc = jnp.where(acc < 0, jnp.zeros((), acc_dtype), acc)
     # Every lane stores, with no mask: lanes past the last row write a spare
     # row, and positions past out_len the padded tail of each row. Masked
     # scatters with repeated addresses are not well defined in interpret
@@ -238,5 +239,5 @@ def direct_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
   if bias is not None:
     y = y + bias.astype(acc_dtype)[:, None]
   if relu:
-    y = jnp.maximum(y, 0)
+    y = jnp.where(y < 0, jnp.zeros((), y.dtype), y)
   return y.astype(out_dtype)

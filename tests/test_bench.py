@@ -354,7 +354,7 @@ def test_tiny_run_schema_resume_report(tmp_path):
     assert r["floor_fraction"] == pytest.approx(r["floor_us"] / r["time_us"])
     assert r["tflops"] > 0
     assert r["rel_err"] < 1e-5
-    assert r["in_hw"] == 6 and r["timer"] == bench.TIMER_CPU
+    assert r["in_hw"] == 6 and r["timer"] == bench.default_timer()
     assert r["sweep"] is False and "error" not in r
 
   # --resume: the two rows are skipped, one new row is appended.

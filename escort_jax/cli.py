@@ -69,40 +69,36 @@ def _positive_int(text: str) -> int:
   return v
 
 
-def _sparsity(text: str) -> float:
-  """A fraction of zero weights: "0.9", or a percentage "90%"."""
+def _fraction(text: str, what: str, example: str, *,
+              one_allowed: bool) -> float:
+  """Parses "0.9" or "90%" as a fraction in [0, 1) (or [0, 1])."""
   raw = text.strip()
   percent = raw.endswith("%")
   try:
     v = float(raw[:-1] if percent else raw)
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"expected a sparsity such as 0.9 or 90%, got {text!r}") from None
+        f"expected a {what} such as {example}, got {text!r}") from None
   if percent:
     v /= 100.0
-  if not 0.0 <= v < 1.0 or math.isnan(v):
+  in_range = 0.0 <= v <= 1.0 if one_allowed else 0.0 <= v < 1.0
+  if not in_range or math.isnan(v):
+    interval = "[0, 1]" if one_allowed else "[0, 1)"
     raise argparse.ArgumentTypeError(
-        f"a sparsity (fraction of zero weights) must lie in [0, 1), got "
-        f"{text!r}; write 0.9 or 90%")
+        f"a {what} must lie in {interval}, got {text!r}; write {example}")
   return v
+
+
+def _sparsity(text: str) -> float:
+  """A fraction of zero weights: "0.9", or a percentage "90%"."""
+  return _fraction(text, "sparsity (fraction of zero weights)", "0.9 or 90%",
+                   one_allowed=False)
 
 
 def _density(text: str) -> float:
   """A fraction of nonzero weights in [0, 1] ("0.5" or "50%")."""
-  raw = text.strip()
-  percent = raw.endswith("%")
-  try:
-    v = float(raw[:-1] if percent else raw)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected a density such as 0.5 or 50%, got {text!r}") from None
-  if percent:
-    v /= 100.0
-  if not 0.0 <= v <= 1.0 or math.isnan(v):
-    raise argparse.ArgumentTypeError(
-        f"a density (fraction of nonzero weights) must lie in [0, 1], got "
-        f"{text!r}")
-  return v
+  return _fraction(text, "density (fraction of nonzero weights)",
+                   "0.5 or 50%", one_allowed=True)
 
 
 def _check_layers(text: str) -> int | None:

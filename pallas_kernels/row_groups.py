@@ -21,7 +21,6 @@ time; the arrays become compile-time constants of the jitted program.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -78,15 +77,6 @@ class RowGroups:
   def max_offset(self) -> int:
     """The largest source offset, in elements."""
     return int(self.offsets.max(initial=0)) * self.offset_unit
-
-  def fingerprint(self) -> str:
-    h = hashlib.sha1()
-    for a in (self.group_rows, self.group_start, self.group_steps, self.offsets,
-              self.sources):
-      h.update(np.ascontiguousarray(a).tobytes())
-    h.update(f"{self.num_rows},{self.rows_per_program},{self.step_multiple},"
-             f"{self.offset_unit},{self.zeros_offset}".encode())
-    return h.hexdigest()
 
   def gather_values(self, values: jax.Array) -> jax.Array:
     """Lays `values` (nnz,) out as the kernel reads them: (padded_entries,).

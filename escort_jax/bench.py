@@ -536,6 +536,10 @@ def method_specs(methods: Sequence[str] = ("escort",),
 
 
 def parse_dtype(name: str) -> str:
+  """A dtype name ("float32", "bf16", ...) to its canonical name.
+
+  Raises UsageError for an unknown name.
+  """
   try:
     return DTYPES[name.strip().lower()]
   except KeyError:
@@ -576,6 +580,7 @@ def results_dir() -> Path:
 
 
 def default_results_path(now: datetime.datetime | None = None) -> Path:
+  """benchmarks/results/<YYYY-MM-DD>T<HHMM>-<gpu-slug>.json for now."""
   now = now or datetime.datetime.now()
   return results_dir() / (f"{now:%Y-%m-%dT%H%M}-"
                           f"{slugify(device_info()['device'])}.json")
@@ -598,6 +603,7 @@ def row_key(row: dict) -> tuple:
 
 
 def load_results(path: str | os.PathLike) -> dict:
+  """Reads a results file of the benchmark schema."""
   with open(path) as f:
     data = json.load(f)
   if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
@@ -948,6 +954,7 @@ def run_sweep(layers: Sequence[wl.Layer] | None = None,
 
 
 def geomean(values: Iterable[float | None]) -> float | None:
+  """The geometric mean of the positive values, or None if there are none."""
   vals = [float(v) for v in values if v is not None and v > 0 and
           math.isfinite(v)]
   if not vals:

@@ -61,32 +61,39 @@ class ConvGeometry:
 
   @property
   def padded_h(self) -> int:
+    """Input height after padding."""
     return self.in_h + sum(self.padding[0])
 
   @property
   def padded_w(self) -> int:
+    """Input width after padding."""
     return self.in_w + sum(self.padding[1])
 
   @property
   def out_h(self) -> int:
+    """Output height (Ho)."""
     span = (self.kernel_h - 1) * self.dilation[0] + 1
     return max(0, (self.padded_h - span) // self.strides[0] + 1)
 
   @property
   def out_w(self) -> int:
+    """Output width (Wo)."""
     span = (self.kernel_w - 1) * self.dilation[1] + 1
     return max(0, (self.padded_w - span) // self.strides[1] + 1)
 
   @property
   def plane_h(self) -> int:
+    """Height of a stride-phase plane (Ha)."""
     return -(-max(self.padded_h, 1) // self.strides[0])
 
   @property
   def plane_w(self) -> int:
+    """Width of a stride-phase plane (Wb), also the wide output row width."""
     return -(-max(self.padded_w, 1) // self.strides[1])
 
   @property
   def num_planes(self) -> int:
+    """Phase planes of the flat input: C * sh * sw."""
     return self.in_channels * self.strides[0] * self.strides[1]
 
   @property
@@ -107,6 +114,7 @@ class ConvGeometry:
 
   @property
   def valid_len(self) -> int:
+    """See valid_period."""
     return self.out_w * self.batch
 
   @property

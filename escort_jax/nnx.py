@@ -456,10 +456,12 @@ class SparseConv(nnx.Module):
 
   @property
   def nnz(self) -> int:
+    """The number of kept weights."""
     return self.structure.nnz
 
   @property
   def density(self) -> float:
+    """The fraction of kept weights."""
     return self.sparse_kernel.density
 
   def dense_kernel(self) -> jax.Array:

@@ -80,6 +80,8 @@ DEFAULT_CONFIG = KernelConfig()
 
 
 def on_gpu() -> bool:
+  """Whether JAX's default backend is a GPU (the escort kernels compile there).
+  """
   return jax.default_backend() == "gpu"
 
 
@@ -217,6 +219,8 @@ class EscortPlan:
 
   @property
   def dy_row_len(self) -> int:
+    """Length of one row of the padded output cotangent: max_shift + plane_len.
+    """
     return self.geometry.max_shift + self.geometry.plane_len
 
   @property
@@ -227,6 +231,7 @@ class EscortPlan:
 
   @property
   def dy_tail(self) -> int:
+    """Zeros after the padded cotangent rows, as x_tail is for the input."""
     return _tail(self.geometry.plane_len, self.geometry.max_shift,
                  self.config)
 

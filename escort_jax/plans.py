@@ -39,6 +39,7 @@ def device_slug(device=None) -> str:
 
 def plan_key(structure_digest: str, geometry: ConvGeometry, dtype,
              precision) -> str:
+  """The key of a plan: structure digest, geometry, dtype and precision."""
   g = geometry
   return (f"{structure_digest}|n{g.batch}h{g.in_h}w{g.in_w}c{g.in_channels}|"
           f"s{g.strides}d{g.dilation}p{g.padding}g{g.groups}|"
@@ -46,6 +47,7 @@ def plan_key(structure_digest: str, geometry: ConvGeometry, dtype,
 
 
 def user_dir() -> pathlib.Path | None:
+  """$ESCORT_JAX_PLAN_DIR, searched before the packaged plans, or None."""
   d = os.environ.get("ESCORT_JAX_PLAN_DIR")
   return pathlib.Path(d) if d else None
 
@@ -96,6 +98,7 @@ def clear_cache() -> None:
 
 
 def config_from_entry(entry: dict[str, Any]):
+  """The KernelConfig recorded in a plan entry (unknown fields ignored)."""
   from escort_jax.ops import KernelConfig  # ops imports this module
   fields = {f.name for f in dataclasses.fields(KernelConfig)}
   return KernelConfig(**{k: v for k, v in entry.get("config", {}).items()

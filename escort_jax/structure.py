@@ -82,10 +82,12 @@ class SparseStructure:
 
   @property
   def nnz(self) -> int:
+    """The number of kept weights."""
     return int(self.indices.shape[0])
 
   @property
   def size(self) -> int:
+    """The number of entries of the dense kernel."""
     return int(np.prod(self.shape))
 
   @property
@@ -218,29 +220,39 @@ class SparseKernel:
 
   @property
   def density(self) -> float:
+    """The fraction of kept weights."""
     return self.structure.nnz / max(1, self.structure.size)
 
   @property
   def sparsity(self) -> float:
+    """The fraction of pruned (zero) weights."""
     return 1.0 - self.density
 
   @property
   def shape(self) -> tuple[int, int, int, int]:
+    """The kernel's shape in its layout."""
     return self.structure.shape
 
   @property
   def layout(self) -> str:
+    """"HWIO" or "OIHW"."""
     return self.structure.layout
 
   @property
   def dtype(self):
+    """The dtype of the values."""
     return self.values.dtype
 
   def tree_flatten(self):
+    """Pytree protocol: the values are the only leaf; the structure is aux data.
+    """
     return (self.values,), self.structure
 
   @classmethod
   def tree_unflatten(cls, structure, children):
+    """
+    Pytree protocol: rebuilds without validation (leaves may be placeholders).
+    """
     obj = object.__new__(cls)
     obj.values, = children
     obj.structure = structure

@@ -80,6 +80,7 @@ class Layer:
 
   @property
   def pruned(self) -> bool:
+    """Whether the published model pruned this layer (sparsity > 0)."""
     return self.sparsity > 0
 
   def nnz(self, sparsity: float | None = None) -> int:
@@ -98,6 +99,7 @@ class Layer:
 
   @property
   def window_strides(self) -> tuple[int, int]:
+    """(stride, stride)."""
     return (self.stride, self.stride)
 
   @property
@@ -118,6 +120,7 @@ class Layer:
     return 2 * self.nnz(sparsity) * self.out_hw * self.out_hw * batch
 
   def dense_flops(self, batch: int) -> int:
+    """2 * size * Ho * Wo * batch: the dense convolution's FLOPs."""
     return 2 * self.size * self.out_hw * self.out_hw * batch
 
   def scaled(self, max_hw: int | None) -> Layer:
@@ -130,6 +133,7 @@ class Layer:
     return dataclasses.replace(self, in_hw=min(hw, self.in_hw))
 
   def to_dict(self) -> dict[str, Any]:
+    """The layer as the dict of layers.json."""
     return dataclasses.asdict(self)
 
 

@@ -67,10 +67,12 @@ class RowGroups:
 
   @property
   def num_groups(self) -> int:
+    """The number of row groups (programs along the row axis)."""
     return int(self.group_start.shape[0])
 
   @property
   def padded_entries(self) -> int:
+    """Entries in the ELL arrays, padding included."""
     return int(self.offsets.shape[0])
 
   @property

@@ -56,8 +56,9 @@ import numpy as np
 
 from escort_jax.nnx import (UnsupportedConvError, _canonical_padding,
                             _check_activation, _check_method, _conv_nhwc,
-                            _kernel_size, _pair, magnitude_mask)
+                            _kernel_size, _pair)
 from escort_jax.convert import path_filter
+from escort_jax.prune import magnitude_mask
 from escort_jax.ops import KernelConfig
 from escort_jax.structure import SparseKernel, SparseStructure
 

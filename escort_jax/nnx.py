@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax.ops import ACTIVATIONS, METHODS, KernelConfig, sparse_conv
+from escort_jax.prune import magnitude_mask
 from escort_jax.structure import SparseKernel, SparseStructure
 
-__all__ = ["SparseConv", "UnsupportedConvError", "conv_unsupported_reason",
-           "magnitude_mask"]
+__all__ = ["SparseConv", "UnsupportedConvError", "conv_unsupported_reason"]
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
@@ -147,34 +147,6 @@ def _check_activation(activation):
 def _check_method(method):
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-
-
-def magnitude_mask(kernel, sparsity: float) -> np.ndarray:
-  """The mask of the largest-magnitude entries of a concrete kernel.
-
-  Args:
-    kernel: a concrete array of any shape.
-    sparsity: the fraction of entries to prune, in [0, 1]; the number pruned
-      is round(sparsity * kernel.size).
-
-  Returns:
-    A bool numpy array of kernel's shape, True where an entry is kept. Ties
-    keep the entry that comes first in row-major order (deterministic).
-  """
-  if not 0.0 <= float(sparsity) <= 1.0:
-    raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
-  if not _is_concrete(kernel):
-    raise TypeError(
-        "magnitude pruning needs a concrete kernel, got a tracer or abstract "
-        "array: the sparsity structure is static, so build the layer "
-        "outside jit / eval_shape (or pass mask=)")
-  w = np.abs(np.asarray(kernel, np.float64)).ravel()
-  n_keep = w.size - int(round(float(sparsity) * w.size))
-  # -w with a stable sort: largest first, ties in index order.
-  order = np.argsort(-w, kind="stable")
-  mask = np.zeros(w.size, bool)
-  mask[order[:n_keep]] = True
-  return mask.reshape(np.shape(kernel))
 
 
 def conv_unsupported_reason(conv) -> str | None:

@@ -15,7 +15,8 @@ import pytest
 from escort_jax.checkpoint import (load_sparse, save_sparse,
                                    structure_from_dict, structure_to_dict)
 from escort_jax.convert import sparsify
-from escort_jax.nnx import SparseConv, _get_value, _set_value, magnitude_mask
+from escort_jax.nnx import SparseConv, _get_value, _set_value
+from escort_jax.prune import magnitude_mask
 from tests.conftest import np_init
 
 HIGHEST = lax.Precision.HIGHEST

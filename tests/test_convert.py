@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from escort_jax.convert import sparsify
-from escort_jax.nnx import SparseConv, _get_value, _set_value, magnitude_mask
+from escort_jax.nnx import SparseConv, _get_value, _set_value
+from escort_jax.prune import magnitude_mask
 from tests.conftest import assert_close, np_init
 
 HIGHEST = lax.Precision.HIGHEST

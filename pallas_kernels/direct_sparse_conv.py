@@ -58,8 +58,9 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
   q_ok = q < out_len
 
   def one_group(i, carry):
-    # Consecutive groups of one program share its input window, which then
-    # stays in L1 between them.
+    # Several groups per program share one input window; meant for L1 reuse,
+    # it measured slower on the H100 (benchmarks/NOTES.md), so the default
+    # is one group.
     g = first_group + i
     rows = group_rows_ref[pl.ds(g * rows_per_program, rows_per_program)]
     row_ok = rows >= 0

@@ -1,7 +1,8 @@
 """Which path runs a sparse_conv call: method="auto" and its cost model.
 
 Order of authority:
-  1. an explicit method ("escort" or "dense") and config from the caller;
+  1. an explicit method ("escort", "vector" or "dense") and config from the
+     caller;
   2. a tuned plan for (structure, geometry, dtype, precision) on this device
      (escort_jax.plans, written by escort_jax.tune);
   3. the cost model below.
@@ -9,7 +10,8 @@ Order of authority:
 The cost model is fitted to H100 measurements of 2026-11-24
 (benchmarks/results/*tile-sweep*): the escort kernels sustain about 4.5
 TFLOP/s of useful work, dense cuDNN about 42 (fp32 HIGHEST), 130 (TF32) and
-400 (bf16) TFLOP/s. On other backends "auto" is always "dense": XLA's CPU
+400 (bf16) TFLOP/s. The vector kernel's rates (tensor cores) come from the
+H100 measurements of benchmarks/results/*vector*. On other backends "auto" is always "dense": XLA's CPU
 convolution is far faster than the Pallas interpreter.
 """
 
@@ -28,14 +30,15 @@ from escort_jax.conv_geometry import ConvGeometry
 ESCORT_FLOPS = {"float32": 4.5e12, "bfloat16": 5.0e12, "float16": 5.0e12}
 DENSE_FLOPS = {("float32", "highest"): 42e12, ("float32", None): 130e12,
                ("bfloat16", None): 400e12, ("float16", None): 400e12}
+VECTOR_FLOPS = {"float32": 8e12, "bfloat16": 60e12, "float16": 60e12}
 LAYOUT_BYTES_PER_S = 1.5e12  # one transpose pass in, one out, read + write
 LAUNCH_S = 3e-6
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-  method: str  # "escort" or "dense"
-  config: object | None  # KernelConfig for escort
+  method: str  # "escort", "vector" or "dense"
+  config: object | None  # KernelConfig (escort) or VectorConfig (vector)
   source: str  # "caller", "plan" or "cost-model"
 
 
@@ -50,44 +53,56 @@ def precision_name(precision) -> str | None:
 
 
 def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
-                      precision) -> dict[str, float]:
-  """Cost-model times of the escort and dense paths, in seconds."""
+                      precision, vector_width: int = 1) -> dict[str, float]:
+  """Cost-model times of the escort, dense and (for vector-sparse
+  structures, vector_width >= 8) vector paths, in seconds."""
   g = geometry
   name = jnp.dtype(dtype).name
   useful = 2.0 * nnz * g.out_h * g.out_w * g.batch
   itemsize = jnp.dtype(dtype).itemsize
   layout_bytes = 2 * itemsize * (g.batch * g.in_h * g.in_w * g.in_channels +
                                  g.batch * g.out_h * g.out_w * g.out_channels)
-  escort = (useful / ESCORT_FLOPS.get(name, 4.5e12) +
-            layout_bytes / LAYOUT_BYTES_PER_S + 2 * LAUNCH_S)
+  layout = layout_bytes / LAYOUT_BYTES_PER_S + 2 * LAUNCH_S
+  times = {"escort": useful / ESCORT_FLOPS.get(name, 4.5e12) + layout}
+  if vector_width >= 8:
+    # Widths below 16 still pay for a 16-wide product.
+    waste = max(1.0, 16 / vector_width)
+    times["vector"] = (useful * waste / VECTOR_FLOPS.get(name, 8e12) +
+                       layout)
   dense_rate = DENSE_FLOPS.get((name, precision_name(precision)),
                                DENSE_FLOPS.get((name, None), 42e12))
-  dense = g.flops / dense_rate + LAUNCH_S
-  return {"escort": escort, "dense": dense}
+  times["dense"] = g.flops / dense_rate + LAUNCH_S
+  return times
 
 
 def choose(structure, geometry: ConvGeometry, dtype, precision, method: str,
-           config, on_gpu: bool, slug: str | None = None) -> Choice:
+           config, on_gpu: bool, slug: str | None = None,
+           vector_width: int = 1) -> Choice:
   """Resolves method="auto" and a missing config (see module docstring).
 
   `slug` names the GPU whose plans to consult (plans.device_slug(); default:
   this process's device), so a CPU can say what a GPU would run.
+  `vector_width` is the structure's V on this geometry (1: not vector-sparse);
+  the cost model considers the vector path only when it is 8 or more.
   """
   key = plans.plan_key(structure.digest, geometry, dtype,
                        precision_name(precision))
   if method != "auto":
-    if method == "escort" and config is None:
+    if method in ("escort", "vector") and config is None:
       entry = plans.lookup(key, slug)
       if entry is not None and entry.get("config"):
-        return Choice("escort", plans.config_from_entry(entry), "plan")
+        cfg = plans.config_from_entry(entry, method)
+        if cfg is not None:
+          return Choice(method, cfg, "plan")
     return Choice(method, config, "caller")
   if not on_gpu:
     return Choice("dense", None, "cost-model")
   entry = plans.lookup(key, slug)
   if entry is not None:
-    cfg = config or (plans.config_from_entry(entry)
+    cfg = config or (plans.config_from_entry(entry, entry["method"])
                      if entry.get("config") else None)
     return Choice(entry["method"], cfg, "plan")
-  t = predicted_seconds(geometry, structure.nnz, dtype, precision)
-  return Choice("escort" if t["escort"] < t["dense"] else "dense", config,
-                "cost-model")
+  t = predicted_seconds(geometry, structure.nnz, dtype, precision,
+                        vector_width)
+  best = min(t, key=t.get)
+  return Choice(best, None, "cost-model")

@@ -4,10 +4,16 @@ Which path runs where (`method`):
   "escort"  the Pallas direct sparse kernels (pallas_kernels/): compiled
             through Triton on NVIDIA GPUs, run by the Pallas interpreter on
             other backends (slow: for tests).
+  "vector"  the vector-sparse kernel on tensor cores
+            (pallas_kernels/vector_sparse_conv.py), for structures whose
+            blocks of V = 8, 16, 32 or 64 consecutive output channels share
+            their kept positions (SparseStructure.vector_width; prune with
+            escort_jax.prune.vector_mask). Its gradients run the escort
+            kernels, which handle any structure.
   "dense"   lax.conv_general_dilated of the densified kernel, at `precision`.
   "auto"    on GPUs, the tuned plan for this layer if one is recorded, else
-            the faster path by a cost model (escort_jax.dispatch); elsewhere
-            "dense" (XLA's CPU convolution is far faster than the
+            the fastest path by a cost model (escort_jax.dispatch);
+            elsewhere "dense" (XLA's CPU convolution is far faster than the
             interpreter).
 
 Gradients (jax.custom_vjp around the kernels):
@@ -40,8 +46,12 @@ from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
                                                direct_sparse_conv)
 from pallas_kernels.row_groups import RowGroups, pack_row_groups
 from pallas_kernels.sampled_dense_dense import sampled_dense_dense
+from pallas_kernels.vector_sparse_conv import (VectorBlocks,
+                                               pack_vector_blocks,
+                                               vector_sparse_conv,
+                                               vector_width_of)
 
-METHODS = ("auto", "escort", "dense")
+METHODS = ("auto", "escort", "vector", "dense")
 ACTIVATIONS = (None, "relu")
 SUPPORTED_DTYPES = tuple(
     jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16,
@@ -77,6 +87,24 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorConfig:
+  """Tile parameters of the vector-sparse (tensor-core) kernel.
+
+  block_q: output positions per program (a power of two, >= 16); block_k:
+  kept columns per matrix-product step (a multiple of 16); num_warps,
+  num_stages: Triton's.
+  """
+
+  block_q: int = 128
+  block_k: int = 32
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+DEFAULT_VECTOR_CONFIG = VectorConfig()
 
 
 def on_gpu() -> bool:
@@ -305,6 +333,7 @@ def _escort_core_bwd(plan, relu, out_dtype, residuals, dy):
   if bias is not None:
     dbias = jnp.sum(dy, axis=1, dtype=accumulator_dtype(dy.dtype)).astype(
         bias.dtype)
+  x_len = g.num_planes * g.plane_len
   dvalues = sampled_dense_dense(
       dy, x_flat, plan.problem.rows, plan.problem.offsets,
       valid_period=g.valid_period, valid_len=g.valid_len,
@@ -316,20 +345,116 @@ def _escort_core_bwd(plan, relu, out_dtype, residuals, dy):
       dy_flat, plan.transposed.gather_values(values),
       plan.transposed, out_len=g.plane_len, out_dtype=x_flat.dtype,
       interpret=interpret, **_launch(c))
-  dx_flat = jnp.pad(dx_planes.reshape(-1), (0, plan.x_tail))
+  # The cotangent of the zero tail is dropped: x_flat's tail is padding.
+  dx_flat = jnp.pad(dx_planes.reshape(-1), (0, x_flat.shape[0] - x_len))
   return dvalues, dbias, dx_flat
 
 
 _escort_core.defvjp(_escort_core_fwd, _escort_core_bwd)
 
 
-def _escort_conv(x_nhwc, values, bias, structure, spec: ConvSpec, activation,
-                 config: KernelConfig):
+# --------------------------------------------------------------------------
+# The vector-sparse (tensor-core) path.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VectorPlan:
+  """Everything static about one vector call: the packed blocks of the
+  forward pass, and the escort plan that its gradients run."""
+
+  geometry: cg.ConvGeometry
+  blocks: VectorBlocks
+  backward: EscortPlan
+  config: VectorConfig
+
+  @property
+  def x_tail(self) -> int:
+    """Zeros after the input planes: the zero run that padding columns read
+    (and whatever the backward plan needs)."""
+    g = self.geometry
+    read_len = -(-g.out_len // self.config.block_q) * self.config.block_q
+    return max(read_len + g.max_shift, self.backward.x_tail)
+
+
+@functools.lru_cache(maxsize=4096)
+def structure_vector_width(structure, geometry: cg.ConvGeometry) -> int:
+  """V of the structure on this geometry: blocks of V output channels with the
+  same source offsets (so within one feature group), or 1."""
+  problem = cg.stretched_problem(structure, geometry)
+  return vector_width_of(problem.rows, problem.offsets,
+                         geometry.out_channels)
+
+
+@functools.lru_cache(maxsize=1024)
+def vector_plan(structure, geometry: cg.ConvGeometry,
+                config: VectorConfig = DEFAULT_VECTOR_CONFIG) -> VectorPlan:
+  """Packs the vector blocks (cached per structure, geometry and config).
+
+  Raises:
+    ValueError: if the structure is not vector-sparse on this geometry.
+  """
+  g = geometry
+  problem = cg.stretched_problem(structure, g)
+  v = structure_vector_width(structure, g)
+  if v < 8:
+    raise ValueError(
+        f"method='vector' needs a vector-sparse kernel: blocks of 8, 16, 32 "
+        f"or 64 consecutive output channels (within one feature group) that "
+        f"keep the same positions; {structure} is not (prune with "
+        "escort_jax.prune.vector_mask, or use method='escort')")
+  blocks = pack_vector_blocks(problem.rows, problem.offsets, g.out_channels,
+                              v, config.block_k,
+                              zeros_offset=g.num_planes * g.plane_len)
+  return VectorPlan(geometry=g, blocks=blocks,
+                    backward=escort_plan(structure, g), config=config)
+
+
+def _run_vector(plan: VectorPlan, values, bias, x_flat, relu, out_dtype):
+  c = plan.config
+  return vector_sparse_conv(
+      x_flat, plan.blocks.gather_values(values), plan.blocks,
+      out_len=plan.geometry.out_len, bias=bias, relu=relu,
+      out_dtype=out_dtype, block_q=c.block_q, num_warps=c.num_warps,
+      num_stages=c.num_stages, interpret=not on_gpu())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def _vector_core(plan: VectorPlan, values, bias, x_flat, relu, out_dtype):
+  """(nnz,), (K,) | None, x_flat -> wide output (K, out_len)."""
+  return _run_vector(plan, values, bias, x_flat, relu, out_dtype)
+
+
+def _vector_core_fwd(plan, values, bias, x_flat, relu, out_dtype):
+  y = _run_vector(plan, values, bias, x_flat, relu, out_dtype)
+  return y, (values, bias, x_flat, y if relu else None)
+
+
+def _vector_core_bwd(plan, relu, out_dtype, residuals, dy):
+  return _escort_core_bwd(plan.backward, relu, out_dtype, residuals, dy)
+
+
+_vector_core.defvjp(_vector_core_fwd, _vector_core_bwd)
+
+
+def _sparse_conv_path(x_nhwc, values, bias, structure, spec: ConvSpec,
+                      activation, method: str, config):
+  """The escort or vector path: flat layout in, kernel, wide output out."""
   g = spec.geometry
-  plan = escort_plan(structure, g, config)
+  if method == "vector":
+    if config is not None and not isinstance(config, VectorConfig):
+      raise TypeError(f"method='vector' takes a VectorConfig, got "
+                      f"{type(config).__name__}")
+    plan = vector_plan(structure, g, config or DEFAULT_VECTOR_CONFIG)
+    core = _vector_core
+  else:
+    if config is not None and not isinstance(config, KernelConfig):
+      raise TypeError(f"method='escort' takes a KernelConfig, got "
+                      f"{type(config).__name__}")
+    plan = escort_plan(structure, g, config or DEFAULT_CONFIG)
+    core = _escort_core
   x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
-  y = _escort_core(plan, values, bias, x_flat, activation == "relu",
-                   jnp.dtype(spec.out_dtype))
+  y = core(plan, values, bias, x_flat, activation == "relu",
+           jnp.dtype(spec.out_dtype))
   return cg.from_wide_output(y, g)
 
 
@@ -367,7 +492,8 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
                 method: str = "auto",
                 lhs_dilation: Sequence[int] | None = None,
                 preferred_element_type=None,
-                config: KernelConfig | None = None) -> jax.Array:
+                config: KernelConfig | VectorConfig | None = None
+                ) -> jax.Array:
   """2-D convolution of `x` with a pruned kernel, by direct sparse convolution.
 
   Matches lax.conv_general_dilated(x, sk.todense(), ...) (plus bias and
@@ -385,12 +511,13 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
     bias: optional (out_channels,) bias.
     activation: None or "relu", fused into the kernel.
     precision: the precision of the dense path.
-    method: "auto", "escort" or "dense" (see the module docstring).
+    method: "auto", "escort", "vector" or "dense" (see the module
+      docstring).
     lhs_dilation: unsupported (transposed convolution); must be None or 1.
     preferred_element_type: output dtype; by default the promoted dtype of
       x, the kernel and the bias, as nnx.Conv promotes them.
-    config: tile parameters of the escort kernels (default: the tuned plan
-      of this layer, else KernelConfig()).
+    config: tile parameters: a KernelConfig for "escort", a VectorConfig for
+      "vector" (default: the tuned plan of this layer, else the defaults).
 
   Returns:
     The output in layout dimension_numbers[2], (N, Ho, Wo, O) by default.
@@ -410,14 +537,17 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
   values = sk.values.astype(spec.compute_dtype)
   if bias is not None:
     bias = jnp.asarray(bias).astype(spec.compute_dtype)
+  gpu = on_gpu()
+  vector_width = (structure_vector_width(sk.structure, g)
+                  if method == "auto" and gpu else 1)
   choice = dispatch.choose(sk.structure, g, spec.compute_dtype, precision,
-                           method, config, on_gpu())
+                           method, config, gpu, vector_width=vector_width)
   if g.out_h == 0 or g.out_w == 0 or g.batch == 0:
     y = jnp.zeros((g.batch, g.out_h, g.out_w, g.out_channels), spec.out_dtype)
   elif choice.method == "dense":
     y = _dense_conv(x_nhwc, values, bias, sk.structure, spec, activation,
                     precision)
   else:
-    y = _escort_conv(x_nhwc, values, bias, sk.structure, spec, activation,
-                     choice.config or DEFAULT_CONFIG)
+    y = _sparse_conv_path(x_nhwc, values, bias, sk.structure, spec,
+                          activation, choice.method, choice.config)
   return _from_nhwc(y, spec.out_spec)

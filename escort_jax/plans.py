@@ -97,9 +97,20 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def config_from_entry(entry: dict[str, Any]):
-  """The KernelConfig recorded in a plan entry (unknown fields ignored)."""
-  from escort_jax.ops import KernelConfig  # ops imports this module
-  fields = {f.name for f in dataclasses.fields(KernelConfig)}
-  return KernelConfig(**{k: v for k, v in entry.get("config", {}).items()
-                         if k in fields})
+def config_from_entry(entry: dict[str, Any], method: str | None = None):
+  """The config recorded in a plan entry for `method` (default: the entry's
+  method): a KernelConfig for "escort", a VectorConfig for "vector"; None
+  when the entry was tuned for the other kernel. Unknown fields are ignored.
+  """
+  from escort_jax.ops import KernelConfig, VectorConfig  # ops imports us
+  method = method or entry.get("method")
+  # The kernel the recorded config belongs to; entries written before the
+  # vector kernel existed say nothing, and theirs is the escort kernel's.
+  tuned_for = entry.get("config_method") or (
+      entry.get("method") if entry.get("method") == "vector" else "escort")
+  if method != tuned_for:
+    return None
+  cls = VectorConfig if method == "vector" else KernelConfig
+  fields = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in entry.get("config", {}).items()
+                if k in fields})

@@ -1,0 +1,348 @@
+"""Vector-sparse direct convolution on tensor cores, and its reference.
+
+A kernel is *vector-sparse* with width V when every block of V consecutive
+output channels keeps the same kernel positions (c, r, s). On the stretched
+flat input of escort_jax.conv_geometry each kept position is one source
+offset, shared by the whole block, so for block b with kept columns j:
+
+    y[b * V + v, q] = bias[b * V + v]
+                      + sum_j values[b, j, v] * x_flat[offset[b, j] + q]
+
+A tile of BQ output positions of one block is then a dense matrix product
+
+    acc (BQ, V) += A (BQ, BK) @ W (BK, V),   A[q, j] = x_flat[offset_j + q]
+
+over chunks of BK kept columns. Each column of A is BQ contiguous inputs, so
+the gather is coalesced, and the product runs on the tensor cores (bf16/fp16
+in, fp32 accumulate; fp32 inputs use full-precision dot, as lax HIGHEST).
+
+Layout:
+  x_flat:  (in_len,) the input, any float dtype, with a run of zeros at
+           blocks.zeros_offset that padding columns read.
+  values:  (num_blocks * padded_cols, lanes) from VectorBlocks.gather_values;
+           lanes = max(V, 16) because a tensor-core product is at least 16
+           wide; the extra lanes hold zeros and are never stored.
+  bias:    (num_rows,) or None.
+  y:       (num_rows, out_len), row-major.
+
+Lowering: a pallas_call with Triton compiler params (tensor cores through
+Triton's dot), compiled on NVIDIA GPUs and run by the interpreter on the CPU.
+The packing is numpy and runs once per (structure, input shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.direct_sparse_conv import accumulator_dtype
+
+# Triton's dot needs every dimension to be at least 16.
+MIN_DOT = 16
+_MAX_GRID_AXIS = 65535
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VectorBlocks:
+  """Packing of a vector-sparse row problem: blocks of V rows that share
+  their source offsets, columns padded to a multiple of block_k.
+
+  Attributes:
+    num_rows: rows of the output (num_blocks * vector_width).
+    vector_width: V, rows per block.
+    block_k: columns per step of the kernel's loop (a multiple of 16).
+    offsets: (num_blocks, padded_cols) int32 source offsets in units of
+      offset_unit, sorted within a block; padding columns hold zeros_offset.
+    steps: (num_blocks,) int32: the steps of block_k columns each block runs.
+    sources: (num_blocks, padded_cols, V) int32 index into the value vector
+      of each weight, -1 for padding.
+    zeros_offset: where the caller puts a run of zeros (in elements) at least
+      as long as the kernel's padded output rows.
+    offset_unit: every offset (and zeros_offset) is a multiple of it; the
+      kernel multiplies by the static number so that Triton sees aligned
+      loads.
+    max_offset: the largest offset read, in elements.
+  """
+
+  num_rows: int
+  vector_width: int
+  block_k: int
+  offsets: np.ndarray
+  steps: np.ndarray
+  sources: np.ndarray
+  zeros_offset: int
+  offset_unit: int
+  max_offset: int
+
+  @property
+  def num_blocks(self) -> int:
+    return self.num_rows // self.vector_width
+
+  @property
+  def padded_cols(self) -> int:
+    return self.offsets.shape[1]
+
+  @property
+  def lanes(self) -> int:
+    """Width of the tensor-core product: V, at least 16."""
+    return max(self.vector_width, MIN_DOT)
+
+  @property
+  def kept_columns(self) -> int:
+    """Kept columns over all blocks (each one V weights)."""
+    return int((self.sources[:, :, 0] >= 0).sum())
+
+  def gather_values(self, values: jax.Array) -> jax.Array:
+    """(nnz,) values in CSR order -> (num_blocks * padded_cols, lanes)."""
+    padded = jnp.concatenate([values, jnp.zeros((1,), values.dtype)])
+    src = np.where(self.sources >= 0, self.sources, values.shape[0])
+    src = np.pad(src, ((0, 0), (0, 0), (0, self.lanes - self.vector_width)),
+                 constant_values=values.shape[0])
+    return padded[src.reshape(-1, self.lanes)]
+
+
+def vector_width_of(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
+                    candidates=(64, 32, 16, 8)) -> int:
+  """The largest V in `candidates` for which the row problem is vector-sparse
+  (blocks of V consecutive rows with identical offset lists), else 1.
+
+  rows must be sorted (CSR order); offsets within a row in a fixed order.
+  """
+  counts = np.bincount(rows, minlength=num_rows)
+  starts = np.concatenate([[0], np.cumsum(counts)])
+  for v in candidates:
+    if num_rows % v:
+      continue
+    c = counts.reshape(-1, v)
+    if np.any(c != c[:, :1]):
+      continue
+    ok = True
+    for b in range(num_rows // v):
+      n = c[b, 0]
+      seg = offsets[starts[b * v]:starts[(b + 1) * v]].reshape(v, n)
+      if np.any(seg != seg[:1]):
+        ok = False
+        break
+    if ok:
+      return v
+  return 1
+
+
+def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
+                       vector_width: int, block_k: int,
+                       zeros_offset: int) -> VectorBlocks:
+  """Packs a vector-sparse row problem (CSR order: rows sorted).
+
+  Args:
+    rows, offsets: (nnz,) destination row and source offset (elements) of
+      each weight, grouped by row.
+    num_rows: output rows; a multiple of vector_width.
+    vector_width: V.
+    block_k: a multiple of 16.
+    zeros_offset: start of the caller's zero run (elements).
+
+  Raises:
+    ValueError: if a block's rows do not share their offsets.
+  """
+  v = int(vector_width)
+  if block_k % MIN_DOT:
+    raise ValueError(f"block_k must be a multiple of {MIN_DOT}, got {block_k}")
+  if num_rows % v:
+    raise ValueError(f"{num_rows} rows are not a whole number of blocks of "
+                     f"{v}")
+  rows = np.asarray(rows, np.int64)
+  offsets = np.asarray(offsets, np.int64)
+  counts = np.bincount(rows, minlength=num_rows).reshape(-1, v)
+  if np.any(counts != counts[:, :1]):
+    raise ValueError(f"the structure is not vector-sparse with V={v}: rows "
+                     "of one block keep different numbers of weights")
+  num_blocks = num_rows // v
+  per_block = counts[:, 0]
+  steps = -(-per_block // block_k)
+  padded_cols = max(1, int(steps.max(initial=0))) * block_k
+  starts = np.concatenate([[0], np.cumsum(counts.reshape(-1))])
+  block_offsets = np.full((num_blocks, padded_cols), zeros_offset, np.int64)
+  sources = np.full((num_blocks, padded_cols, v), -1, np.int64)
+  for b in range(num_blocks):
+    n = int(per_block[b])
+    if n == 0:
+      continue
+    lo, hi = starts[b * v], starts[(b + 1) * v]
+    seg = offsets[lo:hi].reshape(v, n)
+    if np.any(seg != seg[:1]):
+      raise ValueError(f"the structure is not vector-sparse with V={v}: "
+                       f"rows {b * v}..{b * v + v - 1} keep different "
+                       "positions")
+    # Ascending offsets: neighbouring columns read neighbouring inputs.
+    order = np.argsort(seg[0], kind="stable")
+    block_offsets[b, :n] = seg[0][order]
+    sources[b, :n, :] = (lo + np.arange(v)[None, :] * n
+                         + order[:, None])
+  unit = int(np.gcd.reduce(np.concatenate(
+      [block_offsets.reshape(-1), [zeros_offset]])))
+  unit = max(unit, 1)
+  return VectorBlocks(
+      num_rows=num_rows, vector_width=v, block_k=block_k,
+      offsets=(block_offsets // unit).astype(np.int32),
+      steps=steps.astype(np.int32), sources=sources.astype(np.int32),
+      zeros_offset=int(zeros_offset), offset_unit=unit,
+      max_offset=int(block_offsets.max(initial=0)))
+
+
+def _vector_sparse_conv_kernel(steps_ref, offsets_ref, values_ref, bias_ref,
+                               x_ref, y_ref, *, block_q, block_k, lanes,
+                               vector_width, num_rows, padded_cols, row_len,
+                               offset_unit, relu, precision, acc_dtype):
+  block = pl.program_id(0)
+  q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  first = block * padded_cols
+
+  def step(t, acc):
+    col = first + t * block_k
+    offsets = offsets_ref[pl.ds(col, block_k)] * offset_unit
+    # (BQ, BK): column j is BQ contiguous inputs from offset j.
+    a = plgpu.load(x_ref.at[q[:, None] + offsets[None, :]])
+    w = values_ref[pl.ds(col, block_k), :]
+    return acc + lax.dot_general(
+        a, w, (((1,), (0,)), ((), ())), precision=precision,
+        preferred_element_type=acc_dtype)
+
+  acc = lax.fori_loop(0, steps_ref[block], step,
+                      jnp.zeros((block_q, lanes), acc_dtype))
+  lane = jnp.arange(lanes, dtype=jnp.int32)
+  rows = block * vector_width + jnp.minimum(lane, vector_width - 1)
+  if bias_ref is not None:
+    acc = acc + plgpu.load(bias_ref.at[rows]).astype(acc_dtype)[None, :]
+  if relu:
+    # Not jnp.maximum: Triton lowers it to a max that drops NaN.
+    acc = jnp.where(acc < 0, jnp.zeros((), acc_dtype), acc)
+  # Lanes past V (only when V < 16) store into a spare row; every lane
+  # stores, unmasked (see direct_sparse_conv).
+  out_rows = jnp.where(lane < vector_width, rows, num_rows)
+  out_idx = q[:, None] + out_rows[None, :] * row_len
+  plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
+
+
+def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
+                       blocks: VectorBlocks, *, out_len: int,
+                       bias: jax.Array | None = None, relu: bool = False,
+                       out_dtype=None, block_q: int = 128,
+                       num_warps: int = 4, num_stages: int = 2,
+                       interpret: bool = False) -> jax.Array:
+  """Runs the vector-sparse convolution kernel.
+
+  Args:
+    x_flat: (in_len,) flat input; every offset + q for q below out_len
+      rounded up to block_q must lie inside it, and a run of that many zeros
+      must start at blocks.zeros_offset.
+    values: (num_blocks * padded_cols, lanes) from blocks.gather_values.
+    blocks: the static packing.
+    out_len: output positions per row.
+    bias: optional (num_rows,) bias, added before the activation.
+    relu: apply max(., 0) (NaN stays NaN).
+    out_dtype: output dtype; defaults to x_flat's.
+    block_q: output positions per program (a power of two, >= 16).
+    num_warps, num_stages: Triton launch parameters.
+    interpret: run through the Pallas interpreter (CPU).
+
+  Returns:
+    y: (num_rows, out_len).
+  """
+  if x_flat.ndim != 1:
+    raise ValueError(f"x_flat must be 1-D, got shape {x_flat.shape}")
+  want = (blocks.num_blocks * blocks.padded_cols, blocks.lanes)
+  if values.shape != want:
+    raise ValueError(f"values must have shape {want}, got {values.shape}")
+  if block_q & (block_q - 1) or block_q < MIN_DOT:
+    raise ValueError(f"block_q must be a power of two >= {MIN_DOT}, got "
+                     f"{block_q}")
+  num_q_blocks = pl.cdiv(out_len, block_q)
+  read_len = num_q_blocks * block_q
+  if max(blocks.max_offset, blocks.zeros_offset) + read_len > x_flat.shape[0]:
+    raise ValueError(
+        f"the input is too short for its offsets: offset "
+        f"{max(blocks.max_offset, blocks.zeros_offset)} plus {read_len} "
+        f"positions exceeds {x_flat.shape[0]}")
+  if x_flat.shape[0] > np.iinfo(np.int32).max or (
+      (blocks.num_rows + 1) * read_len > np.iinfo(np.int32).max):
+    raise OverflowError("the flat input or output has 2**31 elements or "
+                        "more, beyond the int32 indexing of this kernel; "
+                        "split the batch")
+  if num_q_blocks > _MAX_GRID_AXIS:
+    raise ValueError(f"{num_q_blocks} output blocks exceed Triton's grid "
+                     f"limit of {_MAX_GRID_AXIS}; raise block_q")
+  out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
+  in_dtype = jnp.result_type(x_flat.dtype, values.dtype)
+  acc_dtype = accumulator_dtype(in_dtype)
+  # fp32 inputs must not silently drop to TF32: lax HIGHEST is the contract.
+  precision = (lax.Precision.HIGHEST if jnp.dtype(in_dtype).itemsize >= 4
+               else lax.Precision.DEFAULT)
+  kernel = functools.partial(
+      _vector_sparse_conv_kernel, block_q=block_q, block_k=blocks.block_k,
+      lanes=blocks.lanes, vector_width=blocks.vector_width,
+      num_rows=blocks.num_rows, padded_cols=blocks.padded_cols,
+      row_len=read_len,
+      offset_unit=blocks.offset_unit, relu=relu, precision=precision,
+      acc_dtype=acc_dtype)
+  if bias is None:
+    kernel = _without_bias(kernel)
+    bias_args = ()
+  else:
+    bias_args = (bias,)
+  y = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(((blocks.num_rows + 1) * read_len,),
+                                     out_dtype),
+      grid=(blocks.num_blocks, num_q_blocks),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps,
+                                           num_stages=num_stages),
+      interpret=interpret,
+      name="escort_vector_sparse_conv",
+  )(jnp.asarray(blocks.steps), jnp.asarray(blocks.offsets.reshape(-1)),
+    values.astype(in_dtype), *bias_args, x_flat.astype(in_dtype))
+  return y.reshape(blocks.num_rows + 1, read_len)[:blocks.num_rows, :out_len]
+
+
+def _without_bias(kernel):
+  def wrapped(steps_ref, offsets_ref, values_ref, x_ref, y_ref):
+    return kernel(steps_ref, offsets_ref, values_ref, None, x_ref, y_ref)
+  return wrapped
+
+
+def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
+                                 blocks: VectorBlocks, *, out_len: int,
+                                 bias: jax.Array | None = None,
+                                 relu: bool = False,
+                                 out_dtype=None) -> jax.Array:
+  """Plain-JAX twin with the kernel's tiling: the same packed offsets and
+  values, one gathered (out_len, padded_cols) matrix product per block.
+
+  Returns y: (num_rows, out_len). Memory O(num_blocks * padded_cols *
+  out_len): for tests.
+  """
+  out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
+  in_dtype = jnp.result_type(x_flat.dtype, values.dtype)
+  acc_dtype = accumulator_dtype(in_dtype)
+  v = blocks.vector_width
+  offs = blocks.offsets.astype(np.int64) * blocks.offset_unit
+  q = np.arange(out_len)
+  a = x_flat.astype(acc_dtype)[offs[:, None, :] + q[None, :, None]]
+  # Padding columns are structural zeros, whatever lies at zeros_offset.
+  real = (blocks.sources[:, :, 0] >= 0)[:, None, :]
+  a = jnp.where(real, a, jnp.zeros((), acc_dtype))
+  w = values.astype(acc_dtype).reshape(blocks.num_blocks, blocks.padded_cols,
+                                       blocks.lanes)[:, :, :v]
+  y = jnp.einsum("bqj,bjv->bvq", a, w,
+                 precision=lax.Precision.HIGHEST).reshape(-1, out_len)
+  if bias is not None:
+    y = y + bias.astype(acc_dtype)[:, None]
+  if relu:
+    y = jnp.where(y < 0, jnp.zeros((), y.dtype), y)
+  return y.astype(out_dtype)

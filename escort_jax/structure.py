@@ -22,7 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.vector_sparse_conv import vector_width_of
+
 LAYOUTS = ("HWIO", "OIHW")
+VECTOR_WIDTHS = (64, 32, 16, 8)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -41,7 +44,8 @@ class SparseStructure:
     indices: (nnz,) int32 column indices (c * R + r) * S + s, sorted per row.
   """
 
-  __slots__ = ("shape", "layout", "indptr", "indices", "_hash", "_digest")
+  __slots__ = ("shape", "layout", "indptr", "indices", "_hash", "_digest",
+               "_vector_width")
 
   def __init__(self, shape, layout: str, indptr, indices):
     if layout not in LAYOUTS:
@@ -70,6 +74,7 @@ class SparseStructure:
     h.update(self.indices.tobytes())
     self._digest = h.hexdigest()
     self._hash = hash(self._digest)
+    self._vector_width = None
 
   @property
   def oirs(self) -> tuple[int, int, int, int]:
@@ -94,6 +99,20 @@ class SparseStructure:
   def digest(self) -> str:
     """A stable hex digest of the structure, for on-disk caches."""
     return self._digest
+
+  def vector_width(self) -> int:
+    """The largest V in (64, 32, 16, 8) such that every block of V consecutive
+    output channels keeps the same (c, r, s) positions, else 1.
+
+    Such a kernel is *vector-sparse* and can run on tensor cores
+    (sparse_conv(..., method="vector")). With feature groups, a block must
+    also lie within one group; sparse_conv checks that on the call.
+    """
+    if self._vector_width is None:
+      k = np.repeat(np.arange(self.oirs[0]), np.diff(self.indptr))
+      self._vector_width = vector_width_of(k, self.indices, self.oirs[0],
+                                           VECTOR_WIDTHS)
+    return self._vector_width
 
   def coordinates(self) -> tuple[np.ndarray, ...]:
     """(k, c, r, s) of each nonzero, in CSR order; each (nnz,) int64."""
@@ -142,6 +161,30 @@ class SparseStructure:
     return cls(mask.shape, layout, indptr, cols)
 
 
+def _check_vector_width(structure: SparseStructure, vector_width) -> None:
+  if vector_width is None:
+    return
+  if vector_width not in VECTOR_WIDTHS:
+    raise ValueError(f"vector_width must be one of {VECTOR_WIDTHS}, got "
+                     f"{vector_width!r}")
+  o = structure.oirs[0]
+  if o % vector_width:
+    raise ValueError(f"vector_width={vector_width} does not divide the "
+                     f"kernel's {o} output channels")
+  if structure.vector_width() % vector_width:
+    for b in range(o // vector_width):
+      ptr, idx = structure.indptr, structure.indices
+      rows = [set(idx[ptr[i]:ptr[i + 1]])
+              for i in range(b * vector_width, (b + 1) * vector_width)]
+      bad = next((i for i, r in enumerate(rows) if r != rows[0]), None)
+      if bad is not None:
+        raise ValueError(
+            f"the kernel is not vector-sparse with vector_width="
+            f"{vector_width}: output channel {b * vector_width + bad} keeps "
+            f"other positions than channel {b * vector_width} of its block "
+            "(prune with escort_jax.prune.vector_mask)")
+
+
 @jax.tree_util.register_pytree_node_class
 class SparseKernel:
   """A pruned 2-D convolution kernel: kept values plus static structure.
@@ -161,13 +204,17 @@ class SparseKernel:
     self.structure = structure
 
   @classmethod
-  def from_dense(cls, kernel, layout: str = "HWIO") -> SparseKernel:
+  def from_dense(cls, kernel, layout: str = "HWIO",
+                 vector_width: int | None = None) -> SparseKernel:
     """Keeps exactly the nonzero entries of a concrete kernel.
 
     Args:
       kernel: a concrete array of rank 4 in `layout` (not a tracer: the
         structure is static, so call this outside jit).
       layout: "HWIO" (Flax's, the default) or "OIHW".
+      vector_width: if given, require vector sparsity of that width (blocks
+        of V consecutive output channels keep the same positions) and raise
+        a ValueError naming the first mismatch otherwise.
     """
     if isinstance(kernel, jax.core.Tracer):
       raise TypeError(
@@ -180,12 +227,17 @@ class SparseKernel:
       raise TypeError(f"kernel must be floating point, got {dense.dtype}")
     # NaN is not zero, so it is kept: a kept NaN must stay visible.
     structure = SparseStructure.from_mask(dense != 0, layout)
+    _check_vector_width(structure, vector_width)
     values = dense[structure.dense_positions()]
     return cls(jnp.asarray(values, dtype=dense.dtype), structure)
 
   @classmethod
-  def from_mask(cls, kernel, mask, layout: str = "HWIO") -> SparseKernel:
-    """Keeps the entries of `kernel` where `mask` is True (zeros included)."""
+  def from_mask(cls, kernel, mask, layout: str = "HWIO",
+                vector_width: int | None = None) -> SparseKernel:
+    """Keeps the entries of `kernel` where `mask` is True (zeros included).
+
+    vector_width: as in from_dense.
+    """
     if isinstance(mask, jax.core.Tracer):
       raise TypeError("the mask must be concrete: the structure is static")
     mask = np.asarray(mask, bool)
@@ -193,6 +245,7 @@ class SparseKernel:
       raise ValueError(f"mask shape {mask.shape} does not match kernel "
                        f"shape {np.shape(kernel)}")
     structure = SparseStructure.from_mask(mask, layout)
+    _check_vector_width(structure, vector_width)
     values = jnp.asarray(kernel)[structure.dense_positions()]
     return cls(values, structure)
 

@@ -1,0 +1,324 @@
+"""The vector-sparse (tensor-core) path: structure detection, the packing,
+the kernel against its plain-JAX twin and the CSR reference, and
+sparse_conv(method="vector") against lax.conv_general_dilated.
+
+On the CPU the kernel runs through the Pallas interpreter (which fills
+outputs with NaN first, so unwritten outputs fail the finiteness checks);
+tests/test_gpu.py runs it compiled.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from escort_jax import SparseKernel, sparse_conv
+from escort_jax import dispatch
+from escort_jax.conv_geometry import make_geometry
+from escort_jax.ops import KernelConfig, VectorConfig, structure_vector_width
+from escort_jax.prune import vector_mask
+from pallas_kernels.direct_sparse_conv import direct_sparse_conv_reference
+from pallas_kernels.vector_sparse_conv import (pack_vector_blocks,
+                                               vector_sparse_conv,
+                                               vector_sparse_conv_reference,
+                                               vector_width_of)
+from tests.conftest import (assert_close, enable_x64, random_array,
+                            reference_conv)
+
+F32_BOUND = 1e-5
+LOW_BOUND = 1e-2
+F64_BOUND = 1e-12
+
+
+def vector_kernel(rng, shape_hwio, sparsity, v, dtype=np.float32):
+  """A random HWIO kernel whose blocks of v output channels share their
+  kept positions; kept values are never zero."""
+  k = rng.standard_normal(shape_hwio)
+  k = np.where(np.abs(k) < 1e-3, 0.5, k)
+  mask = vector_mask(k, sparsity, v)
+  return np.array(jnp.asarray(np.where(mask, k, 0.0), dtype))
+
+
+def vector_row_problem(rng, num_blocks, v, out_len, max_cols, empty=True):
+  """rows/offsets in CSR order for num_blocks blocks of v rows each."""
+  rows, offsets = [], []
+  for b in range(num_blocks):
+    n = 0 if (empty and b == 1) else int(rng.integers(1, max_cols + 1))
+    offs = rng.choice(4 * out_len, size=n, replace=False)
+    for r in range(v):
+      rows.append(np.full(n, b * v + r))
+      offsets.append(offs)
+  return np.concatenate(rows), np.concatenate(offsets)
+
+
+# ---------------------------------------------------------------------------
+# Structure.
+
+
+@pytest.mark.parametrize("v", [8, 16, 32, 64])
+def test_vector_width_is_detected(v):
+  rng = np.random.default_rng(v)
+  k = vector_kernel(rng, (3, 3, 8, 128), 0.8, v)
+  sk = SparseKernel.from_dense(k, vector_width=v)
+  assert sk.structure.vector_width() % v == 0
+  assert sk.structure.vector_width() >= v
+
+
+def test_unstructured_kernel_has_vector_width_one():
+  rng = np.random.default_rng(1)
+  k = (rng.standard_normal((3, 3, 8, 32)) * (rng.random((3, 3, 8, 32)) < .3)
+       ).astype(np.float32)
+  sk = SparseKernel.from_dense(k)
+  assert sk.structure.vector_width() == 1
+  with pytest.raises(ValueError, match="not vector-sparse with vector_width"
+                     "=16: output channel"):
+    SparseKernel.from_dense(k, vector_width=16)
+
+
+def test_vector_width_argument_errors():
+  k = np.ones((1, 1, 4, 24), np.float32)
+  with pytest.raises(ValueError, match="vector_width must be one of"):
+    SparseKernel.from_dense(k, vector_width=12)
+  with pytest.raises(ValueError, match="does not divide the kernel's 24"):
+    SparseKernel.from_dense(k, vector_width=16)
+  assert SparseKernel.from_dense(k, vector_width=8).structure.vector_width(
+  ) == 8
+
+
+def test_groups_split_blocks():
+  # Blocks of 16 rows that straddle two feature groups read different
+  # channels, so on that geometry the structure is only 8-wide.
+  rng = np.random.default_rng(2)
+  k = vector_kernel(rng, (3, 3, 4, 48), 0.5, 16)
+  sk = SparseKernel.from_dense(k)
+  assert sk.structure.vector_width() == 16
+  g = make_geometry((1, 6, 6, 24), sk.structure, (1, 1), "SAME", (1, 1), 6)
+  assert structure_vector_width(sk.structure, g) == 8
+
+
+# ---------------------------------------------------------------------------
+# Packing.
+
+
+def test_pack_vector_blocks_layout():
+  rng = np.random.default_rng(3)
+  rows, offsets = vector_row_problem(rng, 4, 16, 40, 37)
+  blocks = pack_vector_blocks(rows, offsets * 4, 64, 16, 32,
+                              zeros_offset=4000)
+  assert blocks.offset_unit == 4
+  assert blocks.padded_cols % 32 == 0
+  assert blocks.steps[1] == 0  # the empty block
+  for b in range(4):
+    kept = blocks.sources[b, :, 0] >= 0
+    n = int(kept.sum())
+    assert blocks.steps[b] == -(-n // 32)
+    got = blocks.offsets[b, :n].astype(np.int64) * 4
+    np.testing.assert_array_equal(got, np.sort(offsets[rows == b * 16] * 4))
+    assert np.all(blocks.offsets[b, n:] * 4 == 4000)
+    # Each source points at its own row's entry with that offset.
+    src = blocks.sources[b, :n, :]
+    np.testing.assert_array_equal(rows[src], b * 16 + np.arange(16)[None, :]
+                                  + 0 * src)
+    np.testing.assert_array_equal(offsets[src] * 4, got[:, None] + 0 * src)
+
+
+def test_pack_rejects_non_vector_rows():
+  rows = np.array([0, 0, 1, 1])
+  with pytest.raises(ValueError, match="rows 0..1 keep different positions"):
+    pack_vector_blocks(rows, np.array([1, 2, 1, 3]), 2, 2, 16, 100)
+  with pytest.raises(ValueError, match="different numbers of weights"):
+    pack_vector_blocks(np.array([0, 0, 1]), np.array([1, 2, 1]), 2, 2, 16,
+                       100)
+  with pytest.raises(ValueError, match="block_k must be a multiple of 16"):
+    pack_vector_blocks(rows, np.array([1, 2, 1, 2]), 2, 2, 24, 100)
+
+
+# ---------------------------------------------------------------------------
+# The kernel.
+
+
+@pytest.mark.parametrize(
+    "v,num_blocks,out_len,max_cols,block_q,block_k,bias,relu",
+    [
+        (16, 3, 37, 40, 16, 16, True, True),
+        (8, 4, 50, 20, 32, 32, False, False),
+        (32, 2, 19, 70, 16, 32, True, False),
+        (16, 2, 1, 5, 16, 16, False, True),
+    ])
+def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
+                                          block_q, block_k, bias, relu):
+  rng = np.random.default_rng([v, num_blocks, out_len])
+  rows, offsets = vector_row_problem(rng, num_blocks, v, out_len, max_cols)
+  num_rows = num_blocks * v
+  read_len = -(-out_len // block_q) * block_q
+  zeros_at = 4 * out_len + read_len
+  x = rng.standard_normal(zeros_at + read_len).astype(np.float32)
+  x[zeros_at:] = 0.0
+  # NaN wherever no kept column reads: a stray read would poison an output.
+  read = np.zeros(x.shape[0], bool)
+  for off in offsets:
+    read[off:off + out_len] = True
+  read[zeros_at:] = True
+  x_poisoned = np.where(read, x, np.nan).astype(np.float32)
+  assert np.isnan(x_poisoned).any()
+  values = jnp.asarray(rng.standard_normal(rows.shape[0]), jnp.float32)
+  b = jnp.asarray(rng.standard_normal(num_rows), jnp.float32) if bias else None
+  blocks = pack_vector_blocks(rows, offsets, num_rows, v, block_k, zeros_at)
+  packed = blocks.gather_values(values)
+  y = vector_sparse_conv(jnp.asarray(x_poisoned), packed, blocks,
+                         out_len=out_len, bias=b, relu=relu, block_q=block_q,
+                         interpret=True)
+  chex.assert_shape(y, (num_rows, out_len))
+  chex.assert_type(y, jnp.float32)
+  csr = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
+                                     num_rows=num_rows, out_len=out_len,
+                                     bias=b, relu=relu)
+  twin = vector_sparse_conv_reference(jnp.asarray(x_poisoned), packed,
+                                      blocks, out_len=out_len, bias=b,
+                                      relu=relu)
+  if bias or not relu:
+    assert_close(y, csr, F32_BOUND)
+  else:
+    np.testing.assert_allclose(np.asarray(y), np.asarray(csr), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(twin), np.asarray(csr), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_vector_kernel_input_checks():
+  rows, offsets = vector_row_problem(np.random.default_rng(0), 1, 16, 8, 3,
+                                     empty=False)
+  blocks = pack_vector_blocks(rows, offsets, 16, 16, 16, zeros_offset=64)
+  values = blocks.gather_values(jnp.ones(rows.shape[0]))
+  with pytest.raises(ValueError, match="too short for its offsets"):
+    vector_sparse_conv(jnp.zeros(40), values, blocks, out_len=8,
+                       interpret=True)
+  with pytest.raises(ValueError, match="values must have shape"):
+    vector_sparse_conv(jnp.zeros(200), values[:-1], blocks, out_len=8,
+                       interpret=True)
+  with pytest.raises(ValueError, match="block_q must be a power of two"):
+    vector_sparse_conv(jnp.zeros(200), values, blocks, out_len=8,
+                       block_q=24, interpret=True)
+
+
+# ---------------------------------------------------------------------------
+# sparse_conv(method="vector") against lax.
+
+
+CONV_CASES = [
+    # (n, hw, c, o, kernel_hw, strides, dilation, padding, groups, v)
+    dict(n=2, hw=(7, 9), c=8, o=32, k=(3, 3), strides=(1, 1), padding="SAME",
+         v=16),
+    dict(n=1, hw=(9, 8), c=6, o=16, k=(3, 3), strides=(2, 2), padding="SAME",
+         v=8, bias=True, relu=True),
+    dict(n=3, hw=(5, 6), c=16, o=64, k=(1, 1), strides=(1, 1),
+         padding="VALID", v=32, bias=True),
+    dict(n=2, hw=(8, 7), c=8, o=32, k=(3, 3), strides=(1, 2),
+         padding=((2, 0), (1, 1)), dilation=(2, 1), groups=2, v=16),
+    dict(n=1, hw=(6, 6), c=4, o=64, k=(5, 5), strides=(1, 1), padding="SAME",
+         v=64, layout="NCHW"),
+]
+
+
+def _conv_case(case, dtype, seed):
+  rng = np.random.default_rng(seed)
+  c, o, g = case["c"], case["o"], case.get("groups", 1)
+  r, s = case["k"]
+  kernel = vector_kernel(rng, (r, s, c // g, o), 0.75, case["v"], dtype)
+  n, (h, w) = case["n"], case["hw"]
+  x = random_array(rng, (n, h, w, c), dtype)
+  b = random_array(rng, (o,), dtype) if case.get("bias") else None
+  return x, kernel, b
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"v{c['v']}")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_vector_conv_matches_lax(case, dtype):
+  x, kernel, b = _conv_case(case, dtype, [len(case["hw"]), case["o"]])
+  layout = case.get("layout", "NHWC")
+  klayout = "HWIO"
+  if layout == "NCHW":
+    x, kernel, klayout = x.transpose(0, 3, 1, 2), kernel.transpose(
+        3, 2, 0, 1), "OIHW"
+  sk = SparseKernel.from_dense(kernel, layout=klayout,
+                               vector_width=case["v"])
+  kw = dict(rhs_dilation=case.get("dilation", (1, 1)),
+            feature_group_count=case.get("groups", 1),
+            dimension_numbers=(layout, klayout, layout))
+  act = "relu" if case.get("relu") else None
+
+  def run(x):
+    return sparse_conv(x, sk, case["strides"], case["padding"], bias=b,
+                       activation=act, method="vector", **kw)
+  y = jax.jit(run)(x)
+  ref = reference_conv(x, kernel, case["strides"], case["padding"], bias=b,
+                       activation=act, **kw)
+  chex.assert_shape(y, ref.shape)
+  chex.assert_type(y, x.dtype)
+  assert_close(y, ref, F32_BOUND if dtype == "float32" else LOW_BOUND)
+
+
+def test_vector_conv_float64_and_gradients():
+  case = CONV_CASES[3]
+  with enable_x64():
+    x, kernel, _ = _conv_case(case, np.float64, 11)
+    sk = SparseKernel.from_dense(kernel, vector_width=16)
+    kw = dict(rhs_dilation=case["dilation"], feature_group_count=2)
+
+    def loss(values, x, method):
+      y = sparse_conv(x, sk.with_values(values), case["strides"],
+                      case["padding"], method=method, activation="relu",
+                      precision="highest", **kw)
+      return jnp.sum(y * jnp.cos(y))
+    y = sparse_conv(x, sk, case["strides"], case["padding"], method="vector",
+                    **kw)
+    ref = reference_conv(x, kernel, case["strides"], case["padding"],
+                         dtype=jnp.float64, **kw)
+    assert_close(y, ref, F64_BOUND)
+    grads = jax.grad(loss, argnums=(0, 1))(sk.values, x, "vector")
+    want = jax.grad(loss, argnums=(0, 1))(sk.values, x, "dense")
+    for got, exp, what in zip(grads, want, ("d values", "d x")):
+      assert_close(got, exp, F64_BOUND, what)
+
+
+def test_vector_method_errors():
+  rng = np.random.default_rng(5)
+  k = rng.standard_normal((3, 3, 4, 16)) * (rng.random((3, 3, 4, 16)) < .3)
+  sk = SparseKernel.from_dense(k.astype(np.float32))
+  x = jnp.ones((1, 5, 5, 4))
+  with pytest.raises(ValueError, match="method='vector' needs a "
+                     "vector-sparse kernel"):
+    sparse_conv(x, sk, method="vector")
+  skv = SparseKernel.from_dense(vector_kernel(rng, (3, 3, 4, 16), .5, 16))
+  with pytest.raises(TypeError, match="method='vector' takes a VectorConfig"):
+    sparse_conv(x, skv, method="vector", config=KernelConfig())
+  with pytest.raises(TypeError, match="method='escort' takes a KernelConfig"):
+    sparse_conv(x, skv, method="escort", config=VectorConfig())
+
+
+def test_cost_model_weighs_the_vector_path():
+  rng = np.random.default_rng(6)
+  sk = SparseKernel.from_dense(vector_kernel(rng, (3, 3, 256, 256), 0.9, 16))
+  g = make_geometry((32, 28, 28, 256), sk.structure, (1, 1), "SAME", (1, 1),
+                    1)
+  t = dispatch.predicted_seconds(g, sk.nnz, jnp.bfloat16, None, 16)
+  assert set(t) == {"escort", "vector", "dense"}
+  assert t["vector"] < t["escort"]
+  none = dispatch.predicted_seconds(g, sk.nnz, jnp.bfloat16, None, 1)
+  assert "vector" not in none
+  choice = dispatch.choose(sk.structure, g, jnp.bfloat16, None, "auto", None,
+                           on_gpu=True, slug="no-such-device",
+                           vector_width=16)
+  assert choice.method == min(t, key=t.get)
+  assert choice.source == "cost-model"
+
+
+def test_vector_width_of_candidates():
+  rows = np.repeat(np.arange(16), 2)
+  offsets = np.tile([3, 7], 16)
+  assert vector_width_of(rows, offsets, 16) == 16
+  offsets2 = offsets.copy()
+  offsets2[-1] = 9  # the last row differs, so no block of 8 agrees either
+  assert vector_width_of(rows, offsets2, 16) == 1

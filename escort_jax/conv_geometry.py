@@ -273,12 +273,30 @@ def to_flat_input(x_nhwc: jax.Array, g: ConvGeometry,
   pb += g.plane_h * sh - g.padded_h
   pr += g.plane_w * sw - g.padded_w
   zero = jnp.zeros((), x_nhwc.dtype)
+  n, c = g.batch, g.in_channels
+  tail = g.max_shift if tail is None else tail
+  if sh == sw == 1:
+    # One pass: the transpose, the spatial padding and the tail (as whole
+    # zero planes, then cut to length) in a single fusion; padding first and
+    # the tail after would cost XLA two more copies of the input.
+    planes = -(-tail // g.plane_len)
+    x = x_nhwc.transpose(3, 1, 2, 0)  # (C, H, W, N)
+    x = lax.pad(x, zero, ((0, planes, 0), (pt, pb, 0), (pl_, pr, 0),
+                          (0, 0, 0)))
+    return x.reshape(-1)[:g.num_planes * g.plane_len + tail]
   x = lax.pad(x_nhwc, zero,
               ((0, 0, 0), (pt, pb, 0), (pl_, pr, 0), (0, 0, 0)))
-  n, c = g.batch, g.in_channels
   x = x.reshape(n, g.plane_h, sh, g.plane_w, sw, c)
   x = x.transpose(5, 2, 4, 1, 3, 0)  # (C, i, j, Ha, Wb, N)
-  return jnp.pad(x.reshape(-1), (0, g.max_shift if tail is None else tail))
+  return jnp.pad(x.reshape(-1), (0, tail))
+
+
+def to_wide_output(y_nhwc: jax.Array, g: ConvGeometry) -> jax.Array:
+  """(N, Ho, Wo, K) -> (K, out_len) wide rows, zeros in the cropped columns:
+  the inverse of from_wide_output (and its transpose)."""
+  y = y_nhwc.transpose(3, 1, 2, 0)
+  y = jnp.pad(y, ((0, 0), (0, 0), (0, g.plane_w - g.out_w), (0, 0)))
+  return y.reshape(g.out_channels, g.out_len)
 
 
 def from_wide_output(y: jax.Array, g: ConvGeometry) -> jax.Array:

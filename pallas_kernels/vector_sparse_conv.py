@@ -23,7 +23,10 @@ Layout:
            lanes = max(V, 16) because a tensor-core product is at least 16
            wide; the extra lanes hold zeros and are never stored.
   bias:    (num_rows,) or None.
-  y:       (num_rows, out_len), row-major.
+  y:       (num_rows, out_len), row-major; or, with `nhwc` given, the
+           convolution's output in NHWC directly: position q is image
+           q % N at wide row (q // N) // Wb, column (q // N) % Wb, and
+           columns >= Wo are dropped (no separate transpose pass).
 
 Lowering: a pallas_call with Triton compiler params (tensor cores through
 Triton's dot), compiled on NVIDIA GPUs and run by the interpreter on the CPU.
@@ -47,6 +50,24 @@ from pallas_kernels.direct_sparse_conv import accumulator_dtype
 # Triton's dot needs every dimension to be at least 16.
 MIN_DOT = 16
 _MAX_GRID_AXIS = 65535
+
+
+@dataclasses.dataclass(frozen=True)
+class NhwcOutput:
+  """Where output position q lands in an NHWC output (see module docstring).
+
+  Attributes: batch N, out_h Ho, row_width Wb (wide rows), out_w Wo <= Wb.
+  """
+
+  batch: int
+  out_h: int
+  row_width: int
+  out_w: int
+
+  @property
+  def out_len(self) -> int:
+    """Wide positions per channel: Ho * Wb * N."""
+    return self.out_h * self.row_width * self.batch
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -199,7 +220,8 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
 def _vector_sparse_conv_kernel(steps_ref, offsets_ref, values_ref, bias_ref,
                                x_ref, y_ref, *, block_q, block_k, lanes,
                                vector_width, num_rows, padded_cols, row_len,
-                               offset_unit, relu, precision, acc_dtype):
+                               offset_unit, relu, precision, acc_dtype,
+                               nhwc, spare_region):
   block = pl.program_id(0)
   q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
   first = block * padded_cols
@@ -223,11 +245,32 @@ def _vector_sparse_conv_kernel(steps_ref, offsets_ref, values_ref, bias_ref,
   if relu:
     # Not jnp.maximum: Triton lowers it to a max that drops NaN.
     acc = jnp.where(acc < 0, jnp.zeros((), acc_dtype), acc)
-  # Lanes past V (only when V < 16) store into a spare row; every lane
-  # stores, unmasked (see direct_sparse_conv).
-  out_rows = jnp.where(lane < vector_width, rows, num_rows)
-  out_idx = q[:, None] + out_rows[None, :] * row_len
-  plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
+  lane_ok = (lane < vector_width)[None, :]
+  if nhwc is None:
+    # Every lane stores, unmasked: lanes past V (only when V < 16) write a
+    # spare row.
+    out_rows = jnp.where(lane_ok[0], rows, num_rows)
+    out_idx = q[:, None] + out_rows[None, :] * row_len
+    plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
+    return
+  n, t = q % nhwc.batch, q // nhwc.batch
+  y, x = t // nhwc.row_width, t % nhwc.row_width
+  pixel = (n * nhwc.out_h + y) * nhwc.out_w + x
+  ok = ((x < nhwc.out_w) & (y < nhwc.out_h))[:, None] & lane_ok
+  out_idx = pixel[:, None] * num_rows + rows[None, :]
+  if spare_region:
+    # The interpreter turns a masked store into a scatter of all lanes
+    # (masked ones rewrite what they read), so a masked lane that aliases a
+    # live one could undo its write; masked lanes go to a spare region of
+    # their own instead.
+    spare = (nhwc.batch * nhwc.out_h * nhwc.out_w * num_rows
+             + jnp.arange(block_q, dtype=jnp.int32)[:, None] * lanes
+             + lane[None, :])
+    plgpu.store(y_ref.at[jnp.where(ok, out_idx, spare)],
+                acc.astype(y_ref.dtype))
+  else:
+    plgpu.store(y_ref.at[jnp.where(ok, out_idx, 0)], acc.astype(y_ref.dtype),
+                mask=ok)
 
 
 def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
@@ -235,6 +278,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
                        bias: jax.Array | None = None, relu: bool = False,
                        out_dtype=None, block_q: int = 128,
                        num_warps: int = 4, num_stages: int = 2,
+                       nhwc: NhwcOutput | None = None,
                        interpret: bool = False) -> jax.Array:
   """Runs the vector-sparse convolution kernel.
 
@@ -250,13 +294,18 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     out_dtype: output dtype; defaults to x_flat's.
     block_q: output positions per program (a power of two, >= 16).
     num_warps, num_stages: Triton launch parameters.
+    nhwc: write (N, Ho, Wo, num_rows) instead of wide rows; its out_len must
+      equal `out_len`.
     interpret: run through the Pallas interpreter (CPU).
 
   Returns:
-    y: (num_rows, out_len).
+    y: (num_rows, out_len), or (N, Ho, Wo, num_rows) with `nhwc`.
   """
   if x_flat.ndim != 1:
     raise ValueError(f"x_flat must be 1-D, got shape {x_flat.shape}")
+  if nhwc is not None and nhwc.out_len != out_len:
+    raise ValueError(f"the NHWC output has {nhwc.out_len} wide positions, "
+                     f"but out_len is {out_len}")
   want = (blocks.num_blocks * blocks.padded_cols, blocks.lanes)
   if values.shape != want:
     raise ValueError(f"values must have shape {want}, got {values.shape}")
@@ -270,8 +319,16 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
         f"the input is too short for its offsets: offset "
         f"{max(blocks.max_offset, blocks.zeros_offset)} plus {read_len} "
         f"positions exceeds {x_flat.shape[0]}")
+  # Compiled, the NHWC output is exactly the result (no copy to slice it
+  # out); interpreted, a spare region follows it (see the kernel).
+  spare_region = interpret
+  if nhwc is None:
+    out_size = (blocks.num_rows + 1) * read_len
+  else:
+    out_size = (nhwc.batch * nhwc.out_h * nhwc.out_w * blocks.num_rows
+                + (block_q * blocks.lanes if spare_region else 0))
   if x_flat.shape[0] > np.iinfo(np.int32).max or (
-      (blocks.num_rows + 1) * read_len > np.iinfo(np.int32).max):
+      out_size > np.iinfo(np.int32).max):
     raise OverflowError("the flat input or output has 2**31 elements or "
                         "more, beyond the int32 indexing of this kernel; "
                         "split the batch")
@@ -290,7 +347,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
       num_rows=blocks.num_rows, padded_cols=blocks.padded_cols,
       row_len=read_len,
       offset_unit=blocks.offset_unit, relu=relu, precision=precision,
-      acc_dtype=acc_dtype)
+      acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region)
   if bias is None:
     kernel = _without_bias(kernel)
     bias_args = ()
@@ -298,8 +355,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     bias_args = (bias,)
   y = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct(((blocks.num_rows + 1) * read_len,),
-                                     out_dtype),
+      out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype),
       grid=(blocks.num_blocks, num_q_blocks),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
@@ -307,6 +363,10 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
       name="escort_vector_sparse_conv",
   )(jnp.asarray(blocks.steps), jnp.asarray(blocks.offsets.reshape(-1)),
     values.astype(in_dtype), *bias_args, x_flat.astype(in_dtype))
+  if nhwc is not None:
+    real = nhwc.batch * nhwc.out_h * nhwc.out_w * blocks.num_rows
+    return y[:real].reshape(nhwc.batch, nhwc.out_h, nhwc.out_w,
+                            blocks.num_rows)
   return y.reshape(blocks.num_rows + 1, read_len)[:blocks.num_rows, :out_len]
 
 
@@ -320,12 +380,14 @@ def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
                                  blocks: VectorBlocks, *, out_len: int,
                                  bias: jax.Array | None = None,
                                  relu: bool = False,
-                                 out_dtype=None) -> jax.Array:
+                                 out_dtype=None,
+                                 nhwc: NhwcOutput | None = None
+                                 ) -> jax.Array:
   """Plain-JAX twin with the kernel's tiling: the same packed offsets and
   values, one gathered (out_len, padded_cols) matrix product per block.
 
-  Returns y: (num_rows, out_len). Memory O(num_blocks * padded_cols *
-  out_len): for tests.
+  Returns y: (num_rows, out_len), or (N, Ho, Wo, num_rows) with `nhwc`.
+  Memory O(num_blocks * padded_cols * out_len): for tests.
   """
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
   in_dtype = jnp.result_type(x_flat.dtype, values.dtype)
@@ -345,4 +407,7 @@ def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
     y = y + bias.astype(acc_dtype)[:, None]
   if relu:
     y = jnp.where(y < 0, jnp.zeros((), y.dtype), y)
+  if nhwc is not None:
+    y = y.reshape(-1, nhwc.out_h, nhwc.row_width, nhwc.batch)
+    y = y[:, :, :nhwc.out_w, :].transpose(3, 1, 2, 0)
   return y.astype(out_dtype)

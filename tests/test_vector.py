@@ -322,3 +322,43 @@ def test_vector_width_of_candidates():
   offsets2 = offsets.copy()
   offsets2[-1] = 9  # the last row differs, so no block of 8 agrees either
   assert vector_width_of(rows, offsets2, 16) == 1
+
+
+@pytest.mark.parametrize("batch,out_h,row_width,out_w,v,block_q",
+                         [(2, 3, 5, 4, 16, 16), (3, 2, 4, 4, 8, 32),
+                          (1, 4, 7, 5, 32, 16)])
+def test_vector_kernel_writes_nhwc(batch, out_h, row_width, out_w, v,
+                                   block_q):
+  """The NHWC store (cropped columns dropped, no transpose pass) equals the
+  wide rows cropped and transposed."""
+  from pallas_kernels.vector_sparse_conv import NhwcOutput
+  nhwc = NhwcOutput(batch=batch, out_h=out_h, row_width=row_width,
+                    out_w=out_w)
+  out_len = nhwc.out_len
+  rng = np.random.default_rng([batch, out_h, row_width, v])
+  rows, offsets = vector_row_problem(rng, 3, v, out_len, 20)
+  read_len = -(-out_len // block_q) * block_q
+  zeros_at = 4 * out_len + read_len
+  x = rng.standard_normal(zeros_at + read_len).astype(np.float32)
+  x[zeros_at:] = 0.0
+  values = jnp.asarray(rng.standard_normal(rows.shape[0]), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(3 * v), jnp.float32)
+  blocks = pack_vector_blocks(rows, offsets, 3 * v, v, 16, zeros_at)
+  packed = blocks.gather_values(values)
+  kw = dict(out_len=out_len, bias=bias, relu=True)
+  y = vector_sparse_conv(jnp.asarray(x), packed, blocks, block_q=block_q,
+                         nhwc=nhwc, interpret=True, **kw)
+  wide = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
+                                      num_rows=3 * v, **kw)
+  want = wide.reshape(3 * v, out_h, row_width, batch)[:, :, :out_w, :]
+  chex.assert_shape(y, (batch, out_h, out_w, 3 * v))
+  assert np.all(np.isfinite(np.asarray(y)))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want.transpose(
+      3, 1, 2, 0)), rtol=1e-5, atol=1e-5)
+  twin = vector_sparse_conv_reference(jnp.asarray(x), packed, blocks,
+                                      nhwc=nhwc, **kw)
+  np.testing.assert_allclose(np.asarray(twin), np.asarray(y), rtol=1e-5,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="wide positions, but out_len"):
+    vector_sparse_conv(jnp.asarray(x), packed, blocks, block_q=block_q,
+                       nhwc=nhwc, interpret=True, out_len=out_len + 1)

@@ -263,32 +263,28 @@ def stretched_problem(structure: SparseStructure,
 
 def to_flat_input(x_nhwc: jax.Array, g: ConvGeometry,
                   tail: int | None = None) -> jax.Array:
-  """(N, H, W, C) -> x_flat (num_planes * plane_len + tail,): pad, split
-  phases, batch innermost, then `tail` zeros (default max_shift: the wide
-  columns of the last plane read up to max_shift past its end; those outputs
-  are cropped, but the reads must stay in bounds)."""
+  """(N, H, W, C) -> x_flat (num_planes * plane_len + at least tail,): pad,
+  split phases, batch innermost, then at least `tail` zeros (default
+  max_shift: the wide columns of the last plane read up to max_shift past its
+  end; those outputs are cropped, but the reads must stay in bounds)."""
   sh, sw = g.strides
   (pt, pb), (pl_, pr) = g.padding
   # Extra rows/columns complete the last phase; no real output reads them.
   pb += g.plane_h * sh - g.padded_h
   pr += g.plane_w * sw - g.padded_w
   zero = jnp.zeros((), x_nhwc.dtype)
-  n, c = g.batch, g.in_channels
   tail = g.max_shift if tail is None else tail
-  if sh == sw == 1:
-    # One pass: the transpose, the spatial padding and the tail (as whole
-    # zero planes, then cut to length) in a single fusion; padding first and
-    # the tail after would cost XLA two more copies of the input.
-    planes = -(-tail // g.plane_len)
-    x = x_nhwc.transpose(3, 1, 2, 0)  # (C, H, W, N)
-    x = lax.pad(x, zero, ((0, planes, 0), (pt, pb, 0), (pl_, pr, 0),
-                          (0, 0, 0)))
-    return x.reshape(-1)[:g.num_planes * g.plane_len + tail]
   x = lax.pad(x_nhwc, zero,
               ((0, 0, 0), (pt, pb, 0), (pl_, pr, 0), (0, 0, 0)))
-  x = x.reshape(n, g.plane_h, sh, g.plane_w, sw, c)
+  x = x.reshape(g.batch, g.plane_h, sh, g.plane_w, sw, g.in_channels)
   x = x.transpose(5, 2, 4, 1, 3, 0)  # (C, i, j, Ha, Wb, N)
-  return jnp.pad(x.reshape(-1), (0, tail))
+  # The tail as whole zero planes, and no cut to length: XLA fuses the
+  # padding into the transpose, where a flat pad or slice would each cost
+  # another copy of the input (benchmarks/layout_passes.py).
+  planes = -(-tail // g.plane_len)
+  x = lax.pad(x.reshape(g.num_planes, g.plane_h, g.plane_w, g.batch), zero,
+              ((0, planes, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)))
+  return x.reshape(-1)
 
 
 def to_wide_output(y_nhwc: jax.Array, g: ConvGeometry) -> jax.Array:

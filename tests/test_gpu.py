@@ -4,7 +4,9 @@ Each layer runs sparse_conv(method="escort") through Triton at batch 2 in
 float32 and bfloat16 and is compared with lax.conv_general_dilated at HIGHEST
 precision in float32 (for bfloat16: of the same rounded inputs). A one-line
 summary per layer is printed (visible with `pytest -s` or `-rA`), and the last
-test prints the largest error per dtype.
+test prints the largest error per dtype. The vector (tensor-core) kernel runs
+on every layer too, with V=16 vector-sparse kernels; and both kernels are
+checked for bitwise run-to-run determinism and for where a NaN goes.
 
 Run: python -m pytest -m gpu -rA tests/test_gpu.py
 """
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 
 from escort_jax import SparseKernel, sparse_conv
+from escort_jax.prune import vector_mask
 from tests.conftest import (enable_x64, random_array, random_pruned_kernel, rel_err,
                             requires_gpu)
 
@@ -146,6 +149,99 @@ def test_layer_gradients(name):
   assert np.all(dk_sparse[np.asarray(kernel) == 0] == 0)
   for what, err in errs.items():
     assert err <= GRAD_BOUND, f"{name} d{what}: rel_err {err:.3e}"
+
+
+def _vector_kernel(rng, layer, v=16):
+  c, o, g, k = (layer["in_channels"], layer["out_channels"], layer["groups"],
+                layer["kernel"])
+  w = rng.standard_normal((k, k, c // g, o))
+  w = np.where(np.abs(w) < 1e-3, 0.5, w)
+  return np.where(vector_mask(w, _sparsity(layer), v), w, 0.0).astype(
+      np.float32)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=[_name(l) for l in LAYERS])
+def test_layer_forward_vector(layer):
+  name = _name(layer)
+  if (layer["out_channels"] // layer["groups"]) % 16:
+    pytest.skip(f"{name}: output channels per group not a multiple of 16")
+  rng, x, _, bias, conv = _layer_problem(layer, [603, LAYERS.index(layer)])
+  kernel = _vector_kernel(rng, layer)
+  errors = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    dt = jnp.dtype(dtype).name
+    xd, kd, bd = x.astype(dtype), jnp.asarray(kernel, dtype), bias.astype(
+        dtype)
+    sk = SparseKernel.from_dense(np.asarray(kd), vector_width=16)
+    f = jax.jit(lambda x, sk, b: sparse_conv(
+        x, sk, bias=b, activation="relu", method="vector", **conv))
+    y = f(xd, sk, bd)
+    ref = jnp.maximum(_lax_conv(xd, kd, bd, conv), 0)
+    chex.assert_shape(y, ref.shape)
+    chex.assert_type(y, dtype)
+    errors[dt] = rel_err(y, ref)
+    _RESULTS[(name + "[vector]", dt)] = errors[dt]
+  print(f"\n[vector-gpu] {name:28s} V=16 sparsity={_sparsity(layer):.3f} "
+        f"f32_err={errors['float32']:.2e} bf16_err={errors['bfloat16']:.2e}")
+  for dt, err in errors.items():
+    assert err <= BOUNDS[dt], f"{name} vector {dt}: rel_err {err:.3e}"
+
+
+@pytest.mark.parametrize("method", ["escort", "vector"])
+@pytest.mark.parametrize("name", ["resnet50/res3a_branch2b",
+                                  "googlenet/inception_3a/3x3"])
+def test_bitwise_determinism(name, method):
+  """Forward and both gradients give identical bits over repeated runs: no
+  atomics, no split reductions, fixed summation order."""
+  layer = next(l for l in LAYERS if _name(l) == name)
+  rng, x, kernel, bias, conv = _layer_problem(layer, [604, 0])
+  if method == "vector":
+    kernel = _vector_kernel(rng, layer)
+  sk = SparseKernel.from_dense(kernel)
+  x = x.astype(jnp.bfloat16) if method == "vector" else x
+  sk = sk.with_values(sk.values.astype(x.dtype))
+  b = bias.astype(x.dtype)
+
+  @jax.jit
+  def run(values, x):
+    def f(v, xx):
+      return sparse_conv(xx, sk.with_values(v), bias=b, activation="relu",
+                         method=method, **conv)
+    y, vjp = jax.vjp(f, values, x)
+    return (y,) + vjp(jnp.cos(y.astype(jnp.float32)).astype(y.dtype))
+
+  first = [np.asarray(a) for a in run(sk.values, x)]
+  for _ in range(4):
+    again = run(sk.values, x)
+    for a, b_ in zip(first, again):
+      assert a.tobytes() == np.asarray(b_).tobytes(), (
+          f"{name} {method}: a result changed between runs")
+  print(f"\n[determinism-gpu] {name} {method}: 5 runs bitwise identical")
+
+
+@pytest.mark.parametrize("method", ["escort", "vector"])
+def test_nan_reaches_exactly_the_outputs_of_kept_weights(method):
+  """A NaN input pixel makes NaN exactly the outputs it reaches through a
+  kept weight, also through the fused relu; pruned weights do not spread it.
+  """
+  layer = next(l for l in LAYERS if _name(l) == "resnet50/res5a_branch2b")
+  rng, x, kernel, bias, conv = _layer_problem(layer, [605, 0])
+  if method == "vector":
+    kernel = _vector_kernel(rng, layer)
+  sk = SparseKernel.from_dense(kernel)
+  x = np.array(x)
+  x[1, 3, 4, 7] = np.nan
+  y = jax.jit(lambda x: sparse_conv(x, sk, bias=bias, activation="relu",
+                                    method=method, **conv))(jnp.asarray(x))
+  # Reached: outputs whose window covers (3, 4) with a kept weight on
+  # channel 7.
+  hit = lax.conv_general_dilated(
+      jnp.asarray(np.isnan(x), jnp.float32),
+      jnp.asarray(kernel != 0, jnp.float32), conv["window_strides"],
+      conv["padding"], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=conv["feature_group_count"]) > 0
+  assert np.asarray(hit).any()
+  np.testing.assert_array_equal(np.isnan(np.asarray(y)), np.asarray(hit))
 
 
 def test_zz_summary():

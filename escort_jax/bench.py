@@ -5,6 +5,15 @@ of /work/shared/BENCHMARKING.md, on the layers of escort_jax/layers.json.
   python -m escort_jax bench --layers res3a inception_3a/3x3 --batch 32
   python -m escort_jax bench --sweep             # sparsity 50..99% on 3 layers
   python -m escort_jax bench --resume FILE       # skip the rows FILE has
+  python -m escort_jax bench --vector-width 16 --method vector escort \
+      --dtype bf16 --batch 32                    # vector-sparse kernels
+
+Vector-sparse rows (vector_widths=[V], --vector-width V): each layer's kernel
+keeps whole vectors of V consecutive output channels (workload.make_kernel
+with vector_width=V), every method of the row runs on that kernel, and rows
+record "vector_width": V (null for the unstructured kernels). Method "vector"
+is the tensor-core kernel (sparse_conv(method="vector")); it runs on
+vector-sparse kernels only.
 
 How time is measured (one method for every side of a ratio):
   GPU  "perfetto-gpu": warm up (compile, run twice); run the op once on each
@@ -18,9 +27,9 @@ How time is measured (one method for every side of a ratio):
        each call and block_until_ready; only so that the harness runs in
        tests. It says nothing about GPU speed.
 
-Each row is one (layer, batch, sparsity, dtype, method). The dense and BCOO
-baselines are measured for each (layer, batch, sparsity) in the same run as
-the rows that use them:
+Each row is one (layer, vector width, batch, sparsity, dtype, method). The
+dense and BCOO baselines are measured for each (layer, vector width, batch,
+sparsity) in the same run as the rows that use them:
   lax_fp32_highest  lax.conv_general_dilated, float32, precision HIGHEST
   lax_default       the same at default precision (TF32 on Hopper)
   lax_bf16          the same in bfloat16 (NHWC / HWIO)
@@ -32,7 +41,10 @@ FLOPs = 2 * nnz * Ho * Wo * batch, rate = 67e12 FLOP/s (fp32 FMA on CUDA
 cores; bf16 inputs on CUDA cores run at the same rate), bandwidth = 3.0e12
 B/s, bytes = input read once + output written once + values and metadata
 (int32 column index per nonzero, int32 row pointers) once. floor_fraction =
-floor_us / time_us (1.0 = at the floor).
+floor_us / time_us (1.0 = at the floor). A vector-sparse kernel (V >= 8) can
+run on tensor cores, so its floor takes the tensor-core rate for bf16/f16
+inputs (989e12 FLOP/s, H100 SXM dense) and one int32 index per kept vector
+and row pointers per block of V channels.
 
 Results: benchmarks/results/<YYYY-MM-DD>T<HHMM>-<gpu-slug>.json, rewritten
 after every row (so a killed run keeps its rows), plus write_report()'s
@@ -66,7 +78,8 @@ import numpy as np
 from escort_jax import KernelConfig, sparse_conv
 from escort_jax import baselines as bl
 from escort_jax import workload as wl
-from escort_jax.structure import SparseKernel
+from escort_jax.ops import VectorConfig
+from escort_jax.structure import VECTOR_WIDTHS, SparseKernel
 
 # --------------------------------------------------------------------------
 # Constants.
@@ -87,7 +100,10 @@ BASELINE_TITLES = {
 # The dense baseline of the same input and output dtype, for each dtype.
 SAME_DTYPE_BASELINE = {"float32": "lax_fp32_highest", "bfloat16": "lax_bf16"}
 
-METHOD_NAMES = ("escort", "auto", "dense")
+METHOD_NAMES = ("escort", "auto", "vector", "dense")
+# The config class of each method that takes one (--config).
+CONFIG_CLASSES = {"escort": KernelConfig, "auto": KernelConfig,
+                  "vector": VectorConfig}
 DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "f16": "float16", "fp16": "float16"}
@@ -97,6 +113,8 @@ CUDA_CORE_RATE = 67e12          # FLOP/s, fp32 FMA on CUDA cores
 RATES = {"float32": CUDA_CORE_RATE,
          # The escort kernels compute bf16/f16 inputs on CUDA cores too.
          "bfloat16": CUDA_CORE_RATE, "float16": CUDA_CORE_RATE}
+# Dense bf16/f16 tensor-core rate, for vector-sparse kernels (V >= 8).
+TENSOR_CORE_RATES = {"bfloat16": 989e12, "float16": 989e12}
 HBM_BANDWIDTH = 3.0e12          # B/s, device-to-device copy
 INDEX_BYTES = 4                 # int32 metadata per nonzero and row pointer
 
@@ -104,10 +122,14 @@ SWEEP_LAYERS = ("resnet50/res3a_branch2b", "resnet50/res4a_branch2b",
                 "googlenet/inception_3a/3x3")
 SWEEP_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 
+# Short names of config fields in --config and in method labels.
 CONFIG_ALIASES = {"rpp": "rows_per_program", "bq": "block_q",
                   "nw": "num_warps", "ns": "num_stages", "u": "unroll",
                   "gpp": "groups_per_program", "qm": "q_major"}
-_SHORT = {v: k for k, v in CONFIG_ALIASES.items()}
+VECTOR_CONFIG_ALIASES = {"bq": "block_q", "bk": "block_k", "nw": "num_warps",
+                         "ns": "num_stages"}
+_ALIASES = {KernelConfig: CONFIG_ALIASES, VectorConfig: VECTOR_CONFIG_ALIASES}
+_SHORT = {v: k for aliases in _ALIASES.values() for k, v in aliases.items()}
 
 # Lines of a device process that xprof derives from the stream lines; they
 # repeat the kernels' time, so they are never summed (if a trace has them).
@@ -424,9 +446,10 @@ def device_time_us(fn: Callable, inputs_list: Sequence, *, repeats: int = 3,
 # The floor model.
 
 
-def floor_model(layer: wl.Layer, batch: int, nnz: int, dtype: str
-                ) -> dict[str, float]:
-  """The floor of one sparse layer (see the module docstring).
+def floor_model(layer: wl.Layer, batch: int, nnz: int, dtype: str,
+                vector_width: int | None = None) -> dict[str, float]:
+  """The floor of one sparse layer (see the module docstring); with
+  vector_width V >= 8, of its vector-sparse kernel.
 
   Returns:
     dict(floor_us, compute_us, memory_us, useful_flops, bytes).
@@ -434,11 +457,15 @@ def floor_model(layer: wl.Layer, batch: int, nnz: int, dtype: str
   itemsize = jnp.dtype(dtype).itemsize
   ho = layer.out_hw
   flops = 2 * nnz * ho * ho * batch
+  v = vector_width if vector_width and vector_width >= 8 else 1
   nbytes = (batch * layer.in_hw * layer.in_hw * layer.in_channels * itemsize
             + batch * ho * ho * layer.out_channels * itemsize
-            + nnz * (itemsize + INDEX_BYTES)
-            + (layer.out_channels + 1) * INDEX_BYTES)
-  compute_us = flops / RATES.get(dtype, CUDA_CORE_RATE) * 1e6
+            + nnz * itemsize + nnz // v * INDEX_BYTES
+            + (layer.out_channels // v + 1) * INDEX_BYTES)
+  rate = RATES.get(dtype, CUDA_CORE_RATE)
+  if v > 1:
+    rate = TENSOR_CORE_RATES.get(dtype, rate)
+  compute_us = flops / rate * 1e6
   memory_us = nbytes / HBM_BANDWIDTH * 1e6
   return dict(floor_us=max(compute_us, memory_us), compute_us=compute_us,
               memory_us=memory_us, useful_flops=float(flops),
@@ -454,25 +481,28 @@ class MethodSpec:
   """A sparse op variant to time.
 
   Attributes:
-    label: the row's "method", e.g. "escort" or "escort[rpp=8,bq=256,nw=4]".
+    label: the row's "method", e.g. "escort", "escort[rpp=8,bq=256,nw=4]"
+      or "vector[bq=64,bk=32]".
     method: sparse_conv's method argument.
-    config: its KernelConfig (None: the op's default).
+    config: its KernelConfig or VectorConfig (None: the op's default).
     config_items: the config fields the user set, for the results.
   """
 
   label: str
   method: str
-  config: KernelConfig | None = None
+  config: KernelConfig | VectorConfig | None = None
   config_items: tuple[tuple[str, int], ...] = ()
 
 
-def parse_config(text: str) -> tuple[KernelConfig, tuple[tuple[str, int],
-                                                          ...]]:
+def parse_config(text: str, cls: type = KernelConfig
+                 ) -> tuple[Any, tuple[tuple[str, int], ...]]:
   """Parses "rows_per_program=8,block_q=256,num_warps=4" (or short names:
-  see CONFIG_ALIASES) into a KernelConfig and the (field, value) pairs.
-  Fields are read from KernelConfig itself, so new ones work here too;
-  boolean fields take 0/1/true/false."""
-  fields = {f.name: f for f in dataclasses.fields(KernelConfig)}
+  see CONFIG_ALIASES, VECTOR_CONFIG_ALIASES) into a `cls` (KernelConfig or
+  VectorConfig) and the (field, value) pairs. Fields are read from the class
+  itself, so new ones work here too; boolean fields take 0/1/true/false."""
+  name = cls.__name__
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  aliases = _ALIASES.get(cls, {})
   items = []
   for part in text.replace(";", ",").split(","):
     part = part.strip()
@@ -482,11 +512,11 @@ def parse_config(text: str) -> tuple[KernelConfig, tuple[tuple[str, int],
       raise UsageError(f"bad --config entry {part!r}: expected name=value, "
                        f"e.g. rows_per_program=8,block_q=256,num_warps=4")
     key, value = (s.strip() for s in part.split("=", 1))
-    key = CONFIG_ALIASES.get(key, key)
+    key = aliases.get(key, key)
     if key not in fields:
       raise UsageError(
-          f"unknown KernelConfig field {key!r}; expected one of "
-          f"{sorted(fields)} (short: {sorted(CONFIG_ALIASES)})")
+          f"unknown {name} field {key!r}; expected one of "
+          f"{sorted(fields)} (short: {sorted(aliases)})")
     is_bool = isinstance(fields[key].default, bool)
     if is_bool and value.lower() in ("true", "false"):
       value = "1" if value.lower() == "true" else "0"
@@ -501,31 +531,62 @@ def parse_config(text: str) -> tuple[KernelConfig, tuple[tuple[str, int],
   if not items:
     raise UsageError(f"empty --config {text!r}")
   try:
-    config = KernelConfig(**dict(items))
+    config = cls(**dict(items))
   except (TypeError, ValueError) as e:
     raise UsageError(f"bad --config {text!r}: {e}") from None
   return config, tuple(items)
 
 
 def config_label(method: str, items: Sequence[tuple[str, int]]) -> str:
-  """"escort[rpp=8,bq=256,nw=4]"."""
+  """"escort[rpp=8,bq=256,nw=4]", "vector[bq=64,bk=32]"."""
   if not items:
     return method
   inner = ",".join(f"{_SHORT.get(k, k)}={int(v)}" for k, v in items)
   return f"{method}[{inner}]"
 
 
+def _parse_for_classes(text: str, classes: Sequence[type]) -> dict:
+  """{cls: (config, items)} for each class of `classes` that `text` fits.
+
+  Raises UsageError if it fits none (with each class's reason)."""
+  fits: dict[type, tuple] = {}
+  errors: list[UsageError] = []
+  for cls in classes:
+    try:
+      fits[cls] = parse_config(text, cls)
+    except UsageError as e:
+      errors.append(e)
+  if not fits:
+    if len(errors) == 1:
+      raise errors[0]
+    raise UsageError(f"--config {text!r} fits no method's config: " +
+                     "; ".join(str(e) for e in errors))
+  return fits
+
+
 def method_specs(methods: Sequence[str] = ("escort",),
                  configs: Sequence[str] | None = None) -> list[MethodSpec]:
-  """The MethodSpecs of methods x configs (configs apply to escort/auto)."""
-  out: list[MethodSpec] = []
-  parsed = [parse_config(c) for c in (configs or [])]
+  """The MethodSpecs of methods x configs.
+
+  Each config applies to every method whose config class (CONFIG_CLASSES:
+  KernelConfig for escort and auto, VectorConfig for vector) has all its
+  fields, e.g. "rpp=8" to escort and auto, "bk=64" to vector, "bq=64" to
+  all three; a method that no config fits runs with its default. A config
+  that fits none of the methods is an error.
+  """
   for m in methods:
     if m not in METHOD_NAMES:
       raise UsageError(f"unknown method {m!r}; expected one of "
                        f"{METHOD_NAMES}")
-    if parsed and m != "dense":
-      for cfg, items in parsed:
+  classes = list(dict.fromkeys(CONFIG_CLASSES[m] for m in methods
+                               if m in CONFIG_CLASSES)) or [KernelConfig]
+  parsed = [_parse_for_classes(c, classes) for c in (configs or [])]
+  out: list[MethodSpec] = []
+  for m in methods:
+    cls = CONFIG_CLASSES.get(m)
+    fitting = [p[cls] for p in parsed if cls in p]
+    if fitting:
+      for cfg, items in fitting:
         out.append(MethodSpec(config_label(m, items), m, cfg, items))
     else:
       out.append(MethodSpec(m, m))
@@ -533,6 +594,33 @@ def method_specs(methods: Sequence[str] = ("escort",),
   if len(set(labels)) != len(labels):
     raise UsageError(f"duplicate methods {labels}")
   return out
+
+
+def parse_vector_widths(values: Iterable[int | str | None] | None
+                        ) -> list[int | None]:
+  """--vector-width values to a list of V (None: unstructured kernels).
+
+  Accepts ints or strings; "none" (or 0) names the unstructured kernel.
+  Default (None or empty): [None]. Raises UsageError for a V the vector
+  kernel does not take (VECTOR_WIDTHS)."""
+  out: list[int | None] = []
+  for v in values or [None]:
+    if v is None or (isinstance(v, str) and v.strip().lower() == "none"):
+      out.append(None)
+      continue
+    try:
+      number = int(v)
+    except (TypeError, ValueError):
+      raise UsageError(f"bad vector width {v!r}: expected one of "
+                       f"{sorted(VECTOR_WIDTHS)} or 'none'") from None
+    if number == 0:
+      out.append(None)
+    elif number in VECTOR_WIDTHS:
+      out.append(number)
+    else:
+      raise UsageError(f"vector width {v!r} is not one of "
+                       f"{sorted(VECTOR_WIDTHS)} (or 'none')")
+  return list(dict.fromkeys(out))
 
 
 def parse_dtype(name: str) -> str:
@@ -595,11 +683,19 @@ def _atomic_write_json(path: Path, data: dict) -> None:
   os.replace(tmp, path)
 
 
+def _key(net: str, layer: str, batch: int, sparsity: float, dtype: str,
+         method: str, in_hw: int, vector_width: int | None) -> tuple:
+  return (net, layer, int(batch), round(float(sparsity), 6), dtype, method,
+          int(in_hw), None if vector_width is None else int(vector_width))
+
+
 def row_key(row: dict) -> tuple:
-  """What identifies a row for --resume."""
-  return (row["net"], row["layer"], int(row["batch"]),
-          round(float(row.get("target_sparsity", row["sparsity"])), 6),
-          row["dtype"], row["method"], int(row.get("in_hw", -1)))
+  """What identifies a row for --resume: layer, batch, (target) sparsity,
+  dtype, method, in_hw and vector_width (None: unstructured; rows written
+  before vector widths existed are unstructured)."""
+  return _key(row["net"], row["layer"], row["batch"],
+              row.get("target_sparsity", row["sparsity"]), row["dtype"],
+              row["method"], row.get("in_hw", -1), row.get("vector_width"))
 
 
 def load_results(path: str | os.PathLike) -> dict:
@@ -665,6 +761,7 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
                   methods: Sequence[str] = ("escort",),
                   configs: Sequence[str] | None = None,
                   sparsities: Sequence[float] | None = None,
+                  vector_widths: Sequence[int | None] | None = None,
                   baselines: Sequence[str] = BASELINES,
                   out: str | os.PathLike | None = None,
                   resume: str | os.PathLike | None = None,
@@ -680,11 +777,17 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
   Args:
     layers: workload layers (default: the 39 pruned ones).
     batches, dtypes: the sweep; dtype names "float32", "bfloat16", ...
-    methods: sparse_conv methods ("escort", "auto", "dense").
-    configs: KernelConfig strings, e.g. "rows_per_program=8,block_q=256";
-      each escort/auto method runs once per config.
+    methods: sparse_conv methods ("escort", "auto", "vector", "dense").
+    configs: config strings, e.g. "rows_per_program=8,block_q=256" (a
+      KernelConfig, for escort and auto) or "block_q=64,block_k=32" (a
+      VectorConfig, for vector); each method runs once per config that fits
+      it (see method_specs).
     sparsities: overrides each layer's published sparsity (a sweep; rows get
       "sweep": true).
+    vector_widths: V of vector-sparse kernels (8, 16, 32, 64), None for
+      unstructured ones (the default: [None]); every method runs on each
+      (method "vector" on the vector-sparse ones only). Layers whose output
+      channels V does not divide are skipped for that V.
     baselines: names from ALL_BASELINES.
     out: the results file (default benchmarks/results/<date>T<time>-<gpu>.json).
     resume: an earlier results file: its rows are kept and skipped, new rows
@@ -712,6 +815,10 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
   if any(b <= 0 for b in batches):
     raise UsageError(f"batch sizes must be positive, got {batches}")
   specs = method_specs(methods, configs)
+  widths = parse_vector_widths(vector_widths)
+  if any(s.method == "vector" for s in specs) and widths == [None]:
+    raise UsageError("method 'vector' needs vector-sparse kernels: give "
+                     "vector_widths (--vector-width 16)")
   baselines = list(dict.fromkeys(baselines))
   for b in baselines:
     if b not in ALL_BASELINES:
@@ -754,6 +861,7 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
                "date": f"{now:%Y-%m-%d}", "gpus": info["gpus"],
                "backend": info["backend"], "timer": timer,
                "floor_model": {"rate_flops": RATES,
+                               "tensor_core_rate_flops": TENSOR_CORE_RATES,
                                "bandwidth_bytes_per_s": HBM_BANDWIDTH,
                                "index_bytes": INDEX_BYTES},
                "runs": [run_info], "rows": []}
@@ -761,19 +869,32 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
 
   # The plan: groups of rows sharing a kernel, inputs and baselines.
   plan = []
+  skipped = []
   for layer in layers:
     small = layer.scaled(max_hw)
-    for sp in (sparsities if sparsities is not None else [layer.sparsity]):
-      for batch in batches:
-        todo = []
-        for dtype in dtypes:
-          for spec in specs:
-            key = (layer.net, layer.layer, batch, round(sp, 6), dtype,
-                   spec.label, small.in_hw)
-            if key not in done:
-              todo.append((dtype, spec))
-        if todo:
-          plan.append((layer, small, sp, batch, todo))
+    for vw in widths:
+      if vw is not None:
+        try:
+          layer.check_vector_width(vw)
+        except ValueError:
+          skipped.append(f"{layer.name} (V={vw})")
+          continue
+      for sp in (sparsities if sparsities is not None else [layer.sparsity]):
+        for batch in batches:
+          todo = []
+          for dtype in dtypes:
+            for spec in specs:
+              if spec.method == "vector" and vw is None:
+                continue  # the vector kernel needs a vector-sparse kernel
+              key = _key(layer.net, layer.layer, batch, sp, dtype,
+                         spec.label, small.in_hw, vw)
+              if key not in done:
+                todo.append((dtype, spec))
+          if todo:
+            plan.append((layer, small, vw, sp, batch, todo))
+  if skipped and not plan and not results["rows"]:
+    raise UsageError(f"no rows: the vector width does not divide the output "
+                     f"channels of {', '.join(skipped)}")
   total = sum(len(p[-1]) for p in plan)
 
   if console is None and show_progress:
@@ -789,6 +910,9 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
         "interpreter). These figures test the harness, not the kernels' "
         "speed." + ("" if max_hw else " Full-size layers are slow here: "
                     "--small or --max-hw N keeps a CPU run short.") + "[/]")
+  if skipped:
+    say(f"[yellow]Skipped, the vector width does not divide their output "
+        f"channels (per feature group): {', '.join(skipped)}[/]")
   if resume is not None and results.get("jax_version") != info["jax_version"]:
     say(f"[yellow]{resume} began under jax {results.get('jax_version')}; "
         f"this run is jax {info['jax_version']} (recorded under 'runs').[/]")
@@ -808,15 +932,16 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
   with (progress if progress is not None else contextlib.nullcontext()):
     if progress is not None:
       task = progress.add_task("rows", total=total)
-    for layer, small, sp, batch, todo in plan:
+    for layer, small, vw, sp, batch, todo in plan:
       if progress is not None:
-        progress.update(task, description=f"{layer.name} b={batch} "
-                        f"sp={sp:.3f}")
+        progress.update(task, description=f"{layer.name}"
+                        f"{_vector_text(vw)} b={batch} sp={sp:.3f}")
       timing = functools.partial(device_time_us, repeats=repeats,
                                  timer=timer,
                                  trace_per_repeat=trace_per_repeat)
-      _run_group(results, path, layer, small, sp, batch, todo, baselines,
-                 sparsities is not None, num_inputs, timing, timer, say,
+      _run_group(results, path, layer, small, vw, sp, batch, todo,
+                 baselines, sparsities is not None, num_inputs, timing,
+                 timer, say,
                  lambda: progress.advance(task) if progress else None)
   say(f"[bold]wrote[/] {path}")
   if report:
@@ -825,11 +950,16 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
   return results, path
 
 
-def _run_group(results, path, layer, small, sp, batch, todo, baselines,
-               sweep, num_inputs, timing, timer, say, advance):
-  """Measures the baselines of one (layer, sparsity, batch), then its rows."""
+def _vector_text(vector_width: int | None) -> str:
+  return "" if vector_width is None else f" V={vector_width}"
+
+
+def _run_group(results, path, layer, small, vector_width, sp, batch, todo,
+               baselines, sweep, num_inputs, timing, timer, say, advance):
+  """Measures the baselines of one (layer, vector width, sparsity, batch),
+  then its rows."""
   conv = small.conv_kwargs()
-  w32 = wl.make_kernel(layer, sparsity=sp)
+  w32 = wl.make_kernel(layer, sparsity=sp, vector_width=vector_width)
   sk32 = SparseKernel.from_dense(w32)
   nnz = sk32.nnz
   inputs32 = [wl.make_input(small, batch, seed=i)
@@ -857,15 +987,16 @@ def _run_group(results, path, layer, small, sp, batch, todo, baselines,
       # e.g. out of memory for BCOO patches: record it, keep going.
       base_us[name] = None
       base_err[name] = _error_text(e)
-      say(f"[red]baseline {name} failed on {layer.name} b={batch}: "
+      say(f"[red]baseline {name} failed on {layer.name}"
+          f"{_vector_text(vector_width)} b={batch}: "
           f"{base_err[name]}[/]")
 
   for dtype, spec in todo:
-    fm = floor_model(small, batch, nnz, dtype)
+    fm = floor_model(small, batch, nnz, dtype, vector_width)
     row: dict[str, Any] = {
         "net": layer.net, "layer": layer.layer, "batch": batch,
         "sparsity": round(1.0 - nnz / layer.size, 6), "dtype": dtype,
-        "method": spec.label, "time_us": None,
+        "method": spec.label, "vector_width": vector_width, "time_us": None,
         "baselines_us": dict(base_us),
     }
     try:
@@ -922,10 +1053,13 @@ def _run_group(results, path, layer, small, sp, batch, todo, baselines,
 
 
 def _row_line(row: dict) -> str:
-  head = (f"{row['net']}/{row['layer']} b={row['batch']} "
-          f"sp={row['sparsity']:.3f} {row['dtype']} {row['method']}")
+  from rich.markup import escape
+  # escape: a label such as "escort[rpp=8]" is not rich markup.
+  head = escape(f"{row['net']}/{row['layer']} b={row['batch']} "
+                f"sp={row['sparsity']:.3f} {row['dtype']} {row['method']}"
+                f"{_vector_text(row.get('vector_width'))}")
   if row.get("error"):
-    return f"[red]{head}: FAILED {row['error']}[/]"
+    return f"[red]{head}: FAILED {escape(row['error'])}[/]"
   parts = [f"[bold]{head}[/]: {_fmt_us(row['time_us'])} us "
            f"(±{_fmt_us(row['spread_us'])})"]
   for name, t in row["baselines_us"].items():
@@ -967,35 +1101,65 @@ def _ok_rows(rows):
 
 
 def _group_key(r):
-  return (r["batch"], r["dtype"], r["method"])
+  """(batch, dtype, method, vector_width): rows averaged together."""
+  return (r["batch"], r["dtype"], r["method"], r.get("vector_width"))
+
+
+def _sort_key(key):
+  # vector_width None (unstructured) first; None never meets an int.
+  return tuple((v is not None, v if v is not None else 0) for v in key)
+
+
+def _target(r) -> float:
+  return round(float(r.get("target_sparsity", r["sparsity"])), 6)
+
+
+_SUBSETS = (("pruned", lambda r: True),
+            ("stride-1 ungrouped",
+             lambda r: r.get("stride", 1) == 1 and r.get("groups", 1) == 1))
 
 
 def summarize(results: dict) -> list[dict]:
-  """Geometric-mean speedups per (subset, batch, dtype, method) over the
-  published (non-sweep) rows of pruned layers. Subsets: "pruned" (all of
-  them, 39 layers in a full run) and "stride-1 ungrouped" (36)."""
-  rows = [r for r in _ok_rows(results["rows"])
-          if not r.get("sweep") and r["sparsity"] > 0]
+  """Geometric-mean speedups per (subset, sparsity, batch, dtype, method,
+  vector_width).
+
+  The published (non-sweep) rows of pruned layers give the entries with
+  "sparsity": None, over the subsets "pruned" (all of them, 39 layers in a
+  full run) and "stride-1 ungrouped" (36). Rows at an overridden sparsity
+  (--sparsity, --sweep) give one entry per target sparsity ("sparsity":
+  0.9, say) over the subset "all layers", and "stride-1 ungrouped" where
+  that differs. Unstructured and vector-sparse rows (vector_width V) are
+  never averaged together."""
+  ok = _ok_rows(results["rows"])
+  regimes: list[tuple[float | None, list]] = [
+      (None, [r for r in ok if not r.get("sweep") and r["sparsity"] > 0])]
+  swept = [r for r in ok if r.get("sweep")]
+  for sp in sorted({_target(r) for r in swept}):
+    regimes.append((sp, [r for r in swept if _target(r) == sp]))
   base_names = _baseline_names(results)
   out = []
-  subsets = (("pruned", lambda r: True),
-             ("stride-1 ungrouped",
-              lambda r: r.get("stride", 1) == 1 and r.get("groups", 1) == 1))
-  for subset, keep in subsets:
-    groups: dict[tuple, list] = {}
-    for r in rows:
-      if keep(r):
-        groups.setdefault(_group_key(r), []).append(r)
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2])):
-      g = groups[key]
-      out.append({
-          "subset": subset, "batch": key[0], "dtype": key[1],
-          "method": key[2], "layers": len(g),
-          "speedups": {b: geomean(r["speedups"].get(b) for r in g)
-                       for b in base_names},
-          "floor_fraction": geomean(r["floor_fraction"] for r in g),
-          "tflops": geomean(r["tflops"] for r in g),
-      })
+  for sp, rows in regimes:
+    for subset, keep in _SUBSETS:
+      if sp is not None:
+        if subset == "pruned":
+          subset = "all layers"
+        elif all(keep(r) for r in rows):
+          continue  # the same rows as "all layers"
+      groups: dict[tuple, list] = {}
+      for r in rows:
+        if keep(r):
+          groups.setdefault(_group_key(r), []).append(r)
+      for key in sorted(groups, key=_sort_key):
+        g = groups[key]
+        out.append({
+            "subset": subset, "sparsity": sp, "batch": key[0],
+            "dtype": key[1], "method": key[2], "vector_width": key[3],
+            "layers": len(g),
+            "speedups": {b: geomean(r["speedups"].get(b) for r in g)
+                         for b in base_names},
+            "floor_fraction": geomean(r["floor_fraction"] for r in g),
+            "tflops": geomean(r["tflops"] for r in g),
+        })
   return out
 
 
@@ -1006,6 +1170,11 @@ def _baseline_names(results: dict) -> list[str]:
       seen[k] = None
   return [b for b in ALL_BASELINES if b in seen] + [
       b for b in seen if b not in ALL_BASELINES]
+
+
+def _v_cell(vector_width: int | None) -> str:
+  """The V column: the vector width, "-" for unstructured sparsity."""
+  return "-" if vector_width is None else str(vector_width)
 
 
 def _shape_text(r: dict) -> str:
@@ -1023,11 +1192,14 @@ def write_report(results_json: str | os.PathLike,
                  out_dir: str | os.PathLike | None = None) -> dict:
   """Writes <stem>.md (tables) and PNG plots next to a results file.
 
-  The Markdown has, per row, the time, the floor and its fraction, TFLOP/s,
-  each baseline's time and the speedup over it; then the geometric means per
-  (batch, dtype, method). Plots (matplotlib, Agg canvas): per-layer speedup
-  bars over each baseline (<stem>-layers.png) and, where the results have
-  sweep rows, speedup against sparsity per baseline (<stem>-sweep.png).
+  The Markdown has the geometric means of summarize() (per subset,
+  sparsity, batch, dtype, method and vector width V), then, per row, the
+  time, the floor and its fraction, TFLOP/s, each baseline's time and the
+  speedup over it. A "V" column appears where some row is vector-sparse.
+  Plots (matplotlib, Agg canvas): per-layer speedup bars over each baseline
+  (<stem>-layers.png: the published rows, or the rows of a run at one
+  overridden sparsity) and, where the results sweep a layer over sparsities,
+  speedup against sparsity per baseline (<stem>-sweep.png).
 
   Returns:
     {"markdown": path, "plots": [paths]}.
@@ -1060,18 +1232,35 @@ def write_report(results_json: str | os.PathLike,
   lines.append("- speedup = baseline time / sparse time (>1: the sparse op "
                "is faster); floor = max(2·nnz·Ho·Wo·N / 67 TFLOP/s, bytes / "
                "3.0 TB/s); floor % = floor / time")
+  if any(r.get("vector_width") for r in rows):
+    lines.append("- V: the vector width of a vector-sparse kernel (whole "
+                 "vectors of V consecutive output channels kept; - = "
+                 "unstructured); every method of a V row runs on that "
+                 "kernel, and its floor takes the tensor-core rate (989 "
+                 "TFLOP/s) for bf16/f16")
   lines.append("")
   summary = summarize(results)
+  # The V column only where some row is vector-sparse.
+  vector_col = any(r.get("vector_width") for r in rows)
   if summary:
-    lines += ["## Geometric means (published sparsities)", ""]
-    head = ["subset", "batch", "dtype", "method", "layers"] + [
-        f"vs {BASELINE_TITLES.get(b, b)}" for b in base_names] + [
-            "floor %", "TFLOP/s"]
+    sparsity_col = any(s["sparsity"] is not None for s in summary)
+    lines += ["## Geometric means" + ("" if sparsity_col else
+                                      " (published sparsities)"), ""]
+    head = (["subset"] + ["sparsity"] * sparsity_col +
+            ["batch", "dtype", "method"] + ["V"] * vector_col + ["layers"]
+            + [f"vs {BASELINE_TITLES.get(b, b)}" for b in base_names] +
+            ["floor %", "TFLOP/s"])
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for s in summary:
-      cells = [s["subset"], str(s["batch"]), s["dtype"], s["method"],
-               str(s["layers"])]
+      cells = [s["subset"]]
+      if sparsity_col:
+        cells.append("published" if s["sparsity"] is None else
+                     f"{s['sparsity']:g}")
+      cells += [str(s["batch"]), s["dtype"], s["method"]]
+      if vector_col:
+        cells.append(_v_cell(s["vector_width"]))
+      cells.append(str(s["layers"]))
       cells += [_fmt_x(s["speedups"].get(b)) for b in base_names]
       cells += ["-" if s["floor_fraction"] is None else
                 f"{s['floor_fraction']:.1%}",
@@ -1089,8 +1278,9 @@ def write_report(results_json: str | os.PathLike,
     if not subset:
       continue
     lines += [f"## {title}", ""]
-    head = ["layer", "shape", "batch", "sparsity", "dtype", "method",
-            "time µs", "± µs", "floor µs", "floor %", "TFLOP/s"]
+    head = (["layer", "shape", "batch", "sparsity", "dtype", "method"] +
+            ["V"] * vector_col +
+            ["time µs", "± µs", "floor µs", "floor %", "TFLOP/s"])
     for b in base_names:
       head += [f"{BASELINE_TITLES.get(b, b)} µs", "×"]
     head.append("rel err")
@@ -1099,14 +1289,18 @@ def write_report(results_json: str | os.PathLike,
     for r in subset:
       if r.get("error"):
         cells = [f"{r['net']}/{r['layer']}", _shape_text(r), str(r["batch"]),
-                 f"{r['sparsity']:.3f}", r["dtype"], r["method"],
-                 "FAILED: " + r["error"].replace("|", "/")[:120]]
+                 f"{r['sparsity']:.3f}", r["dtype"], r["method"]]
+        if vector_col:
+          cells.append(_v_cell(r.get("vector_width")))
+        cells.append("FAILED: " + r["error"].replace("|", "/")[:120])
         cells += [""] * (len(head) - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
         continue
       cells = [f"{r['net']}/{r['layer']}", _shape_text(r), str(r["batch"]),
-               f"{r['sparsity']:.3f}", r["dtype"], r["method"],
-               _fmt_us(r["time_us"]), _fmt_us(r.get("spread_us")),
+               f"{r['sparsity']:.3f}", r["dtype"], r["method"]]
+      if vector_col:
+        cells.append(_v_cell(r.get("vector_width")))
+      cells += [_fmt_us(r["time_us"]), _fmt_us(r.get("spread_us")),
                _fmt_us(r["floor_us"]), f"{r['floor_fraction']:.1%}",
                f"{r['tflops']:.2f}"]
       for b in base_names:
@@ -1144,13 +1338,20 @@ def _log_speedup_axis(ax):
 
 
 def _plot_layers(results, base_names, path: Path) -> Path | None:
-  rows = [r for r in _ok_rows(results["rows"]) if not r.get("sweep")]
+  """Per-layer speedup bars of the published rows, and of the overridden
+  sparsity where a run has just one (e.g. every layer at 90%)."""
+  ok = _ok_rows(results["rows"])
+  rows = [r for r in ok if not r.get("sweep")]
+  swept = [r for r in ok if r.get("sweep")]
+  if len({_target(r) for r in swept}) == 1:
+    rows += swept
   if not rows or not base_names:
     return None
   groups: dict[tuple, list] = {}
   for r in rows:
-    groups.setdefault(_group_key(r), []).append(r)
-  keys = sorted(groups)[:12]  # a figure stays legible
+    regime = _target(r) if r.get("sweep") else None
+    groups.setdefault((regime,) + _group_key(r), []).append(r)
+  keys = sorted(groups, key=_sort_key)[:12]  # a figure stays legible
   n_layers = max(len(groups[k]) for k in keys)
   fig = _figure(max(8.0, 0.45 * n_layers * max(1, len(base_names)) / 2 + 3),
                 3.6 * len(keys))
@@ -1167,7 +1368,9 @@ def _plot_layers(results, base_names, path: Path) -> Path | None:
     ax.set_xticks(xs)
     ax.set_xticklabels([f"{r['net']}/{r['layer']}" for r in g], rotation=60,
                        ha="right", fontsize=7)
-    ax.set_title(f"{key[2]}, {key[1]}, batch {key[0]}")
+    at = "" if key[0] is None else f", all at sparsity {key[0]:g}"
+    ax.set_title(f"{key[3]}{_vector_text(key[4])}, {key[2]}, batch "
+                 f"{key[1]}{at}")
     ax.grid(axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=len(base_names))
   fig.suptitle(f"{results.get('device')} — {results.get('timer')}")
@@ -1184,14 +1387,17 @@ def _plot_sweep(results, base_names, path: Path) -> Path | None:
   for r in rows:
     lines.setdefault((f"{r['net']}/{r['layer']}",) + _group_key(r),
                      []).append(r)
+  if all(len({_target(r) for r in rs}) < 2 for rs in lines.values()):
+    return None  # no line to draw: one sparsity (see _plot_layers)
   fig = _figure(5.0 * len(base_names), 4.2)
   axes = fig.subplots(1, len(base_names), squeeze=False)[0]
   for ax, b in zip(axes, base_names):
-    for key, rs in sorted(lines.items()):
+    for key, rs in sorted(lines.items(), key=lambda kv: _sort_key(kv[0])):
       rs = sorted(rs, key=lambda r: r["sparsity"])
       ax.plot([r["sparsity"] for r in rs],
               [r["speedups"].get(b) or np.nan for r in rs], marker="o",
-              markersize=3, label=f"{key[0]} b={key[1]} {key[2]} {key[3]}")
+              markersize=3, label=f"{key[0]} b={key[1]} {key[2]} {key[3]}"
+              f"{_vector_text(key[4])}")
     _log_speedup_axis(ax)
     ax.set_xlabel("sparsity (fraction of zero weights)")
     ax.set_title(f"vs {BASELINE_TITLES.get(b, b)}")

@@ -268,13 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
                      "res3a_branch2b, res4a_branch2b, googlenet "
                      "inception_3a/3x3)")
   bench.add_argument("--method", nargs="+", metavar="METHOD",
-                     help="sparse_conv methods: escort, auto, dense "
-                     "(default: escort)")
+                     help="sparse_conv methods: escort, auto, vector, dense "
+                     "(default: escort); vector (the tensor-core kernel) "
+                     "needs --vector-width")
+  bench.add_argument("--vector-width", nargs="+", metavar="V",
+                     help="vector-sparse kernels: each layer keeps whole "
+                     "vectors of V consecutive output channels (8, 16, 32, "
+                     "64; 'none' adds the unstructured kernels); every "
+                     "method runs on them, rows record vector_width; layers "
+                     "whose output channels V does not divide are skipped "
+                     "(default: unstructured only)")
   bench.add_argument("--config", action="append", metavar="K=V,...",
-                     help="KernelConfig, e.g. rows_per_program=8,block_q=256,"
-                     "num_warps=4 (short: rpp, bq, nw, ns, u, gpp, qm); "
-                     "repeat to sweep configs; method label "
-                     "escort[rpp=8,bq=256,nw=4]")
+                     help="a KernelConfig for escort/auto, e.g. "
+                     "rows_per_program=8,block_q=256,num_warps=4 (short: "
+                     "rpp, bq, nw, ns, u, gpp, qm), or a VectorConfig for "
+                     "vector, e.g. block_q=64,block_k=32 (short: bq, bk, nw, "
+                     "ns); a config applies to each method whose config has "
+                     "all its fields; repeat to sweep configs; method label "
+                     "escort[rpp=8,bq=256,nw=4], vector[bq=64,bk=32]")
   bench.add_argument("--baselines", nargs="+", metavar="NAME",
                      help="baselines to time (default: lax_fp32_highest "
                      "lax_default lax_bf16 bcoo; also bcoo_cusparse)")
@@ -784,9 +795,19 @@ def _cmd_bench(args) -> int:
     if args.json:
       print(json.dumps(results, indent=1))
     return EXIT_OK
+  try:
+    vector_widths = bench.parse_vector_widths(_split_list(args.vector_width))
+  except bench.UsageError as e:
+    return usage(str(e))
   if args.tune:
-    return _tune(layers, batches or wl.batch_sizes(),
-                 _split_list(args.dtype) or ["float32"], args, console)
+    try:
+      dtypes = [bench.parse_dtype(d)
+                for d in _split_list(args.dtype) or ["float32"]]
+    except bench.UsageError as e:
+      return usage(str(e))
+    return _tune(layers, batches or wl.batch_sizes(), dtypes, args, console,
+                 vector_widths=vector_widths, sparsities=sparsities or None,
+                 max_hw=max_hw, num_inputs=inputs)
   try:
     results, path = bench.run_benchmark(
         layers, batches=batches or wl.batch_sizes(),
@@ -794,6 +815,7 @@ def _cmd_bench(args) -> int:
         methods=_split_list(args.method) or ["escort"],
         configs=args.config,
         sparsities=sparsities or None,
+        vector_widths=vector_widths,
         baselines=_split_list(args.baselines) or list(bench.BASELINES),
         out=args.out, resume=args.resume, max_hw=max_hw,
         num_inputs=inputs, repeats=repeats,
@@ -814,40 +836,64 @@ def _cmd_bench(args) -> int:
   return EXIT_OK
 
 
-def _tune(layers, batches, dtypes, args, console) -> int:
-  """`bench --tune`: records a plan per (layer, batch, dtype)."""
+def _tune(layers, batches, dtypes, args, console, *, vector_widths=(None,),
+          sparsities=None, max_hw=None, num_inputs=None) -> int:
+  """`bench --tune`: records a plan per (layer, vector width, sparsity,
+  batch, dtype), on the kernel the benchmark would time (vector-sparse with
+  --vector-width, so the vector kernel's candidates are tried too)."""
   import pathlib
   from escort_jax import tune
+  from escort_jax import workload as wl
   from escort_jax.structure import SparseKernel
   directory = pathlib.Path(args.plan_dir) if args.plan_dir else None
   report = []
   for layer in layers:
-    sk = SparseKernel.from_dense(_workload_kernel(layer))
-    conv = layer.conv_kwargs()
-    for batch in batches:
-      for dtype in dtypes:
-        entry = tune.tune_layer(
-            (batch, layer.in_hw, layer.in_hw, layer.in_channels), sk,
-            conv["window_strides"], conv["padding"],
-            feature_group_count=conv["feature_group_count"],
-            dtype=dtype, num_inputs=args.inputs or 10, directory=directory)
-        times = entry["times_us"]
-        best = min((t for k, t in times.items() if k != "dense"),
-                   default=float("nan"))
-        console.print(f"{layer.name} b={batch} {dtype}: {entry['method']} "
-                      f"(escort {best:.1f} us, dense {times['dense']:.1f} us)")
-        report.append(dict(layer=layer.name, batch=batch, dtype=dtype,
-                           **entry))
+    small = layer.scaled(max_hw)
+    conv = small.conv_kwargs()
+    for vw in vector_widths:
+      if vw is not None:
+        try:
+          layer.check_vector_width(vw)
+        except ValueError as e:
+          console.print(f"[yellow]skipped: {e}[/]", highlight=False)
+          continue
+      v_text = "" if vw is None else f" V={vw}"
+      for sp in sparsities or [None]:
+        sk = SparseKernel.from_dense(wl.make_kernel(layer, sparsity=sp,
+                                                    vector_width=vw))
+        sp_text = "" if sp is None else f" sp={sp:g}"
+        for batch in batches:
+          for dtype in dtypes:
+            entry = tune.tune_layer(
+                small.input_shape(batch), sk, conv["window_strides"],
+                conv["padding"],
+                feature_group_count=conv["feature_group_count"],
+                dtype=dtype, num_inputs=num_inputs or 10,
+                directory=directory)
+            times = entry["times_us"]
+            parts = [f"{kernel} {_best_time(times, kernel):.1f} us"
+                     for kernel in ("escort", "vector")
+                     if kernel == "escort" or kernel in entry["best_configs"]]
+            parts.append(f"dense {times['dense']:.1f} us")
+            console.print(f"{layer.name}{v_text}{sp_text} b={batch} "
+                          f"{dtype}: {entry['method']} "
+                          f"({', '.join(parts)})", highlight=False)
+            report.append(dict(layer=layer.name, batch=batch, dtype=dtype,
+                               in_hw=small.in_hw, requested_vector_width=vw,
+                               sparsity=round(1.0 - sk.nnz / layer.size, 6),
+                               **entry))
   if args.json:
     print(json.dumps(report, indent=1))
   return EXIT_OK
 
 
-def _workload_kernel(layer):
-  from escort_jax import workload as wl
-  return wl.make_kernel(layer)
-
-
+def _best_time(times: dict, kernel: str) -> float:
+  """The fastest time of a tuned kernel's candidates (NaN if none ran)."""
+  from escort_jax import tune
+  vector = [k.startswith(tune.VECTOR_PREFIX) for k in times]
+  ts = [t for k, t, v in zip(times, times.values(), vector)
+        if k != "dense" and v == (kernel == "vector") and t == t]
+  return min(ts, default=float("nan"))
 
 
 _COMMANDS = {"demo": "_cmd_demo", "convert": "_cmd_convert",

@@ -1,6 +1,12 @@
 """The autotuner: measures a layer's candidate kernel configs and dense
 lax.conv of the same dtype and precision, and records the fastest as its plan.
 
+Every layer tries the escort kernel's candidates; a vector-sparse layer
+(ops.structure_vector_width >= 8 on its geometry) also tries the vector
+kernel's. The plan records the winning method ("escort", "vector" or
+"dense") and the config of the faster sparse kernel, with "config_method"
+naming that kernel (plans.config_from_entry reads it).
+
 Tuning is explicit (this API, or `escort-jax bench --tune`); nothing tunes
 inside SparseKernel.from_dense or at trace time. Times are device kernel
 times (escort_jax.bench.device_time_us), layout passes included.
@@ -17,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax import dispatch, plans
-from escort_jax.ops import KernelConfig, make_spec, sparse_conv
+from escort_jax.ops import (KernelConfig, VectorConfig, make_spec,
+                            sparse_conv, structure_vector_width)
 from escort_jax.structure import SparseKernel
 
 # Candidates from the H100 tile sweeps of 2026-11-24
@@ -29,10 +36,29 @@ DEFAULT_CANDIDATES = (
     KernelConfig(8, 256, 4, 1, 1),
 )
 
+# Vector-kernel candidates (block_q, block_k, num_warps, num_stages), tried
+# on vector-sparse layers only.
+DEFAULT_VECTOR_CANDIDATES = (
+    VectorConfig(128, 32, 4, 2),
+    VectorConfig(128, 64, 4, 2),
+    VectorConfig(64, 32, 4, 2),
+    VectorConfig(256, 32, 8, 2),
+    VectorConfig(128, 32, 4, 3),
+)
 
-def config_label(cfg: KernelConfig) -> str:
-  """'rows_per_program=4,block_q=128,...': the key of a config's time."""
+VECTOR_PREFIX = "vector:"
+
+
+def config_label(cfg: KernelConfig | VectorConfig) -> str:
+  """'rows_per_program=4,block_q=128,...' (or 'block_q=128,block_k=32,...'
+  for a VectorConfig): the fields of a config."""
   return ",".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
+
+
+def time_key(method: str, cfg: KernelConfig | VectorConfig) -> str:
+  """The key of a candidate's time in a plan's times_us: config_label for
+  escort configs, 'vector:' + config_label for vector ones."""
+  return (VECTOR_PREFIX if method == "vector" else "") + config_label(cfg)
 
 
 def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
@@ -41,6 +67,8 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
                dimension_numbers=("NHWC", "HWIO", "NHWC"), dtype=jnp.float32,
                precision=None,
                candidates: Sequence[KernelConfig] = DEFAULT_CANDIDATES,
+               vector_candidates: Sequence[VectorConfig] = (
+                   DEFAULT_VECTOR_CANDIDATES),
                num_inputs: int = 10, seed: int = 0, save: bool = True,
                directory=None) -> dict:
   """Times the candidates on random inputs and records the winner.
@@ -51,10 +79,16 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
     dtype: the input dtype to tune for.
     precision: the precision of the dense alternative (and of the plan key).
     candidates: escort kernel configs to try.
+    vector_candidates: vector kernel configs to try where the structure is
+      vector-sparse on this geometry (V >= 8); () to skip the vector kernel.
     save: record the plan (escort_jax.plans.record).
 
   Returns:
-    The plan entry: method, config, times_us of every candidate, device,
+    The plan entry: method ("escort", "vector" or "dense"), config (of the
+    faster sparse kernel) and config_method (its kernel: "escort" or
+    "vector"), best_configs (the best config of each sparse kernel timed),
+    vector_width (the structure's V here, 1 if not vector-sparse),
+    times_us of every candidate (keys: time_key) and of "dense", device,
     date.
   """
   from escort_jax.bench import device_time_us  # heavy imports; tuning only
@@ -73,25 +107,43 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
   dense = jax.jit(lambda x: sparse_conv(x, skd, window_strides, padding,
                                         method="dense", **conv))
   times["dense"] = device_time_us(dense, inputs).median_us
-  best_cfg, best_t = None, float("inf")
-  for cfg in candidates:
-    f = jax.jit(lambda x, cfg=cfg: sparse_conv(
-        x, skd, window_strides, padding, method="escort", config=cfg, **conv))
-    label = config_label(cfg)
-    try:
-      t = device_time_us(f, inputs).median_us
-    except Exception as e:  # pylint: disable=broad-except
-      # A config the compiler rejects (e.g. out of registers) is no candidate.
-      times[label] = float("nan")
-      print(f"tune: {label} failed: {type(e).__name__}: {str(e)[:200]}")
-      continue
-    times[label] = t
-    if t < best_t:
-      best_cfg, best_t = cfg, t
-  method = "escort" if best_t < times["dense"] else "dense"
+
+  def fastest(method, configs):
+    """(config, time) of the fastest of `configs` on `method`."""
+    best_cfg, best_t = None, float("inf")
+    for cfg in configs:
+      f = jax.jit(lambda x, cfg=cfg: sparse_conv(
+          x, skd, window_strides, padding, method=method, config=cfg,
+          **conv))
+      label = time_key(method, cfg)
+      try:
+        t = device_time_us(f, inputs).median_us
+      except Exception as e:  # pylint: disable=broad-except
+        # A config the compiler rejects (e.g. out of registers) is no
+        # candidate.
+        times[label] = float("nan")
+        print(f"tune: {label} failed: {type(e).__name__}: {str(e)[:200]}")
+        continue
+      times[label] = t
+      if t < best_t:
+        best_cfg, best_t = cfg, t
+    return best_cfg, best_t
+
+  best = {"escort": fastest("escort", candidates)}
+  vector_width = structure_vector_width(skd.structure, spec.geometry)
+  if vector_width >= 8 and vector_candidates:
+    best["vector"] = fastest("vector", vector_candidates)
+  # The faster sparse kernel (escort on a tie), then it against dense.
+  kernel = min(best, key=lambda m: best[m][1])
+  best_cfg, best_t = best[kernel]
+  method = kernel if best_t < times["dense"] else "dense"
   entry = {
       "method": method,
       "config": dataclasses.asdict(best_cfg) if best_cfg else {},
+      "config_method": kernel,
+      "best_configs": {m: dataclasses.asdict(c) for m, (c, _) in best.items()
+                       if c is not None},
+      "vector_width": int(vector_width),
       "times_us": times,
       "device": jax.devices()[0].device_kind,
       "jax_version": jax.__version__,

@@ -6,7 +6,9 @@ pruned models published with SkimCaffe; 39 are pruned (caffenet/conv1 is
 dense). The standard workload (/work/shared/BENCHMARKING.md) keeps
 round(size * (1 - sparsity)) random N(0, 1) weights at positions drawn
 uniformly over the whole kernel, with a fixed seed per layer, and feeds
-random N(0, 1) inputs.
+random N(0, 1) inputs. make_kernel(..., vector_width=V) draws the
+vector-sparse variant instead: whole vectors of V consecutive output channels
+at one kernel position (r, s, c), for the method="vector" kernel.
 
 Layouts: kernels are HWIO (k, k, in_channels / groups, out_channels), inputs
 NHWC (batch, in_hw, in_hw, in_channels); padding is symmetric.
@@ -83,11 +85,36 @@ class Layer:
     """Whether the published model pruned this layer (sparsity > 0)."""
     return self.sparsity > 0
 
-  def nnz(self, sparsity: float | None = None) -> int:
+  def nnz(self, sparsity: float | None = None,
+          vector_width: int | None = None) -> int:
     """round(size * (1 - sparsity)): the weights kept (published sparsity
-    by default)."""
+    by default); with vector_width V, V * round(size * (1 - sparsity) / V)
+    (whole V-vectors are kept)."""
     sp = self.sparsity if sparsity is None else float(sparsity)
-    return int(round(self.size * (1.0 - sp)))
+    if vector_width is None:
+      return int(round(self.size * (1.0 - sp)))
+    v = int(vector_width)
+    return v * int(round(self.size * (1.0 - sp) / v))
+
+  def check_vector_width(self, vector_width: int) -> int:
+    """V as an int, if whole V-vectors of output channels fit the layer.
+
+    Raises:
+      ValueError: V is not positive, or does not divide the output channels
+        of each feature group (a vector never straddles two groups).
+    """
+    v = int(vector_width)
+    if v != vector_width or v <= 0:
+      raise ValueError(f"vector_width must be a positive integer, got "
+                       f"{vector_width!r}")
+    per_group = self.out_channels // self.groups
+    if self.out_channels % v or per_group % v:
+      raise ValueError(
+          f"{self.name}: vector_width={v} does not divide its "
+          f"{self.out_channels} output channels"
+          + (f" ({per_group} per feature group)" if self.groups > 1 else "")
+          + "; vectors of V consecutive output channels must tile them")
+    return v
 
   def input_shape(self, batch: int) -> tuple[int, int, int, int]:
     """NHWC: (batch, in_hw, in_hw, in_channels)."""
@@ -115,9 +142,11 @@ class Layer:
                 padding=self.explicit_padding,
                 feature_group_count=self.groups)
 
-  def useful_flops(self, batch: int, sparsity: float | None = None) -> int:
+  def useful_flops(self, batch: int, sparsity: float | None = None,
+                   vector_width: int | None = None) -> int:
     """2 * nnz * Ho * Wo * batch."""
-    return 2 * self.nnz(sparsity) * self.out_hw * self.out_hw * batch
+    return (2 * self.nnz(sparsity, vector_width) * self.out_hw * self.out_hw
+            * batch)
 
   def dense_flops(self, batch: int) -> int:
     """2 * size * Ho * Wo * batch: the dense convolution's FLOPs."""
@@ -216,7 +245,8 @@ def layer_seed(layer: Layer) -> int:
 
 
 def make_kernel(layer: Layer, sparsity: float | None = None,
-                seed: int | None = None, dtype=np.float32) -> np.ndarray:
+                seed: int | None = None, dtype=np.float32,
+                vector_width: int | None = None) -> np.ndarray:
   """A random pruned HWIO kernel (k, k, in/groups, out) for `layer`.
 
   Keeps exactly round(size * (1 - sparsity)) N(0, 1) weights, at positions
@@ -227,19 +257,39 @@ def make_kernel(layer: Layer, sparsity: float | None = None,
   of more), and the values at the kept positions do not depend on sparsity.
   Kept weights are never zero, also after rounding to `dtype`.
 
+  With vector_width V the kernel is vector-sparse instead: it keeps
+  round(size * (1 - sparsity) / V) whole V-vectors, each the V consecutive
+  output channels b*V .. b*V + V - 1 at one kernel position (r, s, c), drawn
+  uniformly (without replacement) from the size / V vectors, again as a
+  prefix of one permutation per (seed, V), so nested across sparsities;
+  exactly V times that many nonzeros. The values are those of the
+  unstructured kernel at the same positions.
+
   Args:
     layer: the workload layer.
     sparsity: fraction of zero weights (default: the layer's published one).
     seed: overrides the per-layer seed.
     dtype: a numpy or jax dtype (float32, bfloat16, ...).
+    vector_width: V, or None for unstructured sparsity.
+
+  Raises:
+    ValueError: sparsity outside [0, 1], or V does not divide the layer's
+      output channels (per feature group).
   """
   sp = layer.sparsity if sparsity is None else float(sparsity)
   if not 0.0 <= sp <= 1.0:
     raise ValueError(f"sparsity must lie in [0, 1], got {sp}")
   seed = layer_seed(layer) if seed is None else int(seed)
   size = layer.size
-  keep = layer.nnz(sp)
-  positions = np.random.default_rng([seed, 0]).permutation(size)[:keep]
+  if vector_width is None:
+    keep = layer.nnz(sp)
+    positions = np.random.default_rng([seed, 0]).permutation(size)[:keep]
+  else:
+    v = layer.check_vector_width(vector_width)
+    keep = layer.nnz(sp, v) // v
+    # HWIO with O innermost: vector i holds the flat positions i*V .. i*V+V-1.
+    vectors = np.random.default_rng([seed, 2, v]).permutation(size // v)
+    positions = (vectors[:keep, None] * v + np.arange(v)).reshape(-1)
   values = np.random.default_rng([seed, 1]).standard_normal(size)
   dtype = jnp.dtype(dtype)
   kept = values[positions].astype(dtype)

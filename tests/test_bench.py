@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from escort_jax import bench
+from escort_jax import ops as ej_ops
 from escort_jax import workload as wl
 
 # --------------------------------------------------------------------------
@@ -447,3 +448,142 @@ def test_trace_split_needs_identical_runs():
       _x(2, 1, 2.0, 1.0, "b"), _x(2, 1, 3.0, 1.0, "a")]})
   assert s.split(2) is None
   assert [p.total_us for p in s.split(1)] == [4.0]
+
+
+# --------------------------------------------------------------------------
+# Vector-sparse rows (--vector-width).
+
+
+def test_vector_configs_and_labels():
+  cfg, items = bench.parse_config("bq=64,bk=32,ns=3", ej_ops.VectorConfig)
+  assert cfg == ej_ops.VectorConfig(block_q=64, block_k=32, num_stages=3)
+  assert bench.config_label("vector", items) == "vector[bq=64,bk=32,ns=3]"
+  with pytest.raises(bench.UsageError, match="unknown VectorConfig field"):
+    bench.parse_config("rpp=4", ej_ops.VectorConfig)
+  with pytest.raises(bench.UsageError, match="unknown KernelConfig field"):
+    bench.parse_config("bk=32")
+  # A config goes to each method whose config class has all its fields.
+  specs = bench.method_specs(["escort", "vector", "dense"],
+                             ["rpp=8", "bk=64", "bq=64,nw=8"])
+  assert [s.label for s in specs] == [
+      "escort[rpp=8]", "escort[bq=64,nw=8]", "vector[bk=64]",
+      "vector[bq=64,nw=8]", "dense"]
+  by_label = {s.label: s for s in specs}
+  assert by_label["vector[bk=64]"].config == ej_ops.VectorConfig(block_k=64)
+  assert by_label["escort[bq=64,nw=8]"].config == ej_ops.KernelConfig(
+      block_q=64, num_warps=8)
+  # No config fits vector: it runs with its default.
+  assert [s.label for s in bench.method_specs(["vector", "escort"],
+                                              ["rpp=2"])] == [
+      "vector", "escort[rpp=2]"]
+  with pytest.raises(bench.UsageError, match="fits no method"):
+    bench.method_specs(["escort", "vector"], ["speed=11"])
+  with pytest.raises(bench.UsageError, match="unknown KernelConfig field"):
+    bench.method_specs(["escort"], ["bk=64"])
+
+
+def test_parse_vector_widths():
+  assert bench.parse_vector_widths(None) == [None]
+  assert bench.parse_vector_widths([]) == [None]
+  assert bench.parse_vector_widths(["16", 8, "none", "0", 16]) == [
+      16, 8, None]
+  for bad in ("12", "x", 4):
+    with pytest.raises(bench.UsageError, match="vector width"):
+      bench.parse_vector_widths([bad])
+
+
+def test_row_key_separates_vector_widths():
+  row = {"net": "n", "layer": "l", "batch": 1, "sparsity": 0.9,
+         "dtype": "bfloat16", "method": "escort", "in_hw": 8}
+  old = bench.row_key(row)  # a row written before vector widths existed
+  assert bench.row_key(dict(row, vector_width=None)) == old
+  assert bench.row_key(dict(row, vector_width=16)) != old
+  assert bench.row_key(dict(row, vector_width=16)) != bench.row_key(
+      dict(row, vector_width=32))
+
+
+def test_floor_model_vector_uses_tensor_cores():
+  layer = wl.get_layer("resnet50/res3a_branch2b")
+  nnz = layer.nnz(0.9, 16)
+  plain = bench.floor_model(layer, 32, nnz, "bfloat16")
+  vec = bench.floor_model(layer, 32, nnz, "bfloat16", 16)
+  assert vec["compute_us"] == pytest.approx(
+      plain["compute_us"] * bench.CUDA_CORE_RATE / 989e12)
+  # One index per kept vector and per block of 16 channels, not per weight.
+  assert plain["bytes"] - vec["bytes"] == (
+      (nnz - nnz // 16) + (128 - 128 // 16)) * bench.INDEX_BYTES
+  # fp32 stays on the CUDA-core rate; V < 8 is no vector kernel.
+  assert bench.floor_model(layer, 32, nnz, "float32", 16)["compute_us"] == (
+      pytest.approx(bench.floor_model(layer, 32, nnz,
+                                      "float32")["compute_us"]))
+  assert bench.floor_model(layer, 32, nnz, "bfloat16", 4) == plain
+
+
+def test_tiny_vector_run_resume_and_report(tmp_path):
+  """Unstructured and V=16 rows of one layer side by side; resume adds V=8
+  rows without redoing any; the report keeps every V apart."""
+  layer = wl.get_layer("googlenet/inception_3a/5x5")
+  results, path = _tiny(tmp_path, methods=["vector", "escort"],
+                        dtypes=["bfloat16"], vector_widths=[None, 16],
+                        baselines=["lax_bf16"], max_hw=4)
+  rows = results["rows"]
+  assert [(r["method"], r["vector_width"]) for r in rows] == [
+      ("escort", None), ("vector", 16), ("escort", 16)]
+  for r in rows:
+    assert "error" not in r, r.get("error")
+    assert r["rel_err"] < 3e-2 and r["time_us"] > 0
+  assert rows[0]["nnz"] == layer.nnz()
+  assert rows[1]["nnz"] == rows[2]["nnz"] == layer.nnz(vector_width=16)
+  assert rows[1]["sparsity"] == pytest.approx(
+      1 - layer.nnz(vector_width=16) / layer.size)
+  results2, _ = _tiny(tmp_path, methods=["vector", "escort"],
+                      dtypes=["bfloat16"], vector_widths=[16, 8],
+                      baselines=["lax_bf16"], max_hw=4, resume=path)
+  rows2 = results2["rows"]
+  assert rows2[:3] == rows
+  assert [(r["method"], r["vector_width"]) for r in rows2[3:]] == [
+      ("vector", 8), ("escort", 8)]
+
+  summary = bench.summarize(results2)
+  pruned = [(s["method"], s["vector_width"]) for s in summary
+            if s["subset"] == "pruned"]
+  assert pruned == [("escort", None), ("escort", 8), ("escort", 16),
+                    ("vector", 8), ("vector", 16)]
+  assert all(s["layers"] == 1 and s["sparsity"] is None for s in summary)
+  text = bench.write_report(path)["markdown"].read_text()
+  assert "| subset | batch | dtype | method | V | layers |" in text
+  assert "| pruned | 1 | bfloat16 | vector | 16 | 1 |" in text
+  assert "| pruned | 1 | bfloat16 | escort | - | 1 |" in text
+  assert "| pruned | 1 | bfloat16 | escort | 8 | 1 |" in text
+
+
+def test_vector_rows_at_one_sparsity(tmp_path):
+  """Every layer at 90%: sweep rows, a geometric mean per V at 0.9, the
+  layers plot (one sparsity) and no sweep plot; a layer that V does not
+  fit is skipped."""
+  layers = [wl.get_layer("googlenet/inception_3a/5x5"),
+            wl.get_layer("googlenet/inception_4a/5x5")]  # 48 outputs
+  results, path = bench.run_benchmark(
+      layers, batches=[1], dtypes=["bfloat16"], methods=["vector"],
+      sparsities=[0.9], vector_widths=[32], max_hw=4, num_inputs=1,
+      repeats=1, baselines=["lax_bf16"], show_progress=False,
+      out=tmp_path / "v.json")
+  (row,) = results["rows"]
+  assert row["layer"] == "inception_3a/5x5" and row["vector_width"] == 32
+  assert row["sweep"] is True and row["target_sparsity"] == 0.9
+  assert row["nnz"] == layers[0].nnz(0.9, 32)
+  (s,) = bench.summarize(results)
+  assert (s["subset"], s["sparsity"], s["method"], s["vector_width"]) == (
+      "all layers", 0.9, "vector", 32)
+  paths = bench.write_report(path)
+  assert [p.name for p in paths["plots"]] == ["v-layers.png"]
+  text = paths["markdown"].read_text()
+  assert "| all layers | 0.9 | 1 | bfloat16 | vector | 32 | 1 |" in text
+  with pytest.raises(bench.UsageError, match="does not divide"):
+    bench.run_benchmark(layers[1:], batches=[1], methods=["vector"],
+                        vector_widths=[32], max_hw=4, show_progress=False,
+                        out=tmp_path / "none.json")
+  with pytest.raises(bench.UsageError, match="needs vector-sparse"):
+    bench.run_benchmark(layers[:1], batches=[1], methods=["escort", "vector"],
+                        max_hw=4, show_progress=False,
+                        out=tmp_path / "none.json")

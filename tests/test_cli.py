@@ -513,6 +513,13 @@ def test_no_command_exits_2(capsys):
     (["bench", "--config", "speed=11"], "unknown KernelConfig field"),
     (["bench", "--baselines", "cudnn"], "unknown baseline"),
     (["bench", "--resume", "/nonexistent/results.json"], "no such file"),
+    (["bench", "--vector-width", "12"], "vector width"),
+    (["bench", "--method", "vector"], "needs vector-sparse"),
+    (["bench", "--config", "bk=64"], "unknown KernelConfig field"),
+    (["bench", "--method", "escort", "vector", "--vector-width", "16",
+      "--config", "speed=11"], "fits no method"),
+    (["bench", "--layers", "inception_4a/5x5", "--vector-width", "32"],
+     "does not divide"),
 ])
 def test_bench_usage_errors_exit_2(argv, message, capsys, tmp_path):
   # Tiny settings, so that a check that wrongly passes cannot start a long
@@ -541,6 +548,54 @@ def test_bench_tiny_run_json(tmp_path, capsys):
   assert set(row["baselines_us"]) == {"lax_fp32_highest", "lax_bf16"}
   assert (tmp_path / "bench.md").exists()
   assert (tmp_path / "bench-layers.png").exists()
+
+
+def test_bench_vector_rows_json(tmp_path, capsys):
+  """Issue 5's workload, tiny: vector-sparse kernels (V=16) at 75%, bf16,
+  against lax bf16, with the vector kernel, auto and a VectorConfig."""
+  out = tmp_path / "vec.json"
+  code = cli.main(["bench", "--small", "--layers", "inception_3a/5x5",
+                   "--max-hw", "4", "--vector-width", "16", "--sparsity",
+                   "75%", "--dtype", "bf16", "--method", "vector", "auto",
+                   "--config", "bq=32,bk=16", "--baselines", "lax_bf16",
+                   "--out", str(out), "--json"])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err[-3000:]
+  rows = json.loads(captured.out)["rows"]
+  assert [(r["method"], r["vector_width"]) for r in rows] == [
+      ("vector[bq=32,bk=16]", 16), ("auto", 16)]  # bk: no KernelConfig
+  assert rows[0]["config"] == {"block_q": 32, "block_k": 16}
+  assert all(r["target_sparsity"] == 0.75 and r["sweep"] for r in rows)
+  assert "| all layers | 0.75 | 1 | bfloat16 | vector[bq=32,bk=16] | 16 |" in (
+      (tmp_path / "vec.md").read_text())
+
+
+def test_bench_tune_vector(tmp_path, capsys, monkeypatch):
+  """`bench --tune --vector-width 16` tunes the vector-sparse kernel, so the
+  vector kernel's candidates are timed too (one candidate each, here)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from escort_jax import tune  # pylint: disable=g-import-not-at-top
+  from escort_jax.ops import KernelConfig, VectorConfig
+  monkeypatch.setattr(tune, "tune_layer", functools.partial(
+      tune.tune_layer, candidates=(KernelConfig(2, 32, 4, 1, 1),),
+      vector_candidates=(VectorConfig(32, 16, 4, 2),)))
+  code = cli.main(["bench", "--tune", "--small", "--layers",
+                   "inception_3a/5x5", "--max-hw", "4", "--vector-width",
+                   "none", "16", "--sparsity", "0.9", "--dtype", "bf16",
+                   "--plan-dir", str(tmp_path), "--json"])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err[-3000:]
+  plain, vec = json.loads(captured.out)
+  assert plain["requested_vector_width"] is None
+  assert plain["vector_width"] == 1 and plain["config_method"] == "escort"
+  assert not any(k.startswith("vector:") for k in plain["times_us"])
+  assert vec["requested_vector_width"] == 16 and vec["vector_width"] == 16
+  assert vec["sparsity"] == 0.9 and vec["in_hw"] == 4
+  assert "vector:block_q=32,block_k=16,num_warps=4,num_stages=2" in (
+      vec["times_us"])
+  assert vec["method"] in ("escort", "vector", "dense")
+  assert "V=16 sp=0.9 b=1 bfloat16" in captured.err
+  assert (tmp_path / "cpu.json").exists()
 
 
 def test_spread_indices():

@@ -1,0 +1,146 @@
+"""The tuner on vector-sparse layers: the vector kernel's candidates are
+timed beside the escort kernel's and dense, and the plan it records says
+which kernel its config belongs to (on the CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import escort_jax as ej
+from escort_jax import bench, dispatch, ops, plans, tune
+from escort_jax.conv_geometry import make_geometry
+from escort_jax.ops import KernelConfig, VectorConfig
+from escort_jax.prune import vector_mask
+
+X_SHAPE = (1, 6, 6, 4)
+ESCORT = (KernelConfig(2, 32, 4, 1, 1), KernelConfig(4, 32, 4, 1, 1))
+VECTOR = (VectorConfig(32, 16, 4, 2), VectorConfig(16, 16, 4, 2))
+
+
+@pytest.fixture
+def plan_dir(tmp_path, monkeypatch):
+  monkeypatch.setenv("ESCORT_JAX_PLAN_DIR", str(tmp_path))
+  plans.clear_cache()
+  yield tmp_path
+  plans.clear_cache()
+
+
+def _vector_kernel(seed=0, shape=(3, 3, 4, 16), v=8, sparsity=0.6):
+  k = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+  return ej.SparseKernel.from_dense(k * vector_mask(k, sparsity, v))
+
+
+def _unstructured_kernel(seed=0, shape=(3, 3, 4, 16)):
+  rng = np.random.default_rng(seed)
+  k = rng.standard_normal(shape).astype(np.float32)
+  return ej.SparseKernel.from_dense(k * (rng.random(shape) < 0.4))
+
+
+def _fake_times(monkeypatch, times):
+  """device_time_us returns `times` in call order (dense, escort
+  candidates, vector candidates) without running anything (the real route
+  is test_real_timing_of_a_vector_layer's)."""
+  queue = list(times)
+
+  def fake(fn, inputs, **kwargs):
+    del fn, inputs, kwargs
+    return bench.Timing(median_us=queue.pop(0), spread_us=0.0,
+                        samples_us=[], timer=bench.TIMER_CPU)
+
+  monkeypatch.setattr(bench, "device_time_us", fake)
+  return queue
+
+
+def _key(sk, dtype=jnp.float32):
+  g = make_geometry(X_SHAPE, sk.structure, (1, 1), "SAME", (1, 1), 1)
+  return g, plans.plan_key(sk.structure.digest, g, dtype, None)
+
+
+def test_default_vector_candidates():
+  assert len(tune.DEFAULT_VECTOR_CANDIDATES) >= 4
+  for c in tune.DEFAULT_VECTOR_CANDIDATES:
+    assert isinstance(c, VectorConfig)
+    assert c.block_q >= 16 and c.block_q & (c.block_q - 1) == 0
+    assert c.block_k % 16 == 0
+  assert VectorConfig() in tune.DEFAULT_VECTOR_CANDIDATES
+  assert tune.time_key("vector", VectorConfig(64, 32, 4, 2)) == (
+      "vector:block_q=64,block_k=32,num_warps=4,num_stages=2")
+  assert tune.time_key("escort", ESCORT[0]) == tune.config_label(ESCORT[0])
+
+
+def test_vector_wins_and_dispatch_follows(plan_dir, monkeypatch):
+  sk = _vector_kernel()
+  queue = _fake_times(monkeypatch, [100.0, 50.0, 40.0, 30.0, 10.0])
+  entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT,
+                          vector_candidates=VECTOR, num_inputs=1,
+                          directory=plan_dir)
+  assert not queue  # every candidate was timed
+  assert entry["method"] == "vector" and entry["config_method"] == "vector"
+  assert entry["vector_width"] == 8
+  assert entry["config"] == {"block_q": 16, "block_k": 16, "num_warps": 4,
+                             "num_stages": 2}
+  assert entry["best_configs"]["escort"]["rows_per_program"] == 4
+  assert set(entry["times_us"]) == {"dense"} | {
+      tune.time_key("escort", c) for c in ESCORT} | {
+          tune.time_key("vector", c) for c in VECTOR}
+  assert plans.config_from_entry(entry) == VECTOR[1]
+  assert plans.config_from_entry(entry, "escort") is None
+  g, key = _key(sk)
+  assert plans.lookup(key) == entry
+  # method="auto" on a GPU follows the plan: the vector kernel, its config.
+  choice = dispatch.choose(sk.structure, g, jnp.float32, None, "auto", None,
+                           True)
+  assert (choice.method, choice.config, choice.source) == (
+      "vector", VECTOR[1], "plan")
+  choice = dispatch.choose(sk.structure, g, jnp.float32, None, "vector",
+                           None, True)
+  assert (choice.config, choice.source) == (VECTOR[1], "plan")
+
+
+def test_dense_wins_config_of_the_faster_sparse_kernel(plan_dir,
+                                                       monkeypatch):
+  sk = _vector_kernel(seed=1)
+  _fake_times(monkeypatch, [1.0, 20.0, 30.0, 40.0, 50.0])
+  entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT,
+                          vector_candidates=VECTOR, num_inputs=1,
+                          directory=plan_dir)
+  assert entry["method"] == "dense" and entry["config_method"] == "escort"
+  assert plans.config_from_entry(entry, "escort") == ESCORT[0]
+  assert plans.config_from_entry(entry, "vector") is None
+  assert entry["best_configs"]["vector"] == {
+      "block_q": 32, "block_k": 16, "num_warps": 4, "num_stages": 2}
+
+
+def test_unstructured_layer_times_no_vector_kernel(plan_dir, monkeypatch):
+  sk = _unstructured_kernel()
+  queue = _fake_times(monkeypatch, [100.0, 50.0, 40.0, 1.0])
+  entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT,
+                          vector_candidates=VECTOR, num_inputs=1,
+                          directory=plan_dir)
+  assert queue == [1.0]  # no vector candidate was timed
+  assert entry["vector_width"] == 1
+  assert entry["method"] == "escort" and entry["config_method"] == "escort"
+  assert "vector" not in entry["best_configs"]
+  assert plans.config_from_entry(entry) == ESCORT[1]
+
+
+def test_real_timing_of_a_vector_layer(plan_dir):
+  """No fakes: every candidate runs (Pallas interpreter) and is timed."""
+  sk = _vector_kernel(seed=2, v=16)
+  entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT[:1],
+                          vector_candidates=VECTOR[:1], num_inputs=2,
+                          directory=plan_dir)
+  assert entry["vector_width"] == 16
+  assert all(t > 0 for t in entry["times_us"].values())
+  assert tune.time_key("vector", VECTOR[0]) in entry["times_us"]
+  assert entry["config_method"] in ("escort", "vector")
+  cfg = plans.config_from_entry(entry, entry["config_method"])
+  assert cfg in (ESCORT[0], VECTOR[0])
+  # The plan's method and config run through sparse_conv as recorded.
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(X_SHAPE),
+                  jnp.float32)
+  y = ej.sparse_conv(x, sk, method=entry["config_method"], config=cfg)
+  ref = ops.sparse_conv(x, sk, method="dense",
+                        precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)

@@ -41,6 +41,7 @@ import numpy as np
 
 from escort_jax import conv_geometry as cg
 from escort_jax import dispatch
+from escort_jax import sharding
 from escort_jax.structure import SparseKernel
 from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
                                                direct_sparse_conv)
@@ -98,10 +99,12 @@ class VectorConfig:
   num_stages: Triton's.
   """
 
+  # (128, 32, 4, 3) had the best geometric mean over 8 workload layers at
+  # batch 32 in bf16 on an H100 (benchmarks/vector_sweep.py, 2026-11-24).
   block_q: int = 128
   block_k: int = 32
   num_warps: int = 4
-  num_stages: int = 2
+  num_stages: int = 3
 
 
 DEFAULT_VECTOR_CONFIG = VectorConfig()
@@ -303,56 +306,6 @@ def _launch(c: KernelConfig) -> dict:
               groups_per_program=c.groups_per_program, q_major=c.q_major)
 
 
-def _run_forward(plan: EscortPlan, values, bias, x_flat, relu, out_dtype):
-  c = plan.config
-  return direct_sparse_conv(
-      x_flat, plan.forward.gather_values(values), plan.forward,
-      out_len=plan.geometry.out_len, bias=bias, relu=relu,
-      out_dtype=out_dtype, interpret=not on_gpu(), **_launch(c))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
-def _escort_core(plan: EscortPlan, values, bias, x_flat, relu, out_dtype):
-  """(nnz,), (K,) | None, x_flat -> wide output (K, out_len)."""
-  return _run_forward(plan, values, bias, x_flat, relu, out_dtype)
-
-
-def _escort_core_fwd(plan, values, bias, x_flat, relu, out_dtype):
-  y = _run_forward(plan, values, bias, x_flat, relu, out_dtype)
-  return y, (values, bias, x_flat, y if relu else None)
-
-
-def _escort_core_bwd(plan, relu, out_dtype, residuals, dy):
-  del out_dtype
-  values, bias, x_flat, y = residuals
-  g, c = plan.geometry, plan.config
-  interpret = not on_gpu()
-  if relu:
-    dy = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
-  dbias = None
-  if bias is not None:
-    dbias = jnp.sum(dy, axis=1, dtype=accumulator_dtype(dy.dtype)).astype(
-        bias.dtype)
-  x_len = g.num_planes * g.plane_len
-  dvalues = sampled_dense_dense(
-      dy, x_flat, plan.problem.rows, plan.problem.offsets,
-      valid_period=g.valid_period, valid_len=g.valid_len,
-      interpret=interpret).astype(values.dtype)
-  dy_padded = jnp.pad(dy, ((0, 0), (g.max_shift, plan.dy_row_len -
-                                    g.max_shift - g.out_len)))
-  dy_flat = jnp.pad(dy_padded.reshape(-1), (0, plan.dy_tail))
-  dx_planes = direct_sparse_conv(
-      dy_flat, plan.transposed.gather_values(values),
-      plan.transposed, out_len=g.plane_len, out_dtype=x_flat.dtype,
-      interpret=interpret, **_launch(c))
-  # The cotangent of the zero tail is dropped: x_flat's tail is padding.
-  dx_flat = jnp.pad(dx_planes.reshape(-1), (0, x_flat.shape[0] - x_len))
-  return dvalues, dbias, dx_flat
-
-
-_escort_core.defvjp(_escort_core_fwd, _escort_core_bwd)
-
-
 # --------------------------------------------------------------------------
 # The vector-sparse (tensor-core) path.
 
@@ -409,53 +362,154 @@ def vector_plan(structure, geometry: cg.ConvGeometry,
                     backward=escort_plan(structure, g), config=config)
 
 
-def _run_vector(plan: VectorPlan, values, bias, x_flat, relu, out_dtype):
-  c = plan.config
-  return vector_sparse_conv(
-      x_flat, plan.blocks.gather_values(values), plan.blocks,
-      out_len=plan.geometry.out_len, bias=bias, relu=relu,
-      out_dtype=out_dtype, block_q=c.block_q, num_warps=c.num_warps,
-      num_stages=c.num_stages, interpret=not on_gpu())
+# --------------------------------------------------------------------------
+# The escort and vector paths, per device.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
-def _vector_core(plan: VectorPlan, values, bias, x_flat, relu, out_dtype):
-  """(nnz,), (K,) | None, x_flat -> wide output (K, out_len)."""
-  return _run_vector(plan, values, bias, x_flat, relu, out_dtype)
+@dataclasses.dataclass(frozen=True)
+class _SparseCall:
+  """The static part of one escort or vector call.
+
+  Its methods take any batch and use the geometry and plans of the batch
+  they are given, so that under data parallelism (escort_jax.sharding) each
+  device runs them on its own images. Gradients (both methods): the escort
+  kernels of the transposed structure for the input, a sampled dense-dense
+  product for the values.
+  """
+
+  structure: Any
+  geometry: cg.ConvGeometry
+  method: str  # "escort" or "vector"
+  config: Any  # KernelConfig or VectorConfig
+  relu: bool
+  out_dtype: Any
+
+  def _geometry(self, batch: int) -> cg.ConvGeometry:
+    g = self.geometry
+    return g if batch == g.batch else dataclasses.replace(g, batch=batch)
+
+  def forward(self, values, bias, x_nhwc):
+    """-> ((), (y,)): y (N, Ho, Wo, K) for the batch of x_nhwc."""
+    g = self._geometry(x_nhwc.shape[0])
+    bias_kw = {} if bias is None else {"bias": bias}
+    if self.method == "vector":
+      plan = vector_plan(self.structure, g, self.config)
+      c = plan.config
+      x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
+      y = sharding.kernel_call(
+          vector_sparse_conv, x_flat, plan.blocks.gather_values(values),
+          plan.blocks, out_len=g.out_len, relu=self.relu,
+          out_dtype=self.out_dtype, block_q=c.block_q,
+          num_warps=c.num_warps, num_stages=c.num_stages,
+          interpret=not on_gpu(), **bias_kw)
+    else:
+      plan = escort_plan(self.structure, g, self.config)
+      x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
+      y = sharding.kernel_call(
+          direct_sparse_conv, x_flat, plan.forward.gather_values(values),
+          plan.forward, out_len=g.out_len, relu=self.relu,
+          out_dtype=self.out_dtype, interpret=not on_gpu(), **bias_kw,
+          **_launch(plan.config))
+    return (), (cg.from_wide_output(y, g),)
+
+  def backward(self, values, bias, x_nhwc, y_nhwc, dy_nhwc):
+    """-> ((dvalues, dbias), (dx,)): the values and bias gradients summed
+    over this batch in the accumulator dtype (no dbias without a bias), and
+    the input gradient. y_nhwc (the output) is needed only with relu."""
+    g = self._geometry(x_nhwc.shape[0])
+    plan = escort_plan(self.structure, g, self.config
+                       if self.method == "escort" else DEFAULT_CONFIG)
+    interpret = not on_gpu()
+    dy = dy_nhwc
+    if self.relu:
+      dy = jnp.where(y_nhwc > 0, dy, jnp.zeros((), dy.dtype))
+    summed = () if bias is None else (
+        jnp.sum(dy, axis=(0, 1, 2), dtype=accumulator_dtype(dy.dtype)),)
+    # The wide (K, out_len) cotangent, zero in the cropped columns.
+    dy = cg.to_wide_output(dy, g)
+    # x_flat, and the transpose of the layout that takes its cotangent back
+    # to (N, H, W, C).
+    x_flat, flat_to_nhwc = jax.vjp(
+        functools.partial(cg.to_flat_input, g=g, tail=plan.x_tail), x_nhwc)
+    dvalues = sharding.kernel_call(
+        sampled_dense_dense, dy, x_flat, plan.problem.rows,
+        plan.problem.offsets, valid_period=g.valid_period,
+        valid_len=g.valid_len, interpret=interpret)
+    dy_padded = jnp.pad(dy, ((0, 0), (g.max_shift, plan.dy_row_len -
+                                      g.max_shift - g.out_len)))
+    dy_flat = jnp.pad(dy_padded.reshape(-1), (0, plan.dy_tail))
+    dx_planes = sharding.kernel_call(
+        direct_sparse_conv, dy_flat, plan.transposed.gather_values(values),
+        plan.transposed, out_len=g.plane_len, out_dtype=x_nhwc.dtype,
+        interpret=interpret, **_launch(plan.config))
+    # The cotangent of x_flat's zero tail is zero.
+    dx_flat = dx_planes.reshape(-1)
+    (dx,) = flat_to_nhwc(
+        jnp.pad(dx_flat, (0, x_flat.shape[0] - dx_flat.shape[0])))
+    return (dvalues,) + summed, (dx,)
 
 
-def _vector_core_fwd(plan, values, bias, x_flat, relu, out_dtype):
-  y = _run_vector(plan, values, bias, x_flat, relu, out_dtype)
-  return y, (values, bias, x_flat, y if relu else None)
+def _with_bias(method, bias):
+  """method(values, bias, *batched) as f(values, *bias_args, *batched)."""
+  if bias is None:
+    return lambda values, *batched: method(values, None, *batched)
+  return method
 
 
-def _vector_core_bwd(plan, relu, out_dtype, residuals, dy):
-  return _escort_core_bwd(plan.backward, relu, out_dtype, residuals, dy)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse_core(call: _SparseCall, values, bias, x_nhwc):
+  """(nnz,), (K,) | None, (N, H, W, C) -> (N, Ho, Wo, K), each device on its
+  own share of the batch (escort_jax.sharding)."""
+  return _sparse_core_fwd(call, values, bias, x_nhwc)[0]
 
 
-_vector_core.defvjp(_vector_core_fwd, _vector_core_bwd)
+def _sparse_core_fwd(call, values, bias, x_nhwc):
+  weights = (values,) if bias is None else (values, bias)
+  _, (y,) = sharding.batch_parallel(_with_bias(call.forward, bias), weights,
+                                    (x_nhwc,))
+  return y, (values, bias, x_nhwc, y if call.relu else None)
+
+
+def _sparse_core_bwd(call, residuals, dy):
+  values, bias, x_nhwc, y = residuals
+  weights = (values,) if bias is None else (values, bias)
+
+  def backward(*args):
+    w, (x, dy_, *y_) = args[:len(weights)], args[len(weights):]
+    return call.backward(w[0], w[1] if bias is not None else None, x,
+                         y_[0] if y_ else None, dy_)
+
+  summed, (dx,) = sharding.batch_parallel(
+      backward, weights, (x_nhwc, dy) + (() if y is None else (y,)))
+  grads = tuple(sharding.as_cotangent(s.astype(w.dtype), w)
+                for s, w in zip(summed, weights))
+  return (grads[0], grads[1] if bias is not None else None,
+          sharding.as_cotangent(dx, x_nhwc))
+
+
+_sparse_core.defvjp(_sparse_core_fwd, _sparse_core_bwd)
 
 
 def _sparse_conv_path(x_nhwc, values, bias, structure, spec: ConvSpec,
                       activation, method: str, config):
-  """The escort or vector path: flat layout in, kernel, wide output out."""
-  g = spec.geometry
+  """The escort or vector path: flat layout in, kernel, wide output out,
+  data parallel over a sharded batch."""
   if method == "vector":
     if config is not None and not isinstance(config, VectorConfig):
       raise TypeError(f"method='vector' takes a VectorConfig, got "
                       f"{type(config).__name__}")
-    plan = vector_plan(structure, g, config or DEFAULT_VECTOR_CONFIG)
-    core = _vector_core
+    config = config or DEFAULT_VECTOR_CONFIG
+    vector_plan(structure, spec.geometry, config)  # errors early if not V
   else:
     if config is not None and not isinstance(config, KernelConfig):
       raise TypeError(f"method='escort' takes a KernelConfig, got "
                       f"{type(config).__name__}")
-    plan = escort_plan(structure, g, config or DEFAULT_CONFIG)
-    core = _escort_core
-  x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
-  y = core(plan, values, bias, x_flat, activation == "relu",
-           jnp.dtype(spec.out_dtype))
-  return cg.from_wide_output(y, g)
+    config = config or DEFAULT_CONFIG
+  call = _SparseCall(structure=structure, geometry=spec.geometry,
+                     method=method, config=config,
+                     relu=activation == "relu",
+                     out_dtype=jnp.dtype(spec.out_dtype))
+  return _sparse_core(call, values, bias, x_nhwc)
 
 
 # --------------------------------------------------------------------------

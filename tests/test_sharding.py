@@ -11,25 +11,24 @@ is summed in another order).
 What is checked, for method="dense" and method="escort" (Pallas interpret
 mode on the CPU):
   jit_auto      jax.jit with the input device_put to NamedSharding(mesh,
-                P("batch")) on a mesh of AxisType.Auto axes (GSPMD);
+                P("batch")) on a mesh of AxisType.Auto axes (GSPMD/Shardy);
   jit_explicit  the same on a mesh of AxisType.Explicit axes (what
                 jax.make_mesh builds by default in jax 0.10);
   shard_map     jax.jit(jax.shard_map(sparse_conv, in_specs=P("batch"), ...))
                 with check_vma=False, and with the default check_vma=True;
+  vmap          jax.vmap over a leading axis of a batch-sharded input;
   nnx_jit / nnx_shard_map   an nnx model of SparseConv layers;
   grad_*        gradients of values, bias and input (jit with a sharded
-                input; shard_map with per-shard gradients psum'd).
+                input; shard_map with per-shard gradients psum'd, or with
+                check_vma=True, where jax sums the invariant weights'
+                gradients itself).
 
-Findings with jax 0.10.2 (the known-issue tests say so as xfails):
-  - jit + NamedSharding(P("batch")) on an Auto mesh gives the right numbers
-    for both methods, but the escort output comes back replicated: GSPMD
-    gathers the batch (the flat layout has it innermost) and every device
-    computes the whole batch. Data parallelism for escort needs shard_map.
-  - jax.shard_map(sparse_conv) over the batch works for both methods with
-    check_vma=False; with the default check_vma=True the escort
-    pallas_calls fail (their out_shape has no manual axis type).
-  - On an Explicit mesh (jax.make_mesh's default) jit of escort fails with a
-    ShardingTypeError in conv_geometry.to_flat_input's reshape.
+Data parallelism is checked, not only the numbers: the output must come
+back sharded over the batch, and the compiled forward program must move no
+data between devices (no all-gather, all-to-all, ... in its HLO), i.e. each
+device computes its own images. The escort path gets this from
+escort_jax.sharding (custom_partitioning under jit on Auto axes, shard_map on
+Explicit axes, the local batch inside shard_map).
 """
 
 from __future__ import annotations
@@ -99,10 +98,18 @@ def _worker() -> dict:
     s = getattr(a, "sharding", None)
     return str(getattr(s, "spec", s))
 
-  def sharded_over_batch(a):
+  def sharded_over_batch(a, dim=0):
     s = getattr(a, "sharding", None)
     spec = getattr(s, "spec", None)
-    return bool(spec is not None and len(spec) > 0 and spec[0] == "batch")
+    return bool(spec is not None and len(spec) > dim and
+                spec[dim] == "batch")
+
+  def collectives(jitted, *args):
+    """The cross-device operations in the compiled program."""
+    text = jitted.lower(*args).compile().as_text()
+    return sorted({op for op in ("all-gather", "all-to-all", "all-reduce",
+                                 "reduce-scatter", "collective-permute")
+                   if op in text})
 
   devices = np.array(jax.devices()[:NUM_DEVICES])
   meshes = {"auto": Mesh(devices, ("batch",),
@@ -139,20 +146,31 @@ def _worker() -> dict:
     xs = jax.device_put(x, batch_sharding)
     for m in METHODS:
       def jit_fwd(m=m, xs=xs):
-        y = jax.jit(conv(m))(xs, sk, b)
+        f = jax.jit(conv(m))
+        y = f(xs, sk, b)
         return y, single[m], True, dict(
             out_spec=spec_of(y), out_sharded=sharded_over_batch(y),
-            in_sharded=sharded_over_batch(xs))
+            in_sharded=sharded_over_batch(xs),
+            collectives=collectives(f, xs, sk, b))
       record(f"jit_{mesh_name}/{m}", jit_fwd)
 
     if mesh_name != "auto":
       # (Gradients under explicit sharding fail in lax's own conv transpose
-      # in jax 0.10, so they are not compared there.)
+      # in jax 0.10, so only escort's are compared there.)
+      def explicit_grad(xs=xs):
+        g = jax.jit(jax.grad(loss("escort"), argnums=(0, 1, 2)))(
+            sk.values, b, xs)
+        return g, single_grads["escort"], False, dict(
+            dx_spec=spec_of(g[2]), dx_sharded=sharded_over_batch(g[2]))
+      record(f"grad_jit_{mesh_name}/escort", explicit_grad)
       continue
     for m in METHODS:
       def jit_grad(m=m, xs=xs):
-        g = jax.jit(jax.grad(loss(m), argnums=(0, 1, 2)))(sk.values, b, xs)
-        return g, single_grads[m], False, dict(dx_spec=spec_of(g[2]))
+        f = jax.jit(jax.grad(loss(m), argnums=(0, 1, 2)))
+        g = f(sk.values, b, xs)
+        return g, single_grads[m], False, dict(
+            dx_spec=spec_of(g[2]), collectives=collectives(f, sk.values, b,
+                                                           xs))
       record(f"grad_jit_{mesh_name}/{m}", jit_grad)
 
     for m in METHODS:
@@ -180,6 +198,40 @@ def _worker() -> dict:
         g = f(sk.values, b, xs, jax.device_put(ct, batch_sharding))
         return g, single_grads[m], False, dict(dx_spec=spec_of(g[2]))
       record(f"grad_shard_map/{m}", smap_grad)
+
+      def smap_grad_vma(m=m, mesh=mesh, xs=xs):
+        # With check_vma=True the weights are invariant over "batch" and jax
+        # sums their per-shard gradients itself (no psum here).
+        def local(values, b, x, ct_local):
+          def l(values, b, x):
+            y = conv(m)(x, sk.with_values(values), b)
+            return jnp.sum(ct_local * y)
+          return jax.grad(l, argnums=(0, 1, 2))(values, b, x)
+        f = jax.jit(jax.shard_map(
+            local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+            out_specs=(P(), P(), P("batch"))))
+        g = f(sk.values, b, xs, jax.device_put(ct, batch_sharding))
+        return g, single_grads[m], False, dict(dx_spec=spec_of(g[2]))
+      record(f"grad_shard_map_vma1/{m}", smap_grad_vma)
+
+      def vmap_fwd_grad(m=m, mesh=mesh):
+        # A leading vmapped axis in front of the sharded batch.
+        xv = jnp.stack([x[:NUM_DEVICES], x[NUM_DEVICES:] * 0.5])
+        ctv = jnp.stack([ct[:NUM_DEVICES], ct[NUM_DEVICES:]])
+        xvs = jax.device_put(xv, NamedSharding(mesh, P(None, "batch")))
+        f = jax.jit(jax.vmap(lambda x: conv(m)(x, sk, b)))
+        y = f(xvs)
+        want = jnp.stack([jax.jit(conv(m))(xv[i], sk, b) for i in range(2)])
+
+        def lv(values, x):
+          yv = jax.vmap(lambda x: conv(m)(x, sk.with_values(values), b))(x)
+          return jnp.sum(ctv * yv)
+        gv = jax.jit(jax.grad(lv, argnums=(0, 1)))(sk.values, xvs)
+        gw = jax.jit(jax.grad(lv, argnums=(0, 1)))(sk.values, xv)
+        return (y, gv), (want, gw), False, dict(
+            out_spec=spec_of(y), out_sharded=sharded_over_batch(y, 1),
+            fwd_bitwise=bool(np.array_equal(np.asarray(y), np.asarray(want))))
+      record(f"vmap_jit_{mesh_name}/{m}", vmap_fwd_grad)
 
   # ------------------------------------------------------------------------
   # nnx: a model of SparseConv layers, under nnx.jit and nnx.shard_map.
@@ -274,74 +326,53 @@ def test_jit_with_batch_sharded_input_matches_single_device(results, method):
   assert c["bitwise"], c
 
 
-def test_jit_dense_output_stays_batch_sharded(results):
-  c = _check(results, "jit_auto/dense")
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mesh", ["auto", "explicit"])
+def test_jit_is_data_parallel(results, method, mesh):
+  """The output stays sharded over the batch and no device receives another
+  device's images: each computes its own share."""
+  c = _check(results, f"jit_{mesh}/{method}")
+  assert c["bitwise"], c
   assert c["out_sharded"], c
-
-
-# Known issues are checked imperatively: while the recorded failure is the
-# known one the test is an xfail; once it works the results must be right
-# (jax 0.11 may differ from 0.10 here); any other error or a wrong number
-# fails.
-
-
-def _known_issue(c, pattern, reason):
-  if c["error"] is not None and pattern in c["error"]:
-    pytest.xfail(f"{reason} [{c['error'][:160]}]")
-
-
-def test_jit_escort_output_stays_batch_sharded(results):
-  c = _check(results, "jit_auto/escort")
-  if not c["out_sharded"]:
-    pytest.xfail(
-        "under plain jit, GSPMD does not carry the batch sharding through "
-        "the escort path's flat layout (batch innermost, then a "
-        f"pallas_call): the output comes back as {c['out_spec']}, i.e. every "
-        "device computes the whole batch; use jax.shard_map for data "
-        "parallelism")
-
-
-def test_jit_explicit_mesh_dense_matches(results):
-  c = _check(results, "jit_explicit/dense")
-  assert c["bitwise"] and c["out_sharded"], c
-
-
-def test_jit_explicit_mesh_escort_matches(results):
-  c = results["checks"]["jit_explicit/escort"]
-  _known_issue(c, "reshape is not supported", (
-      "library bug: on a mesh of AxisType.Explicit axes (jax.make_mesh's "
-      "default in jax 0.10) jit of method='escort' fails in "
-      "conv_geometry.to_flat_input, whose reshape needs an out_sharding"))
-  c = _check(results, "jit_explicit/escort")
-  assert c["bitwise"], c
+  assert c["collectives"] == [], c
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_shard_map_over_batch_matches_single_device(results, method):
-  c = _check(results, f"shard_map_vma0/{method}")
-  assert c["bitwise"] and c["out_sharded"], c
-
-
-def test_shard_map_dense_with_check_vma(results):
-  c = _check(results, "shard_map_vma1/dense")
-  assert c["bitwise"], c
-
-
-def test_shard_map_escort_with_check_vma(results):
-  c = results["checks"]["shard_map_vma1/escort"]
-  _known_issue(c, "manual_axis_type", (
-      "library bug: under jax.shard_map with the default check_vma=True the "
-      "escort pallas_calls fail, their out_shape ShapeDtypeStruct carries "
-      "no manual_axis_type (vma) of the inputs; check_vma=False works"))
-  c = _check(results, "shard_map_vma1/escort")
+@pytest.mark.parametrize("check_vma", [0, 1])
+def test_shard_map_over_batch_matches_single_device(results, method,
+                                                    check_vma):
+  c = _check(results, f"shard_map_vma{check_vma}/{method}")
   assert c["bitwise"] and c["out_sharded"], c
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("how", ["grad_jit_auto", "grad_shard_map"])
+@pytest.mark.parametrize(
+    "how", ["grad_jit_auto", "grad_shard_map", "grad_shard_map_vma1"])
 def test_gradients_under_sharding_match_single_device(results, method, how):
   c = _check(results, f"{how}/{method}")
   assert c["rel_err"] <= GRAD_BOUND, c
+  assert c["dx_spec"].startswith("P('batch'"), c
+
+
+def test_escort_gradients_are_data_parallel(results):
+  """Only the weight gradients are summed across devices."""
+  c = _check(results, "grad_jit_auto/escort")
+  assert c["collectives"] == ["all-reduce"], c
+
+
+def test_escort_gradients_on_explicit_mesh(results):
+  c = _check(results, "grad_jit_explicit/escort")
+  assert c["rel_err"] <= GRAD_BOUND and c["dx_sharded"], c
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vmap_over_a_sharded_batch(results, method):
+  c = _check(results, f"vmap_jit_auto/{method}")
+  assert c["fwd_bitwise"], c
+  assert c["rel_err"] <= GRAD_BOUND, c
+  if method == "escort":
+    # (GSPMD replicates lax.conv's output here: the dense path's business.)
+    assert c["out_sharded"], c
 
 
 @pytest.mark.parametrize("method", METHODS)

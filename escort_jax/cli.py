@@ -326,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--plan-dir", metavar="DIR",
                      help="with --tune: where to write plans (default: "
                      "$ESCORT_JAX_PLAN_DIR, else the package's plans/)")
+  bench.add_argument("--sharded", action="store_true",
+                     help="data-parallel throughput instead: inference of "
+                     "the pruned --network NET (default resnet50) with its "
+                     "batch sharded over every local device through "
+                     "jax.sharding, against one device; --batch is per "
+                     "device (default 128), --max-hw the image size, "
+                     "--repeats the timed calls (default 20), --method the "
+                     "sparse layers' method (default escort); the JSON has "
+                     "gpus, throughput_images_per_s and scaling_efficiency")
   return parser
 
 
@@ -787,6 +796,8 @@ def _cmd_bench(args) -> int:
     inputs = inputs or 2
     repeats = repeats or 1
   console = _console(stderr=True)
+  if args.sharded:
+    return _bench_sharded(args, batches, max_hw, repeats, usage)
   if args.network:
     from escort_jax import bench_network
     results = bench_network.run(_split_list(args.network),
@@ -834,6 +845,38 @@ def _cmd_bench(args) -> int:
     console.print(f"[red]{len(failed)} rows failed; see 'error' in {path}[/]")
     return EXIT_CHECK_FAILED
   return EXIT_OK
+
+
+def _bench_sharded(args, batches, max_hw, repeats, usage) -> int:
+  """`bench --sharded`: escort_jax.bench_sharded, one net, batch (per
+  device), method and dtype."""
+  from escort_jax import bench, bench_sharded
+  from escort_jax.models import INPUT_SHAPES
+  nets = _split_list(args.network) or ["resnet50"]
+  methods = _split_list(args.method) or ["escort"]
+  dtypes = _split_list(args.dtype) or ["float32"]
+  if max(len(nets), len(batches), len(methods), len(dtypes)) > 1:
+    return usage("--sharded takes one --network, --batch, --method and "
+                 "--dtype")
+  if nets[0] not in INPUT_SHAPES:
+    return usage(f"unknown network {nets[0]!r}; expected one of "
+                 f"{', '.join(INPUT_SHAPES)}")
+  try:
+    dtype = bench.parse_dtype(dtypes[0])
+  except bench.UsageError as e:
+    return usage(str(e))
+  if args.out:
+    from escort_jax.report import InputError
+    try:
+      _check_writable("--out", args.out)
+    except InputError as e:
+      return usage(str(e))
+  results = bench_sharded.run_sharded(
+      nets[0], batches[0] if batches else 128, in_hw=max_hw, dtype=dtype,
+      method=methods[0], calls=repeats or 20, out=args.out)
+  if args.json:
+    print(json.dumps(results, indent=1))
+  return EXIT_OK if results["outputs_equal"] else EXIT_CHECK_FAILED
 
 
 def _tune(layers, batches, dtypes, args, console, *, vector_widths=(None,),

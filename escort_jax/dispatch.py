@@ -30,7 +30,11 @@ from escort_jax.conv_geometry import ConvGeometry
 ESCORT_FLOPS = {"float32": 4.5e12, "bfloat16": 5.0e12, "float16": 5.0e12}
 DENSE_FLOPS = {("float32", "highest"): 42e12, ("float32", None): 130e12,
                ("bfloat16", None): 400e12, ("float16", None): 400e12}
-VECTOR_FLOPS = {"float32": 8e12, "bfloat16": 60e12, "float16": 60e12}
+# The vector kernel alone sustained 28 (SkimCaffe sparsities) to 49 (75 %)
+# TFLOP/s of useful bf16 work over the 39 layers at batch 32 with V=16
+# (benchmarks/results/2026-11-24T0455-*-vector16-*.json); float32 (full-
+# precision products, no tensor cores) is not measured yet: a guess.
+VECTOR_FLOPS = {"float32": 8e12, "bfloat16": 30e12, "float16": 30e12}
 LAYOUT_BYTES_PER_S = 1.5e12  # one transpose pass in, one out, read + write
 LAUNCH_S = 3e-6
 

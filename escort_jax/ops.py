@@ -47,7 +47,7 @@ from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
                                                direct_sparse_conv)
 from pallas_kernels.row_groups import RowGroups, pack_row_groups
 from pallas_kernels.sampled_dense_dense import sampled_dense_dense
-from pallas_kernels.vector_sparse_conv import (VectorBlocks,
+from pallas_kernels.vector_sparse_conv import (NhwcOutput, VectorBlocks,
                                                pack_vector_blocks,
                                                vector_sparse_conv,
                                                vector_width_of)
@@ -396,12 +396,16 @@ class _SparseCall:
       plan = vector_plan(self.structure, g, self.config)
       c = plan.config
       x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
+      # The kernel gathers its value tiles and writes NHWC itself: no
+      # gather or transpose pass around it.
       y = sharding.kernel_call(
-          vector_sparse_conv, x_flat, plan.blocks.gather_values(values),
-          plan.blocks, out_len=g.out_len, relu=self.relu,
-          out_dtype=self.out_dtype, block_q=c.block_q,
-          num_warps=c.num_warps, num_stages=c.num_stages,
+          vector_sparse_conv, x_flat, values, plan.blocks,
+          out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
+          block_q=c.block_q, num_warps=c.num_warps, num_stages=c.num_stages,
+          nhwc=NhwcOutput(batch=g.batch, out_h=g.out_h,
+                          row_width=g.plane_w, out_w=g.out_w),
           interpret=not on_gpu(), **bias_kw)
+      return (), (y,)
     else:
       plan = escort_plan(self.structure, g, self.config)
       x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)

@@ -19,9 +19,11 @@ in, fp32 accumulate; fp32 inputs use full-precision dot, as lax HIGHEST).
 Layout:
   x_flat:  (in_len,) the input, any float dtype, with a run of zeros at
            blocks.zeros_offset that padding columns read.
-  values:  (num_blocks * padded_cols, lanes) from VectorBlocks.gather_values;
-           lanes = max(V, 16) because a tensor-core product is at least 16
-           wide; the extra lanes hold zeros and are never stored.
+  values:  (nnz,) the weights in the caller's (CSR) order, where block b's
+           weights are a row-major (V, kept columns) matrix. The kernel
+           loads (block_k, lanes) tiles of it directly, lanes = max(V, 16)
+           because a tensor-core product is at least 16 wide; padding reads
+           zero. (A separate gather pass would cost a launch per call.)
   bias:    (num_rows,) or None.
   y:       (num_rows, out_len), row-major; or, with `nhwc` given, the
            convolution's output in NHWC directly: position q is image
@@ -80,10 +82,13 @@ class VectorBlocks:
     vector_width: V, rows per block.
     block_k: columns per step of the kernel's loop (a multiple of 16).
     offsets: (num_blocks, padded_cols) int32 source offsets in units of
-      offset_unit, sorted within a block; padding columns hold zeros_offset.
+      offset_unit, in the caller's order; padding columns hold zeros_offset.
     steps: (num_blocks,) int32: the steps of block_k columns each block runs.
     sources: (num_blocks, padded_cols, V) int32 index into the value vector
-      of each weight, -1 for padding.
+      of each weight, -1 for padding: block_start + v * block_cols + j.
+    block_start: (num_blocks,) int32 where each block's weights begin in the
+      value vector (row-major (V, block_cols) there, as in CSR).
+    block_cols: (num_blocks,) int32 kept columns of each block.
     zeros_offset: where the caller puts a run of zeros (in elements) at least
       as long as the kernel's padded output rows.
     offset_unit: every offset (and zeros_offset) is a multiple of it; the
@@ -98,6 +103,8 @@ class VectorBlocks:
   offsets: np.ndarray
   steps: np.ndarray
   sources: np.ndarray
+  block_start: np.ndarray
+  block_cols: np.ndarray
   zeros_offset: int
   offset_unit: int
   max_offset: int
@@ -120,13 +127,21 @@ class VectorBlocks:
     """Kept columns over all blocks (each one V weights)."""
     return int((self.sources[:, :, 0] >= 0).sum())
 
+  @property
+  def lane_sources(self) -> np.ndarray:
+    """(num_blocks * padded_cols, lanes) int32: sources widened to the
+    product's lanes, -1 for padding."""
+    src = np.pad(self.sources,
+                 ((0, 0), (0, 0), (0, self.lanes - self.vector_width)),
+                 constant_values=-1)
+    return src.reshape(-1, self.lanes)
+
   def gather_values(self, values: jax.Array) -> jax.Array:
-    """(nnz,) values in CSR order -> (num_blocks * padded_cols, lanes)."""
+    """(nnz,) values in CSR order -> (num_blocks * padded_cols, lanes), zero
+    at padding: what the kernel's tiles hold."""
     padded = jnp.concatenate([values, jnp.zeros((1,), values.dtype)])
-    src = np.where(self.sources >= 0, self.sources, values.shape[0])
-    src = np.pad(src, ((0, 0), (0, 0), (0, self.lanes - self.vector_width)),
-                 constant_values=values.shape[0])
-    return padded[src.reshape(-1, self.lanes)]
+    src = self.lane_sources
+    return padded[np.where(src >= 0, src, values.shape[0])]
 
 
 def vector_width_of(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
@@ -201,11 +216,11 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
       raise ValueError(f"the structure is not vector-sparse with V={v}: "
                        f"rows {b * v}..{b * v + v - 1} keep different "
                        "positions")
-    # Ascending offsets: neighbouring columns read neighbouring inputs.
-    order = np.argsort(seg[0], kind="stable")
-    block_offsets[b, :n] = seg[0][order]
-    sources[b, :n, :] = (lo + np.arange(v)[None, :] * n
-                         + order[:, None])
+    # The caller's order, so that the weights of a (block_k, V) tile sit at
+    # start + v * n + j and the kernel loads them with no index array. (In
+    # CSR order, offsets ascend within a phase plane anyway.)
+    block_offsets[b, :n] = seg[0]
+    sources[b, :n, :] = lo + np.arange(v)[None, :] * n + np.arange(n)[:, None]
   unit = int(np.gcd.reduce(np.concatenate(
       [block_offsets.reshape(-1), [zeros_offset]])))
   unit = max(unit, 1)
@@ -213,39 +228,47 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
       num_rows=num_rows, vector_width=v, block_k=block_k,
       offsets=(block_offsets // unit).astype(np.int32),
       steps=steps.astype(np.int32), sources=sources.astype(np.int32),
+      block_start=starts[::v][:num_blocks].astype(np.int32),
+      block_cols=per_block.astype(np.int32),
       zeros_offset=int(zeros_offset), offset_unit=unit,
       max_offset=int(block_offsets.max(initial=0)))
 
 
-def _vector_sparse_conv_kernel(steps_ref, offsets_ref, values_ref, bias_ref,
-                               x_ref, y_ref, *, block_q, block_k, lanes,
+def _vector_sparse_conv_kernel(steps_ref, start_ref, cols_ref, offsets_ref,
+                               values_ref, bias_ref, x_ref, y_ref, *, block_q, block_k, lanes,
                                vector_width, num_rows, padded_cols, row_len,
                                offset_unit, relu, precision, acc_dtype,
                                nhwc, spare_region):
   block = pl.program_id(0)
   q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
   first = block * padded_cols
+  start, cols = start_ref[block], cols_ref[block]
+  lane = jnp.arange(lanes, dtype=jnp.int32)
+  lane_ok = (lane < vector_width)[None, :]
 
   def step(t, acc):
     col = first + t * block_k
     offsets = offsets_ref[pl.ds(col, block_k)] * offset_unit
     # (BQ, BK): column j is BQ contiguous inputs from offset j.
     a = plgpu.load(x_ref.at[q[:, None] + offsets[None, :]])
-    w = values_ref[pl.ds(col, block_k), :]
+    j = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    w = plgpu.load(values_ref.at[start + lane[None, :] * cols + j[:, None]],
+                   mask=(j < cols)[:, None] & lane_ok, other=0.0)
     return acc + lax.dot_general(
         a, w, (((1,), (0,)), ((), ())), precision=precision,
         preferred_element_type=acc_dtype)
 
   acc = lax.fori_loop(0, steps_ref[block], step,
                       jnp.zeros((block_q, lanes), acc_dtype))
-  lane = jnp.arange(lanes, dtype=jnp.int32)
-  rows = block * vector_width + jnp.minimum(lane, vector_width - 1)
+  if lanes == vector_width:
+    rows = block * vector_width + lane  # contiguous: vector stores
+  else:
+    rows = block * vector_width + jnp.minimum(lane, vector_width - 1)
   if bias_ref is not None:
     acc = acc + plgpu.load(bias_ref.at[rows]).astype(acc_dtype)[None, :]
   if relu:
     # Not jnp.maximum: Triton lowers it to a max that drops NaN.
     acc = jnp.where(acc < 0, jnp.zeros((), acc_dtype), acc)
-  lane_ok = (lane < vector_width)[None, :]
   if nhwc is None:
     # Every lane stores, unmasked: lanes past V (only when V < 16) write a
     # spare row.
@@ -256,7 +279,9 @@ def _vector_sparse_conv_kernel(steps_ref, offsets_ref, values_ref, bias_ref,
   n, t = q % nhwc.batch, q // nhwc.batch
   y, x = t // nhwc.row_width, t % nhwc.row_width
   pixel = (n * nhwc.out_h + y) * nhwc.out_w + x
-  ok = ((x < nhwc.out_w) & (y < nhwc.out_h))[:, None] & lane_ok
+  ok = ((x < nhwc.out_w) & (y < nhwc.out_h))[:, None]
+  if lanes != vector_width:
+    ok = ok & lane_ok
   out_idx = pixel[:, None] * num_rows + rows[None, :]
   if spare_region:
     # The interpreter turns a masked store into a scatter of all lanes
@@ -269,8 +294,9 @@ def _vector_sparse_conv_kernel(steps_ref, offsets_ref, values_ref, bias_ref,
     plgpu.store(y_ref.at[jnp.where(ok, out_idx, spare)],
                 acc.astype(y_ref.dtype))
   else:
-    plgpu.store(y_ref.at[jnp.where(ok, out_idx, 0)], acc.astype(y_ref.dtype),
-                mask=ok)
+    # Masked lanes keep their (unused) addresses: a select would hide from
+    # Triton that a pixel's V channels are contiguous.
+    plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype), mask=ok)
 
 
 def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
@@ -286,7 +312,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     x_flat: (in_len,) flat input; every offset + q for q below out_len
       rounded up to block_q must lie inside it, and a run of that many zeros
       must start at blocks.zeros_offset.
-    values: (num_blocks * padded_cols, lanes) from blocks.gather_values.
+    values: (nnz,) weights, in the order that blocks.sources indexes.
     blocks: the static packing.
     out_len: output positions per row.
     bias: optional (num_rows,) bias, added before the activation.
@@ -306,9 +332,9 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   if nhwc is not None and nhwc.out_len != out_len:
     raise ValueError(f"the NHWC output has {nhwc.out_len} wide positions, "
                      f"but out_len is {out_len}")
-  want = (blocks.num_blocks * blocks.padded_cols, blocks.lanes)
-  if values.shape != want:
-    raise ValueError(f"values must have shape {want}, got {values.shape}")
+  nnz = blocks.kept_columns * blocks.vector_width
+  if values.shape != (nnz,):
+    raise ValueError(f"values must have shape ({nnz},), got {values.shape}")
   if block_q & (block_q - 1) or block_q < MIN_DOT:
     raise ValueError(f"block_q must be a power of two >= {MIN_DOT}, got "
                      f"{block_q}")
@@ -361,8 +387,11 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
                                            num_stages=num_stages),
       interpret=interpret,
       name="escort_vector_sparse_conv",
-  )(jnp.asarray(blocks.steps), jnp.asarray(blocks.offsets.reshape(-1)),
-    values.astype(in_dtype), *bias_args, x_flat.astype(in_dtype))
+  )(jnp.asarray(blocks.steps), jnp.asarray(blocks.block_start),
+    jnp.asarray(blocks.block_cols), jnp.asarray(blocks.offsets.reshape(-1)),
+    # Every load is masked; one zero stands in when nothing is kept.
+    values.astype(in_dtype) if nnz else jnp.zeros((1,), in_dtype),
+    *bias_args, x_flat.astype(in_dtype))
   if nhwc is not None:
     real = nhwc.batch * nhwc.out_h * nhwc.out_w * blocks.num_rows
     return y[:real].reshape(nhwc.batch, nhwc.out_h, nhwc.out_w,
@@ -371,8 +400,10 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
 
 
 def _without_bias(kernel):
-  def wrapped(steps_ref, offsets_ref, values_ref, x_ref, y_ref):
-    return kernel(steps_ref, offsets_ref, values_ref, None, x_ref, y_ref)
+  def wrapped(steps_ref, start_ref, cols_ref, offsets_ref, values_ref, x_ref,
+              y_ref):
+    return kernel(steps_ref, start_ref, cols_ref, offsets_ref, values_ref,
+                  None, x_ref, y_ref)
   return wrapped
 
 
@@ -384,7 +415,9 @@ def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
                                  nhwc: NhwcOutput | None = None
                                  ) -> jax.Array:
   """Plain-JAX twin with the kernel's tiling: the same packed offsets and
-  values, one gathered (out_len, padded_cols) matrix product per block.
+  value tiles, one gathered (out_len, padded_cols) matrix product per block.
+
+  values: (nnz,) as for vector_sparse_conv.
 
   Returns y: (num_rows, out_len), or (N, Ho, Wo, num_rows) with `nhwc`.
   Memory O(num_blocks * padded_cols * out_len): for tests.
@@ -399,8 +432,8 @@ def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
   # Padding columns are structural zeros, whatever lies at zeros_offset.
   real = (blocks.sources[:, :, 0] >= 0)[:, None, :]
   a = jnp.where(real, a, jnp.zeros((), acc_dtype))
-  w = values.astype(acc_dtype).reshape(blocks.num_blocks, blocks.padded_cols,
-                                       blocks.lanes)[:, :, :v]
+  w = blocks.gather_values(values.astype(acc_dtype)).reshape(
+      blocks.num_blocks, blocks.padded_cols, blocks.lanes)[:, :, :v]
   y = jnp.einsum("bqj,bjv->bvq", a, w,
                  precision=lax.Precision.HIGHEST).reshape(-1, out_len)
   if bias is not None:

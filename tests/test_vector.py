@@ -116,7 +116,9 @@ def test_pack_vector_blocks_layout():
     n = int(kept.sum())
     assert blocks.steps[b] == -(-n // 32)
     got = blocks.offsets[b, :n].astype(np.int64) * 4
-    np.testing.assert_array_equal(got, np.sort(offsets[rows == b * 16] * 4))
+    np.testing.assert_array_equal(got, offsets[rows == b * 16] * 4)
+    assert blocks.block_cols[b] == n
+    assert blocks.block_start[b] == np.searchsorted(rows, b * 16)
     assert np.all(blocks.offsets[b, n:] * 4 == 4000)
     # Each source points at its own row's entry with that offset.
     src = blocks.sources[b, :n, :]
@@ -167,8 +169,7 @@ def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
   values = jnp.asarray(rng.standard_normal(rows.shape[0]), jnp.float32)
   b = jnp.asarray(rng.standard_normal(num_rows), jnp.float32) if bias else None
   blocks = pack_vector_blocks(rows, offsets, num_rows, v, block_k, zeros_at)
-  packed = blocks.gather_values(values)
-  y = vector_sparse_conv(jnp.asarray(x_poisoned), packed, blocks,
+  y = vector_sparse_conv(jnp.asarray(x_poisoned), values, blocks,
                          out_len=out_len, bias=b, relu=relu, block_q=block_q,
                          interpret=True)
   chex.assert_shape(y, (num_rows, out_len))
@@ -176,7 +177,7 @@ def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
   csr = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
                                      num_rows=num_rows, out_len=out_len,
                                      bias=b, relu=relu)
-  twin = vector_sparse_conv_reference(jnp.asarray(x_poisoned), packed,
+  twin = vector_sparse_conv_reference(jnp.asarray(x_poisoned), values,
                                       blocks, out_len=out_len, bias=b,
                                       relu=relu)
   if bias or not relu:
@@ -191,7 +192,7 @@ def test_vector_kernel_input_checks():
   rows, offsets = vector_row_problem(np.random.default_rng(0), 1, 16, 8, 3,
                                      empty=False)
   blocks = pack_vector_blocks(rows, offsets, 16, 16, 16, zeros_offset=64)
-  values = blocks.gather_values(jnp.ones(rows.shape[0]))
+  values = jnp.ones(rows.shape[0])
   with pytest.raises(ValueError, match="too short for its offsets"):
     vector_sparse_conv(jnp.zeros(40), values, blocks, out_len=8,
                        interpret=True)
@@ -344,9 +345,8 @@ def test_vector_kernel_writes_nhwc(batch, out_h, row_width, out_w, v,
   values = jnp.asarray(rng.standard_normal(rows.shape[0]), jnp.float32)
   bias = jnp.asarray(rng.standard_normal(3 * v), jnp.float32)
   blocks = pack_vector_blocks(rows, offsets, 3 * v, v, 16, zeros_at)
-  packed = blocks.gather_values(values)
   kw = dict(out_len=out_len, bias=bias, relu=True)
-  y = vector_sparse_conv(jnp.asarray(x), packed, blocks, block_q=block_q,
+  y = vector_sparse_conv(jnp.asarray(x), values, blocks, block_q=block_q,
                          nhwc=nhwc, interpret=True, **kw)
   wide = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
                                       num_rows=3 * v, **kw)
@@ -355,10 +355,10 @@ def test_vector_kernel_writes_nhwc(batch, out_h, row_width, out_w, v,
   assert np.all(np.isfinite(np.asarray(y)))
   np.testing.assert_allclose(np.asarray(y), np.asarray(want.transpose(
       3, 1, 2, 0)), rtol=1e-5, atol=1e-5)
-  twin = vector_sparse_conv_reference(jnp.asarray(x), packed, blocks,
+  twin = vector_sparse_conv_reference(jnp.asarray(x), values, blocks,
                                       nhwc=nhwc, **kw)
   np.testing.assert_allclose(np.asarray(twin), np.asarray(y), rtol=1e-5,
                              atol=1e-5)
   with pytest.raises(ValueError, match="wide positions, but out_len"):
-    vector_sparse_conv(jnp.asarray(x), packed, blocks, block_q=block_q,
+    vector_sparse_conv(jnp.asarray(x), values, blocks, block_q=block_q,
                        nhwc=nhwc, interpret=True, out_len=out_len + 1)

@@ -1,5 +1,6 @@
-"""Hypothesis property tests: sparse_conv(method="escort") against
-lax.conv_general_dilated on random configurations (marker `property`).
+"""Hypothesis property tests: sparse_conv(method="escort") and
+sparse_conv(method="vector") against lax.conv_general_dilated on random
+configurations (marker `property`).
 
     python -m pytest -m property -q
 
@@ -22,16 +23,32 @@ kept weights, bias) change from example to example. About a third of the
 examples are "fresh": every field drawn freely by hypothesis, shape
 included, at the price of a compile each. The run is derandomized (same
 examples every time, no example database), and the last test asserts how
-many examples were checked (at least MIN_CONV_CASES and MIN_GRAD_CASES).
+many examples were checked (at least MIN_CONV_CASES, MIN_GRAD_CASES,
+MIN_VECTOR_CASES and MIN_VECTOR_GRAD_CASES).
 
-ESCORT_PROPERTY_EXAMPLES / ESCORT_PROPERTY_GRAD_EXAMPLES scale the run (the
-minimum asserted scales with them).
+The vector path (method="vector", the vector-sparse tensor-core kernel) is
+checked the same way on vector-sparse configurations: blocks of V = 8, 16 or
+32 consecutive output channels keep the same kernel positions (masks from
+escort_jax.prune.vector_mask, so out_channels // groups is a multiple of V and
+every block lies within one feature group), sparsity 0 % (every vector kept)
+... 100 % (none kept), under the same bounds, from its own bucketed
+VECTOR_POOL plus fresh draws; its gradients (values, bias, input; they run the
+escort kernels) against those of method="dense" at HIGHEST.
+
+ESCORT_PROPERTY_EXAMPLES / ESCORT_PROPERTY_GRAD_EXAMPLES and
+ESCORT_PROPERTY_VECTOR_EXAMPLES / ESCORT_PROPERTY_VECTOR_GRAD_EXAMPLES scale
+the run (the minimum asserted scales with them). The last test prints a
+one-line summary of the counts per method (with the backend); with
+ESCORT_PROPERTY_SUMMARY=path it also writes them there as JSON, so that a GPU
+run can report them.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import json
 import os
 import time
 
@@ -44,6 +61,7 @@ import numpy as np
 import pytest
 
 from escort_jax import SparseKernel, sparse_conv
+from escort_jax.prune import vector_mask
 from tests.conftest import reference_conv, rel_err
 
 pytestmark = pytest.mark.property
@@ -53,6 +71,15 @@ GRAD_EXAMPLES = int(os.environ.get("ESCORT_PROPERTY_GRAD_EXAMPLES", "40"))
 # Hypothesis may discard a few draws (assume); the floor leaves room for that.
 MIN_CONV_CASES = min(300, CONV_EXAMPLES)
 MIN_GRAD_CASES = min(40, GRAD_EXAMPLES)
+# A vector example costs about what an escort one does in the interpreter
+# (0.2-0.3 s on 2 CPU cores, compile included; a gradient ~0.5 s): these
+# defaults add ~2.5 minutes, and the whole property run took ~6 minutes on 2
+# CPU cores (budget: 15).
+VECTOR_EXAMPLES = int(os.environ.get("ESCORT_PROPERTY_VECTOR_EXAMPLES", "400"))
+VECTOR_GRAD_EXAMPLES = int(os.environ.get(
+    "ESCORT_PROPERTY_VECTOR_GRAD_EXAMPLES", "60"))
+MIN_VECTOR_CASES = min(360, VECTOR_EXAMPLES)
+MIN_VECTOR_GRAD_CASES = min(54, VECTOR_GRAD_EXAMPLES)
 
 F32_BOUND = 1e-5
 LOW_BOUND = 1e-2
@@ -78,6 +105,26 @@ BUCKETS = (
     (2, 1, 9, 2, 3, 1, 4, 1),   # a single row
     (1, 4, 3, 2, 2, 5, 5, 1),   # kernel larger than the image
     (2, 9, 2, 6, 6, 2, 1, 3),
+)
+
+# Vector widths drawn (sparse_conv(method="vector") also takes V = 64).
+VECTOR_WIDTHS = (8, 16, 32)
+
+# (N, H, W, C, O, R, S, groups, V): the shapes of VECTOR_POOL; O // groups is
+# a multiple of V. Feature groups (depthwise included), several blocks per
+# group, 1x1, single pixel, single row, kernel larger than the image, and
+# O // V not a power of two.
+VECTOR_BUCKETS = (
+    (2, 7, 9, 4, 16, 3, 3, 1, 16),
+    (1, 9, 9, 3, 8, 5, 5, 1, 8),
+    (3, 5, 6, 6, 32, 3, 2, 2, 16),
+    (2, 8, 7, 4, 32, 3, 3, 4, 8),    # depthwise, channel multiplier 8
+    (3, 9, 8, 5, 32, 1, 1, 1, 32),   # 1x1
+    (1, 1, 1, 3, 8, 1, 1, 1, 8),     # a single pixel
+    (2, 1, 9, 2, 16, 1, 4, 1, 8),    # a single row, two blocks
+    (1, 4, 3, 2, 16, 5, 5, 1, 16),   # kernel larger than the image
+    (2, 5, 4, 6, 64, 2, 1, 2, 32),   # groups of one 32-block each
+    (1, 6, 5, 4, 48, 3, 3, 1, 16),   # three blocks
 )
 
 # Examples checked, by outcome; the last test asserts the totals.
@@ -107,6 +154,9 @@ class ConvConfig:
   relu: bool
   sparsity: float
   mask_seed: int
+  # V > 0: a vector-sparse mask (blocks of V output channels keep the same
+  # positions); 0: unstructured.
+  vector_width: int = 0
 
   @property
   def x_shape(self):
@@ -121,8 +171,17 @@ class ConvConfig:
 
   def mask(self) -> np.ndarray:
     """The kept positions: exactly round(size * (1 - sparsity)), fixed by
-    mask_seed, so that a configuration always has one structure."""
+    mask_seed, so that a configuration always has one structure. With
+    vector_width V: round(size / V * (1 - sparsity)) whole vectors of V
+    output channels (escort_jax.prune.vector_mask of random scores)."""
     size = int(np.prod(self.kernel_shape))
+    if self.vector_width:
+      hwio = (self.r, self.s, self.c // self.groups, self.o)
+      rng = np.random.default_rng([7004, self.mask_seed, size,
+                                   self.vector_width])
+      mask = vector_mask(rng.standard_normal(hwio), self.sparsity,
+                         self.vector_width)
+      return mask if self.layouts[1] == "HWIO" else mask.transpose(3, 2, 0, 1)
     keep = int(round(size * (1.0 - self.sparsity)))
     rng = np.random.default_rng([7001, self.mask_seed, size])
     flat = np.zeros(size, bool)
@@ -187,10 +246,46 @@ POOL = _make_pool()
 
 
 @st.composite
-def conv_cases(draw, pool=POOL):
+def fresh_vector_configs(draw) -> ConvConfig:
+  """A fresh configuration with a vector-sparse mask: V drawn, out channels
+  per group a multiple of V."""
+  config = draw(fresh_configs())
+  v = draw(st.sampled_from(VECTOR_WIDTHS))
+  per_group = v * draw(st.integers(1, max(1, 64 // (v * config.groups))))
+  return dataclasses.replace(config, o=config.groups * per_group,
+                             vector_width=v)
+
+
+def _make_vector_pool(size: int = 40) -> tuple[ConvConfig, ...]:
+  """VECTOR_POOL: as POOL, over VECTOR_BUCKETS (V fixed by the bucket)."""
+  rng = np.random.default_rng(7005)
+  paddings = ("SAME", "VALID", "SAME_LOWER", ((0, 0), (0, 0)),
+              ((1, 0), (0, 2)), ((0, 3), (2, 1)), ((2, 2), (1, 1)),
+              ((-1, 1), (1, -1)))
+  pool = []
+  for i in range(size):
+    n, h, w, c, o, r, s, g, v = VECTOR_BUCKETS[i % len(VECTOR_BUCKETS)]
+    pool.append(ConvConfig(
+        n=n, h=h, w=w, c=c, o=o, r=r, s=s, groups=g,
+        layouts=LAYOUTS[i % len(LAYOUTS)],
+        dtype=DTYPES[(i // len(LAYOUTS)) % len(DTYPES)],
+        strides=tuple(int(x) for x in rng.integers(1, 4, 2)),
+        dilation=tuple(int(x) for x in rng.integers(1, 3, 2)),
+        padding=paddings[(i + i // len(paddings)) % len(paddings)],
+        bias=bool(i % 2), relu=bool((i // 2) % 2),
+        sparsity=SPARSITIES[(i + i // len(SPARSITIES)) % len(SPARSITIES)],
+        mask_seed=i, vector_width=v))
+  return tuple(pool)
+
+
+VECTOR_POOL = _make_vector_pool()
+
+
+@st.composite
+def conv_cases(draw, pool=POOL, fresh_strategy=fresh_configs):
   """(config, value seed, "fresh" or "pool")."""
   fresh = draw(st.integers(0, 2)) == 0
-  config = draw(fresh_configs()) if fresh else draw(st.sampled_from(pool))
+  config = draw(fresh_strategy()) if fresh else draw(st.sampled_from(pool))
   seed = draw(st.integers(0, 2**32 - 1))
   return config, seed, "fresh" if fresh else "pool"
 
@@ -210,7 +305,9 @@ def _make_data(config: ConvConfig, seed: int):
   kernel = rng.standard_normal(mask.shape)
   kernel = np.where(np.abs(kernel) < 1e-3, 0.5, kernel) * mask
   kernel = jnp.asarray(kernel, dtype)
-  sk = SparseKernel.from_mask(kernel, mask, layout=config.layouts[1])
+  # With vector_width, from_mask checks that the structure is vector-sparse.
+  sk = SparseKernel.from_mask(kernel, mask, layout=config.layouts[1],
+                              vector_width=config.vector_width or None)
   b = jnp.asarray(rng.standard_normal(config.o), dtype) if config.bias \
       else None
   return x, kernel, sk, b
@@ -219,15 +316,30 @@ def _make_data(config: ConvConfig, seed: int):
 _STATIC = ("strides", "padding", "dilation", "groups", "dn", "activation")
 
 
-def _escort(x, sk, b, *, strides, padding, dilation, groups, dn, activation):
+def _sparse(x, sk, b, *, strides, padding, dilation, groups, dn, activation,
+            method, precision=None):
   return sparse_conv(x, sk, strides, padding, rhs_dilation=dilation,
                      feature_group_count=groups, dimension_numbers=dn,
-                     bias=b, activation=activation, method="escort")
+                     bias=b, activation=activation, method=method,
+                     precision=precision)
 
 
-# One jitted function for every example: it compiles once per input shape,
-# structure and static arguments, so POOL examples reuse their programs.
+def _escort(x, sk, b, **kw):
+  return _sparse(x, sk, b, method="escort", **kw)
+
+
+def _vector(x, sk, b, **kw):
+  return _sparse(x, sk, b, method="vector", **kw)
+
+
+# One jitted function per method for every example: it compiles once per
+# input shape, structure and static arguments, so pool examples reuse their
+# programs.
 escort_jit = jax.jit(_escort, static_argnames=_STATIC)
+vector_jit = jax.jit(_vector, static_argnames=_STATIC)
+SPARSE_JITS = {"escort": escort_jit, "vector": vector_jit}
+# COUNTS / STATIC_KEYS / TIMES prefix of each method's forward examples.
+PREFIX = {"escort": "conv", "vector": "vector"}
 
 
 def _static_kwargs(config: ConvConfig) -> dict:
@@ -236,7 +348,7 @@ def _static_kwargs(config: ConvConfig) -> dict:
               dn=config.layouts, activation="relu" if config.relu else None)
 
 
-def _lax_reference(config: ConvConfig, x, kernel, b):
+def _lax_reference(config: ConvConfig, x, kernel, b, prefix: str = ""):
   """reference_conv (float32, HIGHEST) or None where lax rejects the call."""
   kw = _static_kwargs(config)
   try:
@@ -246,41 +358,52 @@ def _lax_reference(config: ConvConfig, x, kernel, b):
                           dimension_numbers=kw["dn"], bias=b,
                           activation=kw["activation"])
   except (TypeError, ValueError) as e:
-    COUNTS["lax_rejects"] += 1
-    COUNTS[f"lax_rejects:{type(e).__name__}"] += 1
+    COUNTS[f"{prefix}lax_rejects"] += 1
+    COUNTS[f"{prefix}lax_rejects:{type(e).__name__}"] += 1
     return None
 
 
-def check_conv_case(config: ConvConfig, seed: int, kind: str):
+def check_conv_case(config: ConvConfig, seed: int, kind: str,
+                    method: str = "escort"):
+  p = PREFIX[method]
   x, kernel, sk, b = _make_data(config, seed)
-  ref = _lax_reference(config, x, kernel, b)
+  ref = _lax_reference(config, x, kernel, b,
+                       prefix="" if method == "escort" else f"{p}_")
   if ref is None:
     # Not a configuration of lax's; whatever sparse_conv does is not
     # compared (it may raise, or be more lenient).
     assume(False)
+  what = f"{method} {kind} {config} seed={seed}"
   t = time.perf_counter()
-  y = escort_jit(x, sk, b, **_static_kwargs(config))
-  y = jax.block_until_ready(y)
-  TIMES["conv_s"] += time.perf_counter() - t
-  COUNTS["conv_cases"] += 1
-  COUNTS[f"conv_{kind}"] += 1
-  COUNTS[f"conv_{config.dtype}"] += 1
-  COUNTS[f"conv_sparsity_{config.sparsity}"] += 1
-  COUNTS[f"conv_layout_{config.layouts[0]}"] += 1
+  try:
+    y = SPARSE_JITS[method](x, sk, b, **_static_kwargs(config))
+    y = jax.block_until_ready(y)
+  except Exception as e:
+    raise AssertionError(f"{what}: sparse_conv raised {e!r}") from e
+  TIMES[f"{p}_s"] += time.perf_counter() - t
+  COUNTS[f"{p}_cases"] += 1
+  COUNTS[f"{p}_{kind}"] += 1
+  COUNTS[f"{p}_{config.dtype}"] += 1
+  COUNTS[f"{p}_sparsity_{config.sparsity}"] += 1
+  COUNTS[f"{p}_layout_{config.layouts[0]}"] += 1
   if config.groups == config.c and config.c > 1:
-    COUNTS["conv_depthwise"] += 1
-  STATIC_KEYS["conv"].add((config.n, config.h, config.w, config.c, config.o,
-                           config.r, config.s, config.groups, config.layouts,
-                           config.dtype, config.strides, config.dilation,
-                           repr(config.padding), config.bias, config.relu,
-                           config.sparsity, config.mask_seed))
+    COUNTS[f"{p}_depthwise"] += 1
+  if config.vector_width:
+    COUNTS[f"{p}_v{config.vector_width}"] += 1
+    if config.groups > 1:
+      COUNTS[f"{p}_groups"] += 1
+  STATIC_KEYS[p].add((config.n, config.h, config.w, config.c, config.o,
+                      config.r, config.s, config.groups, config.layouts,
+                      config.dtype, config.strides, config.dilation,
+                      repr(config.padding), config.bias, config.relu,
+                      config.sparsity, config.mask_seed,
+                      config.vector_width))
 
-  what = f"{kind} {config} seed={seed}"
   assert y.shape == ref.shape, f"{what}: shape {y.shape} != lax {ref.shape}"
   assert jnp.dtype(y.dtype) == jnp.dtype(config.dtype), (
       f"{what}: dtype {y.dtype}")
   if ref.size == 0:
-    COUNTS["conv_empty_outputs"] += 1
+    COUNTS[f"{p}_empty_outputs"] += 1
     return
   y64 = np.asarray(y).astype(np.float64)
   # Pallas interpret mode fills outputs with NaN before the kernel runs: an
@@ -289,7 +412,7 @@ def check_conv_case(config: ConvConfig, seed: int, kind: str):
   bound = F32_BOUND if config.dtype == "float32" else LOW_BOUND
   err = rel_err(y64, ref)
   if not np.any(np.asarray(ref)):
-    COUNTS["conv_zero_reference"] += 1
+    COUNTS[f"{p}_zero_reference"] += 1
   assert err <= bound, f"{what}: rel_err {err:.3e} > {bound:.0e}"
   if config.sparsity == 1.0:
     # Only the bias (through relu) is left, exactly.
@@ -311,6 +434,13 @@ _SETTINGS = dict(deadline=None, derandomize=True, database=None,
 @given(case=conv_cases())
 def test_escort_matches_lax_conv(case):
   check_conv_case(*case)
+
+
+@settings(max_examples=VECTOR_EXAMPLES, **_SETTINGS)
+@given(case=conv_cases(pool=VECTOR_POOL,
+                       fresh_strategy=fresh_vector_configs))
+def test_vector_matches_lax_conv(case):
+  check_conv_case(*case, method="vector")
 
 
 # --------------------------------------------------------------------------
@@ -390,6 +520,74 @@ def test_escort_gradients_match_masked_dense_gradients(case):
     np.testing.assert_array_equal(np.asarray(dx), 0.0, err_msg=what)
 
 
+# Vector gradients: d(values), d(bias), d(x) of method="vector" (its backward
+# runs the escort kernels) against those of method="dense" at HIGHEST, on the
+# same SparseKernel (float32).
+
+
+GRAD_VECTOR_POOL = tuple(dataclasses.replace(c, dtype="float32")
+                         for c in VECTOR_POOL[:len(VECTOR_BUCKETS)])
+
+
+@st.composite
+def vector_grad_cases(draw):
+  fresh = draw(st.booleans())
+  config = draw(fresh_vector_configs()) if fresh else draw(
+      st.sampled_from(GRAD_VECTOR_POOL))
+  config = dataclasses.replace(config, dtype="float32")
+  return config, draw(st.integers(0, 2**32 - 1)), "fresh" if fresh else "pool"
+
+
+def _method_loss(values, b, x, ct, sk, **kw):
+  y = _sparse(x, sk.with_values(values), b, **kw)
+  return jnp.sum(ct * y)
+
+
+vector_grad_jit = jax.jit(
+    jax.grad(functools.partial(_method_loss, method="vector"),
+             argnums=(0, 1, 2)), static_argnames=_STATIC)
+dense_grad = jax.grad(functools.partial(
+    _method_loss, method="dense", precision=jax.lax.Precision.HIGHEST),
+                      argnums=(0, 1, 2))
+
+
+@settings(max_examples=VECTOR_GRAD_EXAMPLES, **_SETTINGS)
+@given(case=vector_grad_cases())
+def test_vector_gradients_match_dense_gradients(case):
+  config, seed, kind = case
+  x, kernel, sk, b = _make_data(config, seed)
+  ref = _lax_reference(config, x, kernel, b, prefix="vector_grad_")
+  assume(ref is not None and ref.size > 0)
+  ct = jnp.asarray(np.random.default_rng([7006, seed]).standard_normal(
+      ref.shape), jnp.float32)
+  what = f"vector {kind} {config} seed={seed}"
+  kw = _static_kwargs(config)
+  t = time.perf_counter()
+  try:
+    dv, db, dx = jax.block_until_ready(vector_grad_jit(
+        sk.values, b, x, ct, sk, **kw))
+  except Exception as e:
+    raise AssertionError(f"{what}: vector gradient raised {e!r}") from e
+  TIMES["vector_grad_s"] += time.perf_counter() - t
+  want = dense_grad(sk.values, b, x, ct, sk, **kw)
+  COUNTS["vector_grad_cases"] += 1
+  COUNTS[f"vector_grad_{kind}"] += 1
+  STATIC_KEYS["vector_grad"].add((config, kind == "fresh"))
+
+  chex.assert_trees_all_equal_shapes_and_dtypes((dv, db, dx),
+                                                (sk.values, b, x))
+  for name, got, exp in zip(("d values", "d bias", "d x"), (dv, db, dx),
+                            want):
+    if got is None:
+      continue
+    got = np.asarray(got, np.float64)
+    assert np.all(np.isfinite(got)), f"{what}: {name} not finite"
+    err = rel_err(got, exp)
+    assert err <= GRAD_BOUND, f"{what}: {name} rel_err {err:.3e}"
+  if sk.nnz == 0:
+    np.testing.assert_array_equal(np.asarray(dx), 0.0, err_msg=what)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _free_executables():
   """Hundreds of compiled programs (~10 MB each in interpret mode; the run
@@ -406,10 +604,13 @@ def test_zz_property_case_count(request, capsys):
   names = {item.name for item in request.session.items}
   ran_conv = "test_escort_matches_lax_conv" in names
   ran_grad = "test_escort_gradients_match_masked_dense_gradients" in names
-  if not (ran_conv or ran_grad):
+  ran_vector = "test_vector_matches_lax_conv" in names
+  ran_vector_grad = "test_vector_gradients_match_dense_gradients" in names
+  if not (ran_conv or ran_grad or ran_vector or ran_vector_grad):
     pytest.skip("the property tests were not selected in this session")
   summary = (
-      f"property cases: conv {COUNTS['conv_cases']} "
+      f"property cases ({jax.default_backend()}): "
+      f"conv {COUNTS['conv_cases']} "
       f"({COUNTS['conv_pool']} pool, {COUNTS['conv_fresh']} fresh, "
       f"{len(STATIC_KEYS['conv'])} distinct static configurations, "
       f"{COUNTS['conv_empty_outputs']} empty outputs, "
@@ -417,11 +618,32 @@ def test_zz_property_case_count(request, capsys):
       f"grad {COUNTS['grad_cases']} ({len(STATIC_KEYS['grad'])} distinct); "
       f"escort compiles+runs {TIMES['conv_s']:.0f} s conv, "
       f"{TIMES['grad_s']:.0f} s grad; "
+      f"vector {COUNTS['vector_cases']} "
+      f"({COUNTS['vector_pool']} pool, {COUNTS['vector_fresh']} fresh, "
+      f"{len(STATIC_KEYS['vector'])} distinct static configurations, "
+      f"{COUNTS['vector_empty_outputs']} empty outputs, "
+      f"{COUNTS['vector_lax_rejects']} draws lax rejects), "
+      f"vector grad {COUNTS['vector_grad_cases']} "
+      f"({len(STATIC_KEYS['vector_grad'])} distinct); "
+      f"vector compiles+runs {TIMES['vector_s']:.0f} s conv, "
+      f"{TIMES['vector_grad_s']:.0f} s grad; "
       + ", ".join(f"{k}={v}" for k, v in sorted(COUNTS.items())
                   if k.startswith(("conv_float", "conv_bfloat", "conv_sp",
-                                   "conv_layout", "conv_depthwise"))))
+                                   "conv_layout", "conv_depthwise",
+                                   "vector_float", "vector_bfloat",
+                                   "vector_sp", "vector_layout",
+                                   "vector_depthwise", "vector_groups",
+                                   "vector_v"))))
   with capsys.disabled():
     print("\n" + summary)
+  path = os.environ.get("ESCORT_PROPERTY_SUMMARY")
+  if path:
+    with open(path, "w") as f:
+      json.dump(dict(backend=jax.default_backend(), summary=summary,
+                     counts=dict(sorted(COUNTS.items())),
+                     distinct={k: len(v) for k, v in STATIC_KEYS.items()},
+                     seconds={k: round(v, 1) for k, v in TIMES.items()}),
+                f, indent=1)
   if ran_conv:
     assert COUNTS["conv_cases"] >= MIN_CONV_CASES, summary
     # Both kinds of example ran, and the pool did reuse compiled programs.
@@ -434,3 +656,15 @@ def test_zz_property_case_count(request, capsys):
       assert COUNTS[key] > 0, f"no example reached {key}: {summary}"
   if ran_grad:
     assert COUNTS["grad_cases"] >= MIN_GRAD_CASES, summary
+  if ran_vector:
+    assert COUNTS["vector_cases"] >= MIN_VECTOR_CASES, summary
+    assert COUNTS["vector_fresh"] > 0 and COUNTS["vector_pool"] > 0, summary
+    assert len(STATIC_KEYS["vector"]) < COUNTS["vector_cases"], summary
+    for key in ("vector_sparsity_0.0", "vector_sparsity_1.0",
+                "vector_float32", "vector_bfloat16", "vector_float16",
+                "vector_layout_NCHW", "vector_depthwise", "vector_groups",
+                "vector_v8", "vector_v16", "vector_v32",
+                "vector_empty_outputs"):
+      assert COUNTS[key] > 0, f"no example reached {key}: {summary}"
+  if ran_vector_grad:
+    assert COUNTS["vector_grad_cases"] >= MIN_VECTOR_GRAD_CASES, summary

@@ -47,7 +47,8 @@ from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
                                                direct_sparse_conv)
 from pallas_kernels.row_groups import RowGroups, pack_row_groups
 from pallas_kernels.sampled_dense_dense import sampled_dense_dense
-from pallas_kernels.vector_sparse_conv import (NhwcOutput, VectorBlocks,
+from pallas_kernels.output_layout import NhwcOutput
+from pallas_kernels.vector_sparse_conv import (VectorBlocks,
                                                pack_vector_blocks,
                                                vector_sparse_conv,
                                                vector_width_of)
@@ -70,7 +71,8 @@ class KernelConfig:
   one program runs in turn over the same positions (input reuse in L1);
   q_major: output blocks on the fastest grid axis; unmasked: lay a run of
   zeros after the input and point padding entries at it, so that the kernel
-  loads without masks.
+  loads without masks; nhwc_out: the forward kernel writes the NHWC output
+  itself instead of wide rows and a transpose pass.
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100
@@ -85,6 +87,7 @@ class KernelConfig:
   q_major: bool = False
   # Unmasked loads were 2-8% faster on the H100 (tile sweep d, 2026-11-24).
   unmasked: bool = True
+  nhwc_out: bool = False
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -409,11 +412,17 @@ class _SparseCall:
     else:
       plan = escort_plan(self.structure, g, self.config)
       x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
+      # The forward nonzeros are in CSR order, so the kernel reads the
+      # values as they are (no gather pass).
+      nhwc = NhwcOutput(batch=g.batch, out_h=g.out_h, row_width=g.plane_w,
+                        out_w=g.out_w) if plan.config.nhwc_out else None
       y = sharding.kernel_call(
-          direct_sparse_conv, x_flat, plan.forward.gather_values(values),
-          plan.forward, out_len=g.out_len, relu=self.relu,
-          out_dtype=self.out_dtype, interpret=not on_gpu(), **bias_kw,
+          direct_sparse_conv, x_flat, values, plan.forward,
+          out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
+          values_by_row=True, nhwc=nhwc, interpret=not on_gpu(), **bias_kw,
           **_launch(plan.config))
+      if nhwc is not None:
+        return (), (y,)
     return (), (cg.from_wide_output(y, g),)
 
   def backward(self, values, bias, x_nhwc, y_nhwc, dy_nhwc):

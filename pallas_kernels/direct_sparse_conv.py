@@ -13,9 +13,12 @@ escort_jax.conv_geometry).
 
 Layout:
   x_flat: (in_len,) the input, any float dtype.
-  values: (padded_entries,) the weights, laid out by RowGroups.gather_values.
+  values: (padded_entries,) the weights, laid out by RowGroups.gather_values;
+          or (values_by_row) the (nnz,) weights in CSR order, which the
+          kernel reads through RowGroups.lane_start (no gather pass).
   bias:   (num_rows,) or None.
-  y:      (num_rows, out_len), row-major.
+  y:      (num_rows, out_len), row-major; or, with `nhwc`, the (N, Ho, Wo,
+          num_rows) output written directly (pallas_kernels/output_layout.py).
 
 Lowering: a plain pallas_call with Triton compiler params, so that one
 definition runs compiled on NVIDIA GPUs and in interpret mode on the CPU.
@@ -32,6 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.output_layout import NhwcOutput, spare_addresses
 from pallas_kernels.row_groups import RowGroups
 
 # Triton caps grid axes 1 and 2 at 65535 programs.
@@ -44,11 +48,12 @@ def accumulator_dtype(dtype) -> jnp.dtype:
 
 
 def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
-                               group_steps_ref, offsets_ref, values_ref,
-                               bias_ref, x_ref, y_ref, *, block_q, out_len,
-                               row_len, num_rows, offset_unit, unroll,
-                               groups_per_program, q_major, masked, relu,
-                               acc_dtype):
+                               group_steps_ref, lane_start_ref, lane_len_ref,
+                               offsets_ref, values_ref, bias_ref, x_ref, y_ref,
+                               *, block_q, out_len, row_len, num_rows,
+                               offset_unit, unroll, groups_per_program,
+                               q_major, masked, relu, acc_dtype, nhwc,
+                               spare_region):
   group_axis, q_axis = (1, 0) if q_major else (0, 1)
   q_block = pl.program_id(q_axis)
   # Read outside the loop: the interpreter cannot lower program_id inside one.
@@ -66,11 +71,20 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
     row_ok = rows >= 0
     start = group_start_ref[g]
     steps = group_steps_ref[g]
+    if lane_start_ref is not None:
+      lane_start = lane_start_ref[pl.ds(g * rows_per_program,
+                                        rows_per_program)]
+      lane_len = lane_len_ref[pl.ds(g * rows_per_program, rows_per_program)]
 
     def load_step(t):
       base = start + t * rows_per_program
       offsets = offsets_ref[pl.ds(base, rows_per_program)]
-      weights = values_ref[pl.ds(base, rows_per_program)]
+      if lane_start_ref is None:
+        weights = values_ref[pl.ds(base, rows_per_program)]
+      else:
+        # Padding steps weigh zero, whatever their input.
+        weights = plgpu.load(values_ref.at[lane_start + t], mask=t < lane_len,
+                             other=0.0)
       if not masked:
         # Padding entries read zeros and every read is in bounds.
         idx = (offsets * offset_unit)[:, None] + q[None, :]
@@ -96,13 +110,25 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
     if relu:
       # Not jnp.maximum: Triton lowers it to a max that drops NaN.
       acc = jnp.where(acc < 0, jnp.zeros((), acc_dtype), acc)
-    # Every lane stores, with no mask: lanes past the last row write a spare
-    # row, and positions past out_len the padded tail of each row. Masked
-    # scatters with repeated addresses are not well defined in interpret
-    # mode.
-    out_idx = (jnp.where(row_ok, rows, num_rows)[:, None] * row_len
-               + q[None, :])
-    plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
+    if nhwc is None:
+      # Every lane stores, with no mask: lanes past the last row write a
+      # spare row, and positions past out_len the padded tail of each row.
+      # Masked scatters with repeated addresses are not well defined in
+      # interpret mode.
+      out_idx = (jnp.where(row_ok, rows, num_rows)[:, None] * row_len
+                 + q[None, :])
+      plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
+      return carry
+    pixel, q_real = nhwc.pixel_of(q)
+    ok = row_ok[:, None] & q_real[None, :]
+    out_idx = pixel[None, :] * num_rows + rows[:, None]
+    if spare_region:
+      spare = spare_addresses(nhwc.pixels * num_rows,
+                              (rows_per_program, block_q))
+      plgpu.store(y_ref.at[jnp.where(ok, out_idx, spare)],
+                  acc.astype(y_ref.dtype))
+    else:
+      plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype), mask=ok)
     return carry
 
   lax.fori_loop(0, groups_per_program, one_group, 0)
@@ -113,7 +139,8 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
                        bias: jax.Array | None = None, relu: bool = False,
                        out_dtype=None, block_q: int = 256, num_warps: int = 4,
                        num_stages: int = 1, groups_per_program: int = 1,
-                       q_major: bool = False,
+                       q_major: bool = False, values_by_row: bool = False,
+                       nhwc: NhwcOutput | None = None,
                        interpret: bool = False) -> jax.Array:
   """Runs the direct sparse convolution kernel.
 
@@ -121,7 +148,9 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
     x_flat: (in_len,) flat input. Every offset + q with q < out_len must be
       inside it; with groups.zeros_offset set, every q below out_len rounded
       up to block_q, and a run of that many zeros at zeros_offset.
-    values: (groups.padded_entries,) weights from `groups.gather_values`.
+    values: (groups.padded_entries,) weights from `groups.gather_values`, or
+      with values_by_row the (nnz,) weights in CSR order (groups must then
+      have lane_start: packed from nonzeros grouped by row).
     groups: the static row packing.
     out_len: output positions per row.
     bias: optional (num_rows,) bias, added before the activation.
@@ -132,16 +161,30 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
     groups_per_program: row groups that one program runs in turn, over the
       same output positions.
     q_major: order the grid with output blocks on the fastest axis.
+    values_by_row: see `values`.
+    nhwc: write the (N, Ho, Wo, num_rows) output directly; its out_len must
+      be `out_len`.
     interpret: run through the Pallas interpreter (CPU).
 
   Returns:
-    y: (num_rows, out_len).
+    y: (num_rows, out_len), or (N, Ho, Wo, num_rows) with `nhwc`.
   """
   if x_flat.ndim != 1:
     raise ValueError(f"x_flat must be 1-D, got shape {x_flat.shape}")
-  if values.shape != (groups.padded_entries,):
+  if values_by_row:
+    if groups.lane_start is None:
+      raise ValueError("values_by_row needs row groups packed from nonzeros "
+                       "grouped by row (CSR order)")
+    nnz = int(groups.lane_len.sum())
+    if values.shape != (nnz,):
+      raise ValueError(f"values must have shape ({nnz},), got "
+                       f"{values.shape}")
+  elif values.shape != (groups.padded_entries,):
     raise ValueError(f"values must have shape ({groups.padded_entries},), "
                      f"got {values.shape}")
+  if nhwc is not None and nhwc.out_len != out_len:
+    raise ValueError(f"the NHWC output has {nhwc.out_len} wide positions, "
+                     f"but out_len is {out_len}")
   if block_q & (block_q - 1):
     raise ValueError(f"block_q must be a power of two, got {block_q}")
   masked = groups.zeros_offset is None
@@ -179,38 +222,59 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
   if max(grid[1:]) > _MAX_GRID_AXIS:
     raise ValueError(f"the grid {grid} exceeds Triton's limit of "
                      f"{_MAX_GRID_AXIS} programs on axis 1; raise block_q")
+  # Compiled, the NHWC output is exactly the result; interpreted, a spare
+  # region follows it (pallas_kernels/output_layout.py).
+  spare_region = interpret
+  if nhwc is None:
+    out_size = (groups.num_rows + 1) * num_q_blocks * block_q
+  else:
+    out_size = nhwc.pixels * groups.num_rows + (
+        groups.rows_per_program * block_q if spare_region else 0)
   kernel = functools.partial(
       _direct_sparse_conv_kernel, block_q=block_q, out_len=out_len,
       row_len=num_q_blocks * block_q, num_rows=groups.num_rows,
       offset_unit=groups.offset_unit, unroll=groups.step_multiple,
       groups_per_program=groups_per_program, q_major=q_major, masked=masked,
-      relu=relu,
-      acc_dtype=acc_dtype)
-  if bias is None:
-    kernel = _without_bias(kernel)
-    bias_args = ()
-  else:
-    bias_args = (bias,)
+      relu=relu, acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region)
+  lane_args = ()
+  if values_by_row:
+    lane_args = (jnp.asarray(np.pad(groups.lane_start,
+                                    (0, spare * groups.rows_per_program))),
+                 jnp.asarray(np.pad(groups.lane_len,
+                                    (0, spare * groups.rows_per_program))))
+    if values.shape[0] == 0:  # every load is masked; nothing may be empty
+      values = jnp.zeros((1,), values.dtype)
+  kernel = _bind_optional(kernel, lanes=values_by_row,
+                          bias=bias is not None)
+  bias_args = () if bias is None else (bias,)
   y = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct(
-          ((groups.num_rows + 1) * num_q_blocks * block_q,), out_dtype),
+      out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype),
       grid=grid,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,
       name="escort_direct_sparse_conv",
   )(jnp.asarray(group_rows), jnp.asarray(group_start),
-    jnp.asarray(group_steps), jnp.asarray(groups.offsets), values,
-    *bias_args, x_flat)
+    jnp.asarray(group_steps), *lane_args, jnp.asarray(groups.offsets),
+    values, *bias_args, x_flat)
+  if nhwc is not None:
+    return y[:nhwc.pixels * groups.num_rows].reshape(
+        nhwc.batch, nhwc.out_h, nhwc.out_w, groups.num_rows)
   return y.reshape(groups.num_rows + 1, -1)[:groups.num_rows, :out_len]
 
 
-def _without_bias(kernel):
-  def wrapped(group_rows_ref, group_start_ref, group_steps_ref, offsets_ref,
-              values_ref, x_ref, y_ref):
-    return kernel(group_rows_ref, group_start_ref, group_steps_ref,
-                  offsets_ref, values_ref, None, x_ref, y_ref)
+def _bind_optional(kernel, *, lanes: bool, bias: bool):
+  """The kernel with None for the refs that this call does not pass."""
+  def wrapped(*refs):
+    refs = list(refs)
+    head, refs = refs[:3], refs[3:]
+    lane_refs = (refs.pop(0), refs.pop(0)) if lanes else (None, None)
+    offsets_ref, values_ref = refs.pop(0), refs.pop(0)
+    bias_ref = refs.pop(0) if bias else None
+    x_ref, y_ref = refs
+    return kernel(*head, *lane_refs, offsets_ref, values_ref, bias_ref, x_ref,
+                  y_ref)
   return wrapped
 
 

@@ -52,6 +52,11 @@ class RowGroups:
       multiplies by this static number, which tells Triton that the loads are
       aligned (e.g. to the batch size) and lets it issue vector loads.
     sources: (num_entries,) int32; index into the value vector, -1 for padding.
+    lane_start, lane_len: (num_groups * rows_per_program,) int32, or None.
+      When the caller gives the nonzeros grouped by row (CSR order), the
+      t-th entry of a lane is value lane_start + t for t < lane_len, so a
+      kernel can read the values in that order with no gather
+      (lane_len 0 for lanes past the last row).
   """
 
   num_rows: int
@@ -64,6 +69,8 @@ class RowGroups:
   zeros_offset: int | None
   offset_unit: int
   sources: np.ndarray
+  lane_start: np.ndarray | None = None
+  lane_len: np.ndarray | None = None
 
   @property
   def num_groups(self) -> int:
@@ -163,9 +170,17 @@ def pack_row_groups(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
   ell_sources[slot] = np.arange(rows.size)
   if step_multiple <= 0:
     raise ValueError(f"step_multiple must be positive, got {step_multiple}")
+  lane_start = lane_len = None
+  if np.all(np.diff(rows) >= 0):
+    live = group_rows >= 0
+    lane_start = np.where(live, row_starts[np.maximum(group_rows, 0)],
+                          0).astype(np.int32)
+    lane_len = np.where(live, lengths[np.maximum(group_rows, 0)],
+                        0).astype(np.int32)
   return RowGroups(num_rows=num_rows, rows_per_program=bk,
                    step_multiple=step_multiple,
                    group_rows=group_rows, group_start=group_start,
                    group_steps=group_steps, offsets=ell_offsets,
                    zeros_offset=zeros_offset, offset_unit=unit,
-                   sources=ell_sources)
+                   sources=ell_sources, lane_start=lane_start,
+                   lane_len=lane_len)

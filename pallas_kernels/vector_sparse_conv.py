@@ -48,28 +48,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.direct_sparse_conv import accumulator_dtype
+from pallas_kernels.output_layout import NhwcOutput, spare_addresses
 
 # Triton's dot needs every dimension to be at least 16.
 MIN_DOT = 16
 _MAX_GRID_AXIS = 65535
-
-
-@dataclasses.dataclass(frozen=True)
-class NhwcOutput:
-  """Where output position q lands in an NHWC output (see module docstring).
-
-  Attributes: batch N, out_h Ho, row_width Wb (wide rows), out_w Wo <= Wb.
-  """
-
-  batch: int
-  out_h: int
-  row_width: int
-  out_w: int
-
-  @property
-  def out_len(self) -> int:
-    """Wide positions per channel: Ho * Wb * N."""
-    return self.out_h * self.row_width * self.batch
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -276,21 +259,13 @@ def _vector_sparse_conv_kernel(steps_ref, start_ref, cols_ref, offsets_ref,
     out_idx = q[:, None] + out_rows[None, :] * row_len
     plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
     return
-  n, t = q % nhwc.batch, q // nhwc.batch
-  y, x = t // nhwc.row_width, t % nhwc.row_width
-  pixel = (n * nhwc.out_h + y) * nhwc.out_w + x
-  ok = ((x < nhwc.out_w) & (y < nhwc.out_h))[:, None]
+  pixel, q_ok = nhwc.pixel_of(q)
+  ok = q_ok[:, None]
   if lanes != vector_width:
     ok = ok & lane_ok
   out_idx = pixel[:, None] * num_rows + rows[None, :]
   if spare_region:
-    # The interpreter turns a masked store into a scatter of all lanes
-    # (masked ones rewrite what they read), so a masked lane that aliases a
-    # live one could undo its write; masked lanes go to a spare region of
-    # their own instead.
-    spare = (nhwc.batch * nhwc.out_h * nhwc.out_w * num_rows
-             + jnp.arange(block_q, dtype=jnp.int32)[:, None] * lanes
-             + lane[None, :])
+    spare = spare_addresses(nhwc.pixels * num_rows, (block_q, lanes))
     plgpu.store(y_ref.at[jnp.where(ok, out_idx, spare)],
                 acc.astype(y_ref.dtype))
   else:
@@ -351,7 +326,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   if nhwc is None:
     out_size = (blocks.num_rows + 1) * read_len
   else:
-    out_size = (nhwc.batch * nhwc.out_h * nhwc.out_w * blocks.num_rows
+    out_size = (nhwc.pixels * blocks.num_rows
                 + (block_q * blocks.lanes if spare_region else 0))
   if x_flat.shape[0] > np.iinfo(np.int32).max or (
       out_size > np.iinfo(np.int32).max):
@@ -393,8 +368,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     values.astype(in_dtype) if nnz else jnp.zeros((1,), in_dtype),
     *bias_args, x_flat.astype(in_dtype))
   if nhwc is not None:
-    real = nhwc.batch * nhwc.out_h * nhwc.out_w * blocks.num_rows
-    return y[:real].reshape(nhwc.batch, nhwc.out_h, nhwc.out_w,
+    return y[:nhwc.pixels * blocks.num_rows].reshape(nhwc.batch, nhwc.out_h, nhwc.out_w,
                             blocks.num_rows)
   return y.reshape(blocks.num_rows + 1, read_len)[:blocks.num_rows, :out_len]
 

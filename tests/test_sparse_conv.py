@@ -411,6 +411,59 @@ def test_direct_sparse_conv_kernel(num_rows, nnz, out_len, rows_per_program,
     np.testing.assert_array_equal(np.asarray(y)[empty], 0.0)
 
 
+@pytest.mark.parametrize(
+    "batch,out_h,row_width,out_w,rows_per_program,block_q,unmasked,nhwc_out",
+    [(2, 3, 6, 4, 4, 16, True, True), (1, 5, 7, 7, 2, 32, False, True),
+     (3, 2, 5, 3, 8, 16, True, False), (2, 4, 4, 2, 4, 8, False, False)])
+def test_kernel_reads_csr_values_and_writes_nhwc(batch, out_h, row_width,
+                                                 out_w, rows_per_program,
+                                                 block_q, unmasked, nhwc_out):
+  """values_by_row (no gather pass) and the NHWC store (no transpose pass)
+  give the reference's numbers, on NaN-poisoned unread inputs and with empty
+  rows; the NHWC output is the wide one cropped and transposed."""
+  from pallas_kernels.output_layout import NhwcOutput
+  nhwc = NhwcOutput(batch=batch, out_h=out_h, row_width=row_width,
+                    out_w=out_w)
+  out_len, num_rows = nhwc.out_len, 11
+  rng = np.random.default_rng([batch, out_h, row_width, rows_per_program])
+  rows, offsets, in_len = _random_row_problem(rng, num_rows, 50, out_len,
+                                              empty_rows=True)
+  order = np.argsort(rows, kind="stable")  # CSR order: grouped by row
+  rows, offsets = rows[order], offsets[order]
+  read_len = -(-out_len // block_q) * block_q
+  zeros_at = in_len + read_len if unmasked else None
+  x = rng.standard_normal(in_len + 2 * read_len).astype(np.float32)
+  x[in_len:] = 0.0
+  x_poisoned, _ = _poison_unread(x, offsets, np.arange(out_len))
+  x_poisoned[in_len:] = 0.0
+  values = jnp.asarray(rng.standard_normal(rows.shape[0]), jnp.float32)
+  b = jnp.asarray(rng.standard_normal(num_rows), jnp.float32)
+  groups = pack_row_groups(rows, offsets, num_rows, rows_per_program, 2,
+                           zeros_offset=zeros_at)
+  assert groups.lane_start is not None
+  y = direct_sparse_conv(jnp.asarray(x_poisoned), values, groups,
+                         out_len=out_len, bias=b, relu=True, block_q=block_q,
+                         values_by_row=True,
+                         nhwc=nhwc if nhwc_out else None, interpret=True)
+  ref = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
+                                     num_rows=num_rows, out_len=out_len,
+                                     bias=b, relu=True)
+  if nhwc_out:
+    ref = ref.reshape(num_rows, out_h, row_width, batch)[:, :, :out_w, :]
+    ref = ref.transpose(3, 1, 2, 0)
+  chex.assert_shape(y, ref.shape)
+  assert np.all(np.isfinite(np.asarray(y)))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5,
+                             atol=1e-5)
+  # Nonzeros given in any other order cannot be read by row.
+  shuffled = pack_row_groups(rows[::-1], offsets[::-1], num_rows,
+                             rows_per_program)
+  assert shuffled.lane_start is None
+  with pytest.raises(ValueError, match="values_by_row needs row groups"):
+    direct_sparse_conv(jnp.asarray(x), values, shuffled, out_len=out_len,
+                       values_by_row=True, interpret=True)
+
+
 @pytest.mark.parametrize("dtype,out_dtype,bound", [
     (jnp.bfloat16, jnp.bfloat16, LOW_BOUND),
     (jnp.float16, jnp.float32, F32_BOUND),
@@ -492,3 +545,34 @@ def test_sampled_dense_dense_kernel_nnz0_and_bf16():
                                       valid_period=6, valid_len=5)
   chex.assert_type(dw, jnp.float32)  # float32 accumulation and result
   assert_close(dw, ref, F32_BOUND)
+
+
+@pytest.mark.parametrize("config", [KernelConfig(nhwc_out=True),
+                                    KernelConfig(2, 32, nhwc_out=True,
+                                                 unmasked=False)])
+def test_escort_nhwc_store_matches_lax(config):
+  """KernelConfig(nhwc_out=True): the forward kernel writes NHWC itself."""
+  rng = np.random.default_rng(77)
+  for kw in (dict(n=2, hw=(7, 9), c=5, o=6, strides=(1, 1)),
+             dict(n=3, hw=(9, 8), c=4, o=8, strides=(2, 1), groups=2)):
+    n, hw, c, o, strides = kw["n"], kw["hw"], kw["c"], kw["o"], kw["strides"]
+    x, kernel, sk, b, dn = make_problem(rng, n=n, hw=hw, c=c, o=o,
+                                        groups=kw.get("groups", 1),
+                                        bias=True)
+    conv = dict(feature_group_count=kw.get("groups", 1))
+
+    def f(values, x):
+      return sparse_conv(x, sk.with_values(values), strides, "SAME", bias=b,
+                         activation="relu", method="escort", config=config,
+                         **conv)
+    y = jax.jit(f)(sk.values, x)
+    ref = reference_conv(x, kernel, strides, "SAME", bias=b,
+                         activation="relu", **conv)
+    assert_close(y, ref, F32_BOUND)
+    ct = random_array(rng, y.shape)
+    grads = jax.grad(lambda v, x: jnp.sum(ct * f(v, x)), (0, 1))(sk.values, x)
+    want = jax.grad(lambda v, x: jnp.sum(ct * sparse_conv(
+        x, sk.with_values(v), strides, "SAME", bias=b, activation="relu",
+        method="escort", **conv)), (0, 1))(sk.values, x)
+    for got, exp in zip(grads, want):
+      assert_close(got, exp, F32_BOUND, "gradient")

@@ -332,7 +332,7 @@ def test_vector_kernel_writes_nhwc(batch, out_h, row_width, out_w, v,
                                    block_q):
   """The NHWC store (cropped columns dropped, no transpose pass) equals the
   wide rows cropped and transposed."""
-  from pallas_kernels.vector_sparse_conv import NhwcOutput
+  from pallas_kernels.output_layout import NhwcOutput
   nhwc = NhwcOutput(batch=batch, out_h=out_h, row_width=row_width,
                     out_w=out_w)
   out_len = nhwc.out_len

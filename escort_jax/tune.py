@@ -34,16 +34,19 @@ DEFAULT_CANDIDATES = (
     KernelConfig(4, 128, 4, 1, 4, q_major=True),
     KernelConfig(2, 256, 4, 1, 4),
     KernelConfig(8, 256, 4, 1, 1),
+    # Writing NHWC from the kernel won at batch 1 (tile sweep e).
+    KernelConfig(4, 128, 4, 1, 4, nhwc_out=True),
 )
 
 # Vector-kernel candidates (block_q, block_k, num_warps, num_stages), tried
 # on vector-sparse layers only.
+# The three best of six vector configs over 8 workload layers at batch 32 in
+# bf16 on the H100 (benchmarks/vector_sweep.py, 2026-11-24); block_k 64 and
+# block_q 64 lost on every layer.
 DEFAULT_VECTOR_CANDIDATES = (
-    VectorConfig(128, 32, 4, 2),
-    VectorConfig(128, 64, 4, 2),
-    VectorConfig(64, 32, 4, 2),
-    VectorConfig(256, 32, 8, 2),
     VectorConfig(128, 32, 4, 3),
+    VectorConfig(256, 32, 8, 3),
+    VectorConfig(128, 32, 4, 2),
 )
 
 VECTOR_PREFIX = "vector:"

@@ -91,17 +91,22 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
-# Images per call up to which the forward kernel writes NHWC itself: on the
-# H100 that was 5-15 % faster on 14 of 16 layer/dtype rows at batch 1, and
-# 1.3-1.7x slower at batch 32 (tile sweep e, 2026-11-24), where it scatters
-# single elements across a large output.
-NHWC_OUT_MAX_BATCH = 1
+# Below this many programs with the default tiles (small maps, batch 1)
+# the GPU is short of work: one output channel per program then ran
+# 1.1-1.6x faster on every layer timed at batch 1, and writing NHWC from the
+# kernel 5-15 % faster again; with thousands of programs (batch 32) both were
+# 1.3-2x slower (tile sweeps e and f, 2026-11-24, H100).
+SMALL_GRID_PROGRAMS = 1024
 
 
 def default_kernel_config(geometry: cg.ConvGeometry) -> KernelConfig:
   """The escort config of a layer with no tuned plan and no caller config."""
-  return dataclasses.replace(
-      DEFAULT_CONFIG, nhwc_out=geometry.batch <= NHWC_OUT_MAX_BATCH)
+  c = DEFAULT_CONFIG
+  programs = (-(-geometry.out_channels // c.rows_per_program) *
+              -(-geometry.out_len // c.block_q))
+  if programs >= SMALL_GRID_PROGRAMS:
+    return c
+  return dataclasses.replace(c, rows_per_program=1, nhwc_out=True)
 
 
 @dataclasses.dataclass(frozen=True)

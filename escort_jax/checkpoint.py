@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any
 
 from flax import nnx
 from flax import serialization

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax.structure import SparseStructure
+from pallas_kernels.output_layout import NhwcOutput
+from pallas_kernels.vector_sparse_conv import vector_width_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +125,11 @@ class ConvGeometry:
     du = ((self.kernel_h - 1) * self.dilation[0]) // self.strides[0]
     dv = ((self.kernel_w - 1) * self.dilation[1]) // self.strides[1]
     return (du * self.plane_w + dv) * self.batch
+
+  def nhwc_output(self) -> NhwcOutput:
+    """Where the wide output positions land in the (N, Ho, Wo, K) output."""
+    return NhwcOutput(batch=self.batch, out_h=self.out_h,
+                      row_width=self.plane_w, out_w=self.out_w)
 
   @property
   def flops(self) -> int:
@@ -261,6 +268,16 @@ def stretched_problem(structure: SparseStructure,
                           shifts=shifts)
 
 
+@functools.lru_cache(maxsize=4096)
+def structure_vector_width(structure: SparseStructure,
+                           geometry: ConvGeometry) -> int:
+  """V of the structure on this geometry: blocks of V output channels with
+  the same source offsets (so also within one feature group), or 1."""
+  problem = stretched_problem(structure, geometry)
+  return vector_width_of(problem.rows, problem.offsets,
+                         geometry.out_channels)
+
+
 def to_flat_input(x_nhwc: jax.Array, g: ConvGeometry,
                   tail: int | None = None) -> jax.Array:
   """(N, H, W, C) -> x_flat (num_planes * plane_len + at least tail,): pad,
@@ -297,5 +314,4 @@ def to_wide_output(y_nhwc: jax.Array, g: ConvGeometry) -> jax.Array:
 
 def from_wide_output(y: jax.Array, g: ConvGeometry) -> jax.Array:
   """(K, out_len) wide rows -> (N, Ho, Wo, K): crop and transpose."""
-  y = y.reshape(g.out_channels, g.out_h, g.plane_w, g.batch)
-  return y[:, :, :g.out_w, :].transpose(3, 1, 2, 0)
+  return g.nhwc_output().from_wide(y)

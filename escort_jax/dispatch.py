@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from escort_jax import plans
-from escort_jax.conv_geometry import ConvGeometry
+from escort_jax.conv_geometry import (ConvGeometry,
+                                      structure_vector_width)
+from pallas_kernels.vector_sparse_conv import MIN_DOT, MIN_VECTOR_WIDTH
 
 # Useful FLOP/s of each path, by input dtype (escort) or dtype and precision
 # (dense), and the fixed cost of the layout passes of the escort path.
@@ -68,9 +70,9 @@ def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
                                  g.batch * g.out_h * g.out_w * g.out_channels)
   layout = layout_bytes / LAYOUT_BYTES_PER_S + 2 * LAUNCH_S
   times = {"escort": useful / ESCORT_FLOPS.get(name, 4.5e12) + layout}
-  if vector_width >= 8:
-    # Widths below 16 still pay for a 16-wide product.
-    waste = max(1.0, 16 / vector_width)
+  if vector_width >= MIN_VECTOR_WIDTH:
+    # Widths below the product's minimum width still pay for all of it.
+    waste = max(1.0, MIN_DOT / vector_width)
     times["vector"] = (useful * waste / VECTOR_FLOPS.get(name, 8e12) +
                        layout)
   dense_rate = DENSE_FLOPS.get((name, precision_name(precision)),
@@ -81,13 +83,15 @@ def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
 
 def choose(structure, geometry: ConvGeometry, dtype, precision, method: str,
            config, on_gpu: bool, slug: str | None = None,
-           vector_width: int = 1) -> Choice:
+           vector_width: int | None = None) -> Choice:
   """Resolves method="auto" and a missing config (see module docstring).
 
   `slug` names the GPU whose plans to consult (plans.device_slug(); default:
   this process's device), so a CPU can say what a GPU would run.
-  `vector_width` is the structure's V on this geometry (1: not vector-sparse);
-  the cost model considers the vector path only when it is 8 or more.
+  `vector_width` is the structure's V on this geometry (1: not vector-sparse;
+  None: found from the structure); the cost model considers the vector path
+  only when it is MIN_VECTOR_WIDTH or more. A caller's config is kept for
+  whichever sparse path is chosen if it is that path's config class.
   """
   key = plans.plan_key(structure.digest, geometry, dtype,
                        precision_name(precision))
@@ -103,10 +107,20 @@ def choose(structure, geometry: ConvGeometry, dtype, precision, method: str,
     return Choice("dense", None, "cost-model")
   entry = plans.lookup(key, slug)
   if entry is not None:
-    cfg = config or (plans.config_from_entry(entry, entry["method"])
-                     if entry.get("config") else None)
-    return Choice(entry["method"], cfg, "plan")
+    chosen = entry["method"]
+    cfg = _fitting(config, chosen)
+    if cfg is None and entry.get("config"):
+      cfg = plans.config_from_entry(entry, chosen)
+    return Choice(chosen, cfg, "plan")
+  if vector_width is None:
+    vector_width = structure_vector_width(structure, geometry)
   t = predicted_seconds(geometry, structure.nnz, dtype, precision,
                         vector_width)
   best = min(t, key=t.get)
-  return Choice(best, None, "cost-model")
+  return Choice(best, _fitting(config, best), "cost-model")
+
+
+def _fitting(config, method: str):
+  """`config` if it belongs to `method`'s kernel, else None."""
+  cls = plans.config_class(method)
+  return config if cls is not None and isinstance(config, cls) else None

@@ -441,7 +441,7 @@ def _model_class(name: str):
 def build_model(name: str, *, pruned: bool = False, seed: int = 0,
                 rngs: nnx.Rngs | None = None, num_classes: int = 1000,
                 dtype=None, param_dtype=jnp.float32,
-                vector_size: int | None = None, **kwargs):
+                vector_width: int | None = None, **kwargs):
   """Builds "caffenet", "googlenet" or "resnet50" with random weights.
 
   Args:
@@ -453,7 +453,7 @@ def build_model(name: str, *, pruned: bool = False, seed: int = 0,
     seed: seeds nnx.Rngs(seed) when `rngs` is not given.
     rngs: the parameter RNGs.
     num_classes, dtype, param_dtype: as the model classes take them.
-    vector_size: with pruned=True, prune V-wide output-channel vectors
+    vector_width: with pruned=True, prune V-wide output-channel vectors
       (prune.vector_mask); V must divide every pruned layer's outputs.
     **kwargs: more constructor arguments (lrn, use_running_average).
 
@@ -465,7 +465,7 @@ def build_model(name: str, *, pruned: bool = False, seed: int = 0,
               rngs=rngs if rngs is not None else nnx.Rngs(seed), **kwargs)
   if pruned:
     model, _ = prune_lib.prune_model(model, profile=name, inplace=True,
-                                     vector_size=vector_size)
+                                     vector_width=vector_width)
   return model
 
 

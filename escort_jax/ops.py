@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax import conv_geometry as cg
+from escort_jax.conv_geometry import structure_vector_width
 from escort_jax import dispatch
 from escort_jax import sharding
 from escort_jax.structure import SparseKernel
@@ -47,11 +48,10 @@ from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
                                                direct_sparse_conv)
 from pallas_kernels.row_groups import RowGroups, pack_row_groups
 from pallas_kernels.sampled_dense_dense import sampled_dense_dense
-from pallas_kernels.output_layout import NhwcOutput
-from pallas_kernels.vector_sparse_conv import (VectorBlocks,
+from pallas_kernels.vector_sparse_conv import (MIN_VECTOR_WIDTH,
+                                               VECTOR_WIDTHS, VectorBlocks,
                                                pack_vector_blocks,
-                                               vector_sparse_conv,
-                                               vector_width_of)
+                                               vector_sparse_conv)
 
 METHODS = ("auto", "escort", "vector", "dense")
 ACTIVATIONS = (None, "relu")
@@ -99,11 +99,12 @@ DEFAULT_CONFIG = KernelConfig()
 SMALL_GRID_PROGRAMS = 1024
 
 
-def default_kernel_config(geometry: cg.ConvGeometry) -> KernelConfig:
-  """The escort config of a layer with no tuned plan and no caller config."""
+def default_kernel_config(num_rows: int, out_len: int) -> KernelConfig:
+  """The escort config of a row problem (num_rows rows of out_len wide
+  positions) with no tuned plan and no caller config."""
   c = DEFAULT_CONFIG
-  programs = (-(-geometry.out_channels // c.rows_per_program) *
-              -(-geometry.out_len // c.block_q))
+  programs = (-(-num_rows // c.rows_per_program) *
+              -(-out_len // c.block_q))
   if programs >= SMALL_GRID_PROGRAMS:
     return c
   return dataclasses.replace(c, rows_per_program=1, nhwc_out=True)
@@ -289,7 +290,14 @@ class EscortPlan:
 def _tail(out_len: int, max_shift: int, config: KernelConfig) -> int:
   if not config.unmasked:
     return max_shift
-  return -(-out_len // config.block_q) * config.block_q + max_shift
+  return _zero_run_tail(out_len, max_shift, config.block_q)
+
+
+def _zero_run_tail(out_len: int, max_shift: int, block_q: int) -> int:
+  """Zeros after the planes when padding entries read a zero run: one padded
+  output row (read by whole blocks of block_q), after the max_shift that the
+  last plane's wide columns read past its end."""
+  return -(-out_len // block_q) * block_q + max_shift
 
 
 @functools.lru_cache(maxsize=1024)
@@ -331,30 +339,19 @@ def _launch(c: KernelConfig) -> dict:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class VectorPlan:
-  """Everything static about one vector call: the packed blocks of the
-  forward pass, and the escort plan that its gradients run."""
+  """Everything static about one vector forward call: the packed blocks and
+  the launch parameters. (Its gradients run the escort kernels.)"""
 
   geometry: cg.ConvGeometry
   blocks: VectorBlocks
-  backward: EscortPlan
   config: VectorConfig
 
   @property
   def x_tail(self) -> int:
-    """Zeros after the input planes: the zero run that padding columns read
-    (and whatever the backward plan needs)."""
-    g = self.geometry
-    read_len = -(-g.out_len // self.config.block_q) * self.config.block_q
-    return max(read_len + g.max_shift, self.backward.x_tail)
-
-
-@functools.lru_cache(maxsize=4096)
-def structure_vector_width(structure, geometry: cg.ConvGeometry) -> int:
-  """V of the structure on this geometry: blocks of V output channels with the
-  same source offsets (so within one feature group), or 1."""
-  problem = cg.stretched_problem(structure, geometry)
-  return vector_width_of(problem.rows, problem.offsets,
-                         geometry.out_channels)
+    """Zeros after the input planes: the zero run that padding columns read,
+    which also covers the wide columns of the last plane."""
+    return _zero_run_tail(self.geometry.out_len, self.geometry.max_shift,
+                          self.config.block_q)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -368,17 +365,17 @@ def vector_plan(structure, geometry: cg.ConvGeometry,
   g = geometry
   problem = cg.stretched_problem(structure, g)
   v = structure_vector_width(structure, g)
-  if v < 8:
+  if v < MIN_VECTOR_WIDTH:
     raise ValueError(
-        f"method='vector' needs a vector-sparse kernel: blocks of 8, 16, 32 "
-        f"or 64 consecutive output channels (within one feature group) that "
-        f"keep the same positions; {structure} is not (prune with "
-        "escort_jax.prune.vector_mask, or use method='escort')")
+        f"method='vector' needs a vector-sparse kernel: blocks of "
+        f"{', '.join(map(str, VECTOR_WIDTHS[::-1]))} consecutive output "
+        "channels (within one feature group) that keep the same positions; "
+        f"{structure} is not (prune with escort_jax.prune.vector_mask, or "
+        "use method='escort')")
   blocks = pack_vector_blocks(problem.rows, problem.offsets, g.out_channels,
                               v, config.block_k,
                               zeros_offset=g.num_planes * g.plane_len)
-  return VectorPlan(geometry=g, blocks=blocks,
-                    backward=escort_plan(structure, g), config=config)
+  return VectorPlan(geometry=g, blocks=blocks, config=config)
 
 
 # --------------------------------------------------------------------------
@@ -399,7 +396,9 @@ class _SparseCall:
   structure: Any
   geometry: cg.ConvGeometry
   method: str  # "escort" or "vector"
-  config: Any  # KernelConfig or VectorConfig
+  # KernelConfig or VectorConfig from the caller or a tuned plan; None: the
+  # defaults, chosen per device for the batch that each device runs.
+  config: Any
   relu: bool
   out_dtype: Any
 
@@ -407,31 +406,42 @@ class _SparseCall:
     g = self.geometry
     return g if batch == g.batch else dataclasses.replace(g, batch=batch)
 
+  def _forward_config(self, g: cg.ConvGeometry):
+    if self.config is not None:
+      return self.config
+    if self.method == "vector":
+      return DEFAULT_VECTOR_CONFIG
+    return default_kernel_config(g.out_channels, g.out_len)
+
+  def _backward_config(self, g: cg.ConvGeometry) -> KernelConfig:
+    """The escort kernels' config for the gradients: the caller's or plan's
+    escort config, else the default for the transposed problem's grid."""
+    if self.method == "escort" and self.config is not None:
+      return self.config
+    return default_kernel_config(g.num_planes, g.plane_len)
+
   def forward(self, values, bias, x_nhwc):
     """-> ((), (y,)): y (N, Ho, Wo, K) for the batch of x_nhwc."""
     g = self._geometry(x_nhwc.shape[0])
     bias_kw = {} if bias is None else {"bias": bias}
     if self.method == "vector":
-      plan = vector_plan(self.structure, g, self.config)
+      plan = vector_plan(self.structure, g, self._forward_config(g))
       c = plan.config
       x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
-      # The kernel gathers its value tiles and writes NHWC itself: no
-      # gather or transpose pass around it.
+      # The kernel reads its weight tiles straight from the CSR values and
+      # writes NHWC itself: no gather or transpose pass around it.
       y = sharding.kernel_call(
           vector_sparse_conv, x_flat, values, plan.blocks,
           out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
           block_q=c.block_q, num_warps=c.num_warps, num_stages=c.num_stages,
-          nhwc=NhwcOutput(batch=g.batch, out_h=g.out_h,
-                          row_width=g.plane_w, out_w=g.out_w),
-          interpret=not on_gpu(), **bias_kw)
+          nhwc=g.nhwc_output(), interpret=not on_gpu(), **bias_kw)
       return (), (y,)
     else:
-      plan = escort_plan(self.structure, g, self.config)
+      plan = escort_plan(self.structure, g, self._forward_config(g))
       x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
       # The forward nonzeros are in CSR order, so the kernel reads the
       # values as they are (no gather pass).
-      nhwc = NhwcOutput(batch=g.batch, out_h=g.out_h, row_width=g.plane_w,
-                        out_w=g.out_w) if plan.config.nhwc_out else None
+      nhwc = g.nhwc_output() if plan.config.nhwc_out else None
       y = sharding.kernel_call(
           direct_sparse_conv, x_flat, values, plan.forward,
           out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
@@ -446,8 +456,7 @@ class _SparseCall:
     over this batch in the accumulator dtype (no dbias without a bias), and
     the input gradient. y_nhwc (the output) is needed only with relu."""
     g = self._geometry(x_nhwc.shape[0])
-    plan = escort_plan(self.structure, g, self.config
-                       if self.method == "escort" else DEFAULT_CONFIG)
+    plan = escort_plan(self.structure, g, self._backward_config(g))
     interpret = not on_gpu()
     dy = dy_nhwc
     if self.relu:
@@ -521,19 +530,18 @@ _sparse_core.defvjp(_sparse_core_fwd, _sparse_core_bwd)
 
 def _sparse_conv_path(x_nhwc, values, bias, structure, spec: ConvSpec,
                       activation, method: str, config):
-  """The escort or vector path: flat layout in, kernel, wide output out,
-  data parallel over a sharded batch."""
+  """The escort or vector path (NHWC in, NHWC out; see _SparseCall), data
+  parallel over a sharded batch. `config` None: the defaults per device."""
   if method == "vector":
     if config is not None and not isinstance(config, VectorConfig):
       raise TypeError(f"method='vector' takes a VectorConfig, got "
                       f"{type(config).__name__}")
-    config = config or DEFAULT_VECTOR_CONFIG
-    vector_plan(structure, spec.geometry, config)  # errors early if not V
+    # Errors early, at the call, if the structure is not vector-sparse.
+    vector_plan(structure, spec.geometry, config or DEFAULT_VECTOR_CONFIG)
   else:
     if config is not None and not isinstance(config, KernelConfig):
       raise TypeError(f"method='escort' takes a KernelConfig, got "
                       f"{type(config).__name__}")
-    config = config or default_kernel_config(spec.geometry)
   call = _SparseCall(structure=structure, geometry=spec.geometry,
                      method=method, config=config,
                      relu=activation == "relu",
@@ -620,11 +628,8 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
   values = sk.values.astype(spec.compute_dtype)
   if bias is not None:
     bias = jnp.asarray(bias).astype(spec.compute_dtype)
-  gpu = on_gpu()
-  vector_width = (structure_vector_width(sk.structure, g)
-                  if method == "auto" and gpu else 1)
   choice = dispatch.choose(sk.structure, g, spec.compute_dtype, precision,
-                           method, config, gpu, vector_width=vector_width)
+                           method, config, on_gpu())
   if g.out_h == 0 or g.out_w == 0 or g.batch == 0:
     y = jnp.zeros((g.batch, g.out_h, g.out_w, g.out_channels), spec.out_dtype)
   elif choice.method == "dense":

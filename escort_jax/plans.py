@@ -1,8 +1,10 @@
 """Tuned plans: which path and which tile config runs each layer.
 
 A plan is keyed by (structure digest, convolution geometry, dtype, precision)
-and records the chosen method ("escort" or "dense"), the kernel config, and
-the device times that justified the choice. Plans live in JSON files:
+and records the chosen method ("escort", "vector" or "dense"), the winning
+sparse kernel's config (`config`, of kernel `config_method`), the best config
+of each sparse kernel tried (`best_configs`), and the device times that
+justified the choice. Plans live in JSON files:
 
   escort_jax/plans/<device-slug>.json   shipped with the package, committable
   $ESCORT_JAX_PLAN_DIR/<device-slug>.json   the user's own (searched first)
@@ -97,20 +99,31 @@ def clear_cache() -> None:
     _cache.clear()
 
 
+def config_class(method: str):
+  """The config class of a sparse method's kernel (None for "dense")."""
+  from escort_jax.ops import KernelConfig, VectorConfig  # ops imports us
+  return {"escort": KernelConfig, "vector": VectorConfig}.get(method)
+
+
 def config_from_entry(entry: dict[str, Any], method: str | None = None):
   """The config recorded in a plan entry for `method` (default: the entry's
-  method): a KernelConfig for "escort", a VectorConfig for "vector"; None
-  when the entry was tuned for the other kernel. Unknown fields are ignored.
+  method): a KernelConfig for "escort", a VectorConfig for "vector". It is
+  the tuner's best config of that kernel (`best_configs`), else `config` if
+  that was tuned for it; None when the entry has none for that kernel.
+  Unknown fields are ignored.
   """
-  from escort_jax.ops import KernelConfig, VectorConfig  # ops imports us
   method = method or entry.get("method")
-  # The kernel the recorded config belongs to; entries written before the
-  # vector kernel existed say nothing, and theirs is the escort kernel's.
-  tuned_for = entry.get("config_method") or (
-      entry.get("method") if entry.get("method") == "vector" else "escort")
-  if method != tuned_for:
+  cls = config_class(method)
+  if cls is None:
     return None
-  cls = VectorConfig if method == "vector" else KernelConfig
+  recorded = entry.get("best_configs", {}).get(method)
+  if recorded is None:
+    # The kernel `config` belongs to; entries written before the vector
+    # kernel existed say nothing, and theirs is the escort kernel's.
+    tuned_for = entry.get("config_method") or (
+        entry.get("method") if entry.get("method") == "vector" else "escort")
+    if method != tuned_for:
+      return None
+    recorded = entry.get("config", {})
   fields = {f.name for f in dataclasses.fields(cls)}
-  return cls(**{k: v for k, v in entry.get("config", {}).items()
-                if k in fields})
+  return cls(**{k: v for k, v in recorded.items() if k in fields})

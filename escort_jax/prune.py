@@ -146,28 +146,28 @@ def global_magnitude_masks(kernels: Mapping[str, Any], sparsity: float
   return out
 
 
-def _vector_scores(kernel, vector_size: int) -> np.ndarray:
+def _vector_scores(kernel, vector_width: int) -> np.ndarray:
   """L2 norms of V-wide output-channel vectors: (..., O) -> (..., O // V)."""
-  v = int(vector_size)
+  v = int(vector_width)
   if v < 1:
-    raise ValueError(f"vector_size must be a positive integer, got "
-                     f"{vector_size!r}")
+    raise ValueError(f"vector_width must be a positive integer, got "
+                     f"{vector_width!r}")
   shape = np.shape(kernel)
   if len(shape) < 1 or shape[-1] % v:
     raise ValueError(
-        f"vector_size={v} must divide the number of output channels (the "
+        f"vector_width={v} must divide the number of output channels (the "
         f"last axis) of the kernel, got kernel shape {tuple(shape)}")
   s = _scores(kernel)
   s = s.reshape(*shape[:-1], shape[-1] // v, v)
   return np.sqrt(np.sum(s * s, axis=-1))
 
 
-def _expand_vectors(vector_mask_: np.ndarray, vector_size: int) -> np.ndarray:
+def _expand_vectors(vector_mask_: np.ndarray, vector_width: int) -> np.ndarray:
   """(..., O // V) -> (..., O): each vector's mask on its V channels."""
-  return np.repeat(vector_mask_, int(vector_size), axis=-1)
+  return np.repeat(vector_mask_, int(vector_width), axis=-1)
 
 
-def vector_mask(kernel_hwio, sparsity: float, vector_size: int
+def vector_mask(kernel_hwio, sparsity: float, vector_width: int
                 ) -> np.ndarray:
   """A mask in which blocks of V output channels share their kept positions.
 
@@ -182,7 +182,7 @@ def vector_mask(kernel_hwio, sparsity: float, vector_size: int
       group); any array whose last axis is the output channels works, e.g.
       an (in, out) dense kernel.
     sparsity: the fraction of vectors (hence of entries) to prune.
-    vector_size: V; must divide O.
+    vector_width: V; must divide O.
 
   Returns:
     A numpy bool array of the kernel's shape, keeping
@@ -192,9 +192,9 @@ def vector_mask(kernel_hwio, sparsity: float, vector_size: int
   Raises:
     ValueError: if V does not divide O.
   """
-  scores = _vector_scores(kernel_hwio, vector_size)
+  scores = _vector_scores(kernel_hwio, vector_width)
   keep = _top_k_flat(scores.reshape(-1), num_kept(scores.size, sparsity))
-  return _expand_vectors(keep.reshape(scores.shape), vector_size)
+  return _expand_vectors(keep.reshape(scores.shape), vector_width)
 
 
 # --------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def _where_kept(x, mask):
 
 
 def prune_model(model, sparsity: float | None = None, profile=None,
-                mode: str = "layer", vector_size: int | None = None, *,
+                mode: str = "layer", vector_width: int | None = None, *,
                 inplace: bool = False,
                 name_fn: Callable[[str, Any], str] | None = None
                 ) -> tuple[Any, dict[str, np.ndarray]]:
@@ -313,7 +313,7 @@ def prune_model(model, sparsity: float | None = None, profile=None,
     mode: "layer" prunes each kernel to its own sparsity; "global" prunes
       the selected kernels (all at the one `sparsity`; no profile) with one
       magnitude threshold over all of them.
-    vector_size: if set, prune V-wide output-channel vectors (vector_mask)
+    vector_width: if set, prune V-wide output-channel vectors (vector_mask)
       instead of single weights; in "global" mode the vectors' L2 norms
       share the threshold.
     inplace: False (default) prunes a copy (nnx.clone) and leaves `model`
@@ -356,14 +356,14 @@ def prune_model(model, sparsity: float | None = None, profile=None,
 
   kernels = {p: _get(layers[p].kernel) for p in targets}
   if mode == "global":
-    if vector_size:
-      scores = {p: _vector_scores(k, vector_size) for p, k in kernels.items()}
+    if vector_width:
+      scores = {p: _vector_scores(k, vector_width) for p, k in kernels.items()}
       keep = global_magnitude_masks(scores, sparsity)
-      masks = {p: _expand_vectors(m, vector_size) for p, m in keep.items()}
+      masks = {p: _expand_vectors(m, vector_width) for p, m in keep.items()}
     else:
       masks = global_magnitude_masks(kernels, sparsity)
-  elif vector_size:
-    masks = {p: vector_mask(k, targets[p], vector_size)
+  elif vector_width:
+    masks = {p: vector_mask(k, targets[p], vector_width)
              for p, k in kernels.items()}
   else:
     masks = {p: magnitude_mask(k, targets[p]) for p, k in kernels.items()}

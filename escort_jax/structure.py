@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.vector_sparse_conv import vector_width_of
+from pallas_kernels.vector_sparse_conv import (VECTOR_WIDTHS, unshared_block,
+                                               vector_width_of)
 
 LAYOUTS = ("HWIO", "OIHW")
-VECTOR_WIDTHS = (64, 32, 16, 8)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -110,8 +110,7 @@ class SparseStructure:
     """
     if self._vector_width is None:
       k = np.repeat(np.arange(self.oirs[0]), np.diff(self.indptr))
-      self._vector_width = vector_width_of(k, self.indices, self.oirs[0],
-                                           VECTOR_WIDTHS)
+      self._vector_width = vector_width_of(k, self.indices, self.oirs[0])
     return self._vector_width
 
   def coordinates(self) -> tuple[np.ndarray, ...]:
@@ -171,18 +170,18 @@ def _check_vector_width(structure: SparseStructure, vector_width) -> None:
   if o % vector_width:
     raise ValueError(f"vector_width={vector_width} does not divide the "
                      f"kernel's {o} output channels")
-  if structure.vector_width() % vector_width:
-    for b in range(o // vector_width):
-      ptr, idx = structure.indptr, structure.indices
-      rows = [set(idx[ptr[i]:ptr[i + 1]])
-              for i in range(b * vector_width, (b + 1) * vector_width)]
-      bad = next((i for i, r in enumerate(rows) if r != rows[0]), None)
-      if bad is not None:
-        raise ValueError(
-            f"the kernel is not vector-sparse with vector_width="
-            f"{vector_width}: output channel {b * vector_width + bad} keeps "
-            f"other positions than channel {b * vector_width} of its block "
-            "(prune with escort_jax.prune.vector_mask)")
+  k = np.repeat(np.arange(o), np.diff(structure.indptr))
+  bad = unshared_block(k, structure.indices, o, vector_width)
+  if bad is not None:
+    block, row = bad
+    first = block * vector_width
+    what = (f"output channel {first + row} keeps other positions than "
+            f"channel {first} of its block" if row >= 0 else
+            f"output channels {first}..{first + vector_width - 1} keep "
+            "different numbers of weights")
+    raise ValueError(
+        f"the kernel is not vector-sparse with vector_width={vector_width}: "
+        f"{what} (prune with escort_jax.prune.vector_mask)")
 
 
 @jax.tree_util.register_pytree_node_class

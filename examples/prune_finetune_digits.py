@@ -51,7 +51,7 @@ from escort_jax import prune
 from escort_jax.nnx import SparseConv
 
 SPARSITY = 0.9
-VECTOR_SIZE = 8
+VECTOR_WIDTH = 8
 
 
 class DigitsCNN(nnx.Module):
@@ -230,9 +230,9 @@ def main(argv=None) -> int:
   finetune_batches = epoch_batches(x_tr, y_tr, args.batch,
                                    args.finetune_epochs, args.seed + 1)
   pruned = {}
-  for kind, vector_size in (("magnitude", None), ("vector V=8", VECTOR_SIZE)):
+  for kind, vector_width in (("magnitude", None), ("vector V=8", VECTOR_WIDTH)):
     model, masks = prune.prune_model(dense, sparsity=SPARSITY,
-                                     vector_size=vector_size)
+                                     vector_width=vector_width)
     rows.append((f"pruned 90% {kind}", conv_sparsity(model),
                  accuracy(model, x_te, y_te)))
     prune.masked_finetune(model, masks, optax.adam(args.lr / 2), loss_fn,
@@ -241,8 +241,8 @@ def main(argv=None) -> int:
                  accuracy(model, x_te, y_te)))
     pruned[kind] = model
   print(f"vector-pruned model: every kept conv weight lies in a whole "
-        f"V={VECTOR_SIZE} output-channel vector: "
-        f"{is_vector_sparse(pruned['vector V=8'], VECTOR_SIZE)}")
+        f"V={VECTOR_WIDTH} output-channel vector: "
+        f"{is_vector_sparse(pruned['vector V=8'], VECTOR_WIDTH)}")
 
   # 4. Sparsify and check that the predictions do not change.
   ok = True

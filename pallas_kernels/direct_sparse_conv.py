@@ -35,11 +35,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.output_layout import NhwcOutput, spare_addresses
+from pallas_kernels import output_layout
+from pallas_kernels.output_layout import (MAX_GRID_AXIS, NhwcOutput,
+                                          check_int32, with_optional_refs)
 from pallas_kernels.row_groups import RowGroups
-
-# Triton caps grid axes 1 and 2 at 65535 programs.
-_MAX_GRID_AXIS = 65535
 
 
 def accumulator_dtype(dtype) -> jnp.dtype:
@@ -120,15 +119,10 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
       plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
       return carry
     pixel, q_real = nhwc.pixel_of(q)
-    ok = row_ok[:, None] & q_real[None, :]
-    out_idx = pixel[None, :] * num_rows + rows[:, None]
-    if spare_region:
-      spare = spare_addresses(nhwc.pixels * num_rows,
-                              (rows_per_program, block_q))
-      plgpu.store(y_ref.at[jnp.where(ok, out_idx, spare)],
-                  acc.astype(y_ref.dtype))
-    else:
-      plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype), mask=ok)
+    output_layout.store(
+        y_ref, pixel[None, :] * num_rows + rows[:, None], acc,
+        row_ok[:, None] & q_real[None, :],
+        spare_base=nhwc.pixels * num_rows, spare_region=spare_region)
     return carry
 
   lax.fori_loop(0, groups_per_program, one_group, 0)
@@ -182,9 +176,8 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
   elif values.shape != (groups.padded_entries,):
     raise ValueError(f"values must have shape ({groups.padded_entries},), "
                      f"got {values.shape}")
-  if nhwc is not None and nhwc.out_len != out_len:
-    raise ValueError(f"the NHWC output has {nhwc.out_len} wide positions, "
-                     f"but out_len is {out_len}")
+  if nhwc is not None:
+    nhwc.check(out_len)
   if block_q & (block_q - 1):
     raise ValueError(f"block_q must be a power of two, got {block_q}")
   masked = groups.zeros_offset is None
@@ -196,14 +189,15 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
         f"{groups.max_offset} plus {read_len} positions exceeds "
         f"{x_flat.shape[0]}")
   num_q_blocks = pl.cdiv(out_len, block_q)
-  int32_max = np.iinfo(np.int32).max
-  if x_flat.shape[0] > int32_max or (
-      (groups.num_rows + 1) * num_q_blocks * block_q > int32_max):
-    raise OverflowError(
-        f"the flat input ({x_flat.shape[0]} elements) or output "
-        f"({groups.num_rows + 1} x {num_q_blocks * block_q}) has 2**31 "
-        "elements or more, beyond the int32 indexing of this kernel; split "
-        "the batch")
+  # Compiled, the NHWC output is exactly the result; interpreted, a spare
+  # region follows it (output_layout.store).
+  spare_region = interpret
+  if nhwc is None:
+    out_size = (groups.num_rows + 1) * num_q_blocks * block_q
+  else:
+    out_size = nhwc.buffer_size(groups.num_rows, groups.rows_per_program *
+                                block_q if spare_region else 0)
+  check_int32(flat_input=x_flat.shape[0], output=out_size)
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
   acc_dtype = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
   num_programs = pl.cdiv(groups.num_groups, groups_per_program)
@@ -215,21 +209,13 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
   group_start = np.pad(groups.group_start, (0, spare))
   group_steps = np.pad(groups.group_steps, (0, spare))
   # Triton caps grid axis 1 (not 0): large outputs put their blocks first.
-  q_major = q_major or num_q_blocks > _MAX_GRID_AXIS
+  q_major = q_major or num_q_blocks > MAX_GRID_AXIS
   grid = (num_programs, num_q_blocks)
   if q_major:
     grid = grid[::-1]
-  if max(grid[1:]) > _MAX_GRID_AXIS:
+  if max(grid[1:]) > MAX_GRID_AXIS:
     raise ValueError(f"the grid {grid} exceeds Triton's limit of "
-                     f"{_MAX_GRID_AXIS} programs on axis 1; raise block_q")
-  # Compiled, the NHWC output is exactly the result; interpreted, a spare
-  # region follows it (pallas_kernels/output_layout.py).
-  spare_region = interpret
-  if nhwc is None:
-    out_size = (groups.num_rows + 1) * num_q_blocks * block_q
-  else:
-    out_size = nhwc.pixels * groups.num_rows + (
-        groups.rows_per_program * block_q if spare_region else 0)
+                     f"{MAX_GRID_AXIS} programs on axis 1; raise block_q")
   kernel = functools.partial(
       _direct_sparse_conv_kernel, block_q=block_q, out_len=out_len,
       row_len=num_q_blocks * block_q, num_rows=groups.num_rows,
@@ -244,8 +230,10 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
                                     (0, spare * groups.rows_per_program))))
     if values.shape[0] == 0:  # every load is masked; nothing may be empty
       values = jnp.zeros((1,), values.dtype)
-  kernel = _bind_optional(kernel, lanes=values_by_row,
-                          bias=bias is not None)
+  kernel = with_optional_refs(
+      kernel, (True,) * 3 + (values_by_row,) * 2 + (True, True,
+                                                    bias is not None,
+                                                    True, True))
   bias_args = () if bias is None else (bias,)
   y = pl.pallas_call(
       kernel,
@@ -259,23 +247,8 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
     jnp.asarray(group_steps), *lane_args, jnp.asarray(groups.offsets),
     values, *bias_args, x_flat)
   if nhwc is not None:
-    return y[:nhwc.pixels * groups.num_rows].reshape(
-        nhwc.batch, nhwc.out_h, nhwc.out_w, groups.num_rows)
+    return nhwc.from_buffer(y, groups.num_rows)
   return y.reshape(groups.num_rows + 1, -1)[:groups.num_rows, :out_len]
-
-
-def _bind_optional(kernel, *, lanes: bool, bias: bool):
-  """The kernel with None for the refs that this call does not pass."""
-  def wrapped(*refs):
-    refs = list(refs)
-    head, refs = refs[:3], refs[3:]
-    lane_refs = (refs.pop(0), refs.pop(0)) if lanes else (None, None)
-    offsets_ref, values_ref = refs.pop(0), refs.pop(0)
-    bias_ref = refs.pop(0) if bias else None
-    x_ref, y_ref = refs
-    return kernel(*head, *lane_refs, offsets_ref, values_ref, bias_ref, x_ref,
-                  y_ref)
-  return wrapped
 
 
 def direct_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,

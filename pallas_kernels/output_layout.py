@@ -1,18 +1,26 @@
-"""Where a kernel's output positions land when it writes NHWC directly.
+"""What the sparse kernels share about their launch and their output.
 
-The sparse kernels compute "wide" rows: output position q of channel k is
-image q % N at wide row (q // N) // Wb, column (q // N) % Wb, for columns up
-to the padded input width Wb (escort_jax.conv_geometry). Writing those into
-an (N, Ho, Wo, K) array in the kernel saves the transpose pass that would
-otherwise follow it; columns >= Wo and rows >= Ho are dropped.
+The kernels compute "wide" rows: output position q of channel k is image
+q % N at wide row (q // N) // Wb, column (q // N) % Wb, for columns up to the
+padded input width Wb (escort_jax.conv_geometry). They either store those
+rows as they are, (num_rows, out_len), or write the (N, Ho, Wo, K) output
+directly, dropping columns >= Wo and rows >= Ho, which saves the transpose
+pass that would otherwise follow them (`NhwcOutput`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas import triton as plgpu
+
+# Triton caps grid axes 1 and 2 at 65535 programs.
+MAX_GRID_AXIS = 65535
+INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +45,12 @@ class NhwcOutput:
     """N * Ho * Wo."""
     return self.batch * self.out_h * self.out_w
 
+  def check(self, out_len: int) -> None:
+    """Raises unless this output covers `out_len` wide positions."""
+    if self.out_len != out_len:
+      raise ValueError(f"the NHWC output has {self.out_len} wide positions, "
+                       f"but out_len is {out_len}")
+
   def pixel_of(self, q: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Wide positions q -> (NHWC pixel index, whether q is a real output)."""
     n, t = q % self.batch, q // self.batch
@@ -44,14 +58,59 @@ class NhwcOutput:
     return (n * self.out_h + y) * self.out_w + x, (x < self.out_w) & (
         y < self.out_h)
 
+  def buffer_size(self, num_rows: int, spare: int) -> int:
+    """Elements of the kernel's flat output buffer: the output, then
+    `spare` elements for masked lanes (interpret mode; see `store`)."""
+    return self.pixels * num_rows + spare
 
-def spare_addresses(base: int, shape: tuple[int, int]) -> jax.Array:
-  """Distinct addresses base, base + 1, ... for every element of a tile.
+  def from_buffer(self, y: jax.Array, num_rows: int) -> jax.Array:
+    """The kernel's flat buffer -> (N, Ho, Wo, num_rows)."""
+    return y[:self.pixels * num_rows].reshape(self.batch, self.out_h,
+                                              self.out_w, num_rows)
 
-  The Pallas interpreter turns a masked store into a scatter of all lanes in
-  which masked lanes rewrite what they read, so a masked lane that aliases a
-  live one could undo its write. Interpreted kernels send masked lanes to a
-  spare region after the output instead (compiled ones mask, and need none).
+  def from_wide(self, y: jax.Array) -> jax.Array:
+    """(K, out_len) wide rows -> (N, Ho, Wo, K): crop and transpose."""
+    y = y.reshape(-1, self.out_h, self.row_width, self.batch)
+    return y[:, :, :self.out_w, :].transpose(3, 1, 2, 0)
+
+
+def store(y_ref, out_idx: jax.Array, value: jax.Array, ok: jax.Array, *,
+          spare_base: int, spare_region: bool) -> None:
+  """Stores the tile `value` at `out_idx` where `ok`.
+
+  Compiled, a masked store. The Pallas interpreter instead turns a masked
+  store into a scatter of all lanes in which masked lanes rewrite what they
+  read, so a masked lane that aliases a live one could undo its write; there
+  the masked lanes go to distinct addresses of a spare region that starts at
+  `spare_base` (value.size elements).
   """
-  return (base + jnp.arange(shape[0], dtype=jnp.int32)[:, None] * shape[1]
-          + jnp.arange(shape[1], dtype=jnp.int32)[None, :])
+  value = value.astype(y_ref.dtype)
+  if not spare_region:
+    plgpu.store(y_ref.at[out_idx], value, mask=ok)
+    return
+  rows, cols = value.shape
+  spare = (spare_base + jnp.arange(rows, dtype=jnp.int32)[:, None] * cols
+           + jnp.arange(cols, dtype=jnp.int32)[None, :])
+  plgpu.store(y_ref.at[jnp.where(ok, out_idx, spare)], value)
+
+
+def check_int32(**sizes: int) -> None:
+  """Raises OverflowError naming the first size that int32 indexing of the
+  kernels cannot address."""
+  for what, size in sizes.items():
+    if size > INT32_MAX:
+      raise OverflowError(
+          f"the {what.replace('_', ' ')} ({size} elements) has 2**31 "
+          "elements or more, beyond the int32 indexing of these kernels; "
+          "split the batch")
+
+
+def with_optional_refs(kernel: Callable, present: Sequence[bool]) -> Callable:
+  """kernel(*refs) that takes None for each absent ref, as a pallas_call body
+  that receives only the present ones (in order)."""
+  present = tuple(present)
+
+  def body(*refs):
+    given = iter(refs)
+    return kernel(*(next(given) if p else None for p in present))
+  return body

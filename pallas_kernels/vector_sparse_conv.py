@@ -48,11 +48,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.direct_sparse_conv import accumulator_dtype
-from pallas_kernels.output_layout import NhwcOutput, spare_addresses
+from pallas_kernels import output_layout
+from pallas_kernels.output_layout import (MAX_GRID_AXIS, NhwcOutput,
+                                          check_int32, with_optional_refs)
 
 # Triton's dot needs every dimension to be at least 16.
 MIN_DOT = 16
-_MAX_GRID_AXIS = 65535
+# Vector widths the kernel takes, widest first; below 8 the 16-wide product
+# would be mostly padding.
+VECTOR_WIDTHS = (64, 32, 16, 8)
+MIN_VECTOR_WIDTH = VECTOR_WIDTHS[-1]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -127,29 +132,39 @@ class VectorBlocks:
     return padded[np.where(src >= 0, src, values.shape[0])]
 
 
-def vector_width_of(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
-                    candidates=(64, 32, 16, 8)) -> int:
-  """The largest V in `candidates` for which the row problem is vector-sparse
-  (blocks of V consecutive rows with identical offset lists), else 1.
+def unshared_block(rows: np.ndarray, cols: np.ndarray, num_rows: int,
+                   v: int) -> tuple[int, int] | None:
+  """Where blocks of v consecutive rows stop sharing their columns.
 
-  rows must be sorted (CSR order); offsets within a row in a fixed order.
+  rows: (nnz,) sorted (CSR order); cols: (nnz,) each entry's column (or
+  source offset), in a fixed order within a row. Returns None when every
+  block's rows keep the same columns in the same order; else (block, row):
+  the first block that does not and, within it, the first row that differs
+  from the block's first row (row is -1 when the counts already differ).
+  v must divide num_rows.
   """
-  counts = np.bincount(rows, minlength=num_rows)
-  starts = np.concatenate([[0], np.cumsum(counts)])
+  counts = np.bincount(rows, minlength=num_rows).reshape(-1, v)
+  starts = np.concatenate([[0], np.cumsum(counts.reshape(-1))])
+  for b in range(num_rows // v):
+    if np.any(counts[b] != counts[b, 0]):
+      return b, -1
+    seg = np.asarray(cols[starts[b * v]:starts[(b + 1) * v]]).reshape(
+        v, counts[b, 0])
+    differs = np.any(seg != seg[:1], axis=1)
+    if differs.any():
+      return b, int(np.argmax(differs))
+  return None
+
+
+def vector_width_of(rows: np.ndarray, cols: np.ndarray, num_rows: int,
+                    candidates=VECTOR_WIDTHS) -> int:
+  """The largest V in `candidates` for which the row problem is vector-sparse
+  (blocks of V consecutive rows with identical column lists), else 1.
+
+  rows must be sorted (CSR order); cols within a row in a fixed order.
+  """
   for v in candidates:
-    if num_rows % v:
-      continue
-    c = counts.reshape(-1, v)
-    if np.any(c != c[:, :1]):
-      continue
-    ok = True
-    for b in range(num_rows // v):
-      n = c[b, 0]
-      seg = offsets[starts[b * v]:starts[(b + 1) * v]].reshape(v, n)
-      if np.any(seg != seg[:1]):
-        ok = False
-        break
-    if ok:
+    if num_rows % v == 0 and unshared_block(rows, cols, num_rows, v) is None:
       return v
   return 1
 
@@ -178,10 +193,13 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
                      f"{v}")
   rows = np.asarray(rows, np.int64)
   offsets = np.asarray(offsets, np.int64)
-  counts = np.bincount(rows, minlength=num_rows).reshape(-1, v)
-  if np.any(counts != counts[:, :1]):
+  bad = unshared_block(rows, offsets, num_rows, v)
+  if bad is not None:
+    what = ("keep different numbers of weights" if bad[1] < 0 else
+            "keep different positions")
     raise ValueError(f"the structure is not vector-sparse with V={v}: rows "
-                     "of one block keep different numbers of weights")
+                     f"{bad[0] * v}..{bad[0] * v + v - 1} {what}")
+  counts = np.bincount(rows, minlength=num_rows).reshape(-1, v)
   num_blocks = num_rows // v
   per_block = counts[:, 0]
   steps = -(-per_block // block_k)
@@ -195,10 +213,6 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
       continue
     lo, hi = starts[b * v], starts[(b + 1) * v]
     seg = offsets[lo:hi].reshape(v, n)
-    if np.any(seg != seg[:1]):
-      raise ValueError(f"the structure is not vector-sparse with V={v}: "
-                       f"rows {b * v}..{b * v + v - 1} keep different "
-                       "positions")
     # The caller's order, so that the weights of a (block_k, V) tile sit at
     # start + v * n + j and the kernel loads them with no index array. (In
     # CSR order, offsets ascend within a phase plane anyway.)
@@ -263,15 +277,11 @@ def _vector_sparse_conv_kernel(steps_ref, start_ref, cols_ref, offsets_ref,
   ok = q_ok[:, None]
   if lanes != vector_width:
     ok = ok & lane_ok
-  out_idx = pixel[:, None] * num_rows + rows[None, :]
-  if spare_region:
-    spare = spare_addresses(nhwc.pixels * num_rows, (block_q, lanes))
-    plgpu.store(y_ref.at[jnp.where(ok, out_idx, spare)],
-                acc.astype(y_ref.dtype))
-  else:
-    # Masked lanes keep their (unused) addresses: a select would hide from
-    # Triton that a pixel's V channels are contiguous.
-    plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype), mask=ok)
+  # Masked lanes keep their (unused) addresses: a select would hide from
+  # Triton that a pixel's V channels are contiguous.
+  output_layout.store(y_ref, pixel[:, None] * num_rows + rows[None, :], acc,
+                      ok, spare_base=nhwc.pixels * num_rows,
+                      spare_region=spare_region)
 
 
 def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
@@ -304,9 +314,8 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   """
   if x_flat.ndim != 1:
     raise ValueError(f"x_flat must be 1-D, got shape {x_flat.shape}")
-  if nhwc is not None and nhwc.out_len != out_len:
-    raise ValueError(f"the NHWC output has {nhwc.out_len} wide positions, "
-                     f"but out_len is {out_len}")
+  if nhwc is not None:
+    nhwc.check(out_len)
   nnz = blocks.kept_columns * blocks.vector_width
   if values.shape != (nnz,):
     raise ValueError(f"values must have shape ({nnz},), got {values.shape}")
@@ -321,21 +330,17 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
         f"{max(blocks.max_offset, blocks.zeros_offset)} plus {read_len} "
         f"positions exceeds {x_flat.shape[0]}")
   # Compiled, the NHWC output is exactly the result (no copy to slice it
-  # out); interpreted, a spare region follows it (see the kernel).
+  # out); interpreted, a spare region follows it (output_layout.store).
   spare_region = interpret
   if nhwc is None:
     out_size = (blocks.num_rows + 1) * read_len
   else:
-    out_size = (nhwc.pixels * blocks.num_rows
-                + (block_q * blocks.lanes if spare_region else 0))
-  if x_flat.shape[0] > np.iinfo(np.int32).max or (
-      out_size > np.iinfo(np.int32).max):
-    raise OverflowError("the flat input or output has 2**31 elements or "
-                        "more, beyond the int32 indexing of this kernel; "
-                        "split the batch")
-  if num_q_blocks > _MAX_GRID_AXIS:
+    out_size = nhwc.buffer_size(
+        blocks.num_rows, block_q * blocks.lanes if spare_region else 0)
+  check_int32(flat_input=x_flat.shape[0], output=out_size)
+  if num_q_blocks > MAX_GRID_AXIS:
     raise ValueError(f"{num_q_blocks} output blocks exceed Triton's grid "
-                     f"limit of {_MAX_GRID_AXIS}; raise block_q")
+                     f"limit of {MAX_GRID_AXIS}; raise block_q")
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
   in_dtype = jnp.result_type(x_flat.dtype, values.dtype)
   acc_dtype = accumulator_dtype(in_dtype)
@@ -349,11 +354,9 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
       row_len=read_len,
       offset_unit=blocks.offset_unit, relu=relu, precision=precision,
       acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region)
-  if bias is None:
-    kernel = _without_bias(kernel)
-    bias_args = ()
-  else:
-    bias_args = (bias,)
+  kernel = with_optional_refs(kernel, (True,) * 5 + (bias is not None,
+                                                   True, True))
+  bias_args = () if bias is None else (bias,)
   y = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype),
@@ -368,17 +371,8 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     values.astype(in_dtype) if nnz else jnp.zeros((1,), in_dtype),
     *bias_args, x_flat.astype(in_dtype))
   if nhwc is not None:
-    return y[:nhwc.pixels * blocks.num_rows].reshape(nhwc.batch, nhwc.out_h, nhwc.out_w,
-                            blocks.num_rows)
+    return nhwc.from_buffer(y, blocks.num_rows)
   return y.reshape(blocks.num_rows + 1, read_len)[:blocks.num_rows, :out_len]
-
-
-def _without_bias(kernel):
-  def wrapped(steps_ref, start_ref, cols_ref, offsets_ref, values_ref, x_ref,
-              y_ref):
-    return kernel(steps_ref, start_ref, cols_ref, offsets_ref, values_ref,
-                  None, x_ref, y_ref)
-  return wrapped
 
 
 def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
@@ -415,6 +409,5 @@ def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
   if relu:
     y = jnp.where(y < 0, jnp.zeros((), y.dtype), y)
   if nhwc is not None:
-    y = y.reshape(-1, nhwc.out_h, nhwc.row_width, nhwc.batch)
-    y = y[:, :, :nhwc.out_w, :].transpose(3, 1, 2, 0)
+    y = nhwc.from_wide(y)
   return y.astype(out_dtype)

@@ -254,21 +254,21 @@ def test_prune_model_global_and_vector():
   pruned = np.concatenate([np.abs(before[p])[~m] for p, m in masks.items()])
   assert kept.min() >= pruned.max()
 
-  _, masks = prune.prune_model(model, sparsity=0.5, vector_size=4)
+  _, masks = prune.prune_model(model, sparsity=0.5, vector_width=4)
   for p, m in masks.items():
     blocks = m.reshape(*m.shape[:-1], -1, 4)
     assert (blocks == blocks[..., :1]).all()
     np.testing.assert_array_equal(m, prune.vector_mask(before[p], 0.5, 4))
 
   _, masks = prune.prune_model(model, sparsity=0.5, mode="global",
-                               vector_size=4)
+                               vector_width=4)
   assert sum(m.sum() for m in masks.values()) == 4 * round(total / 4 * 0.5)
   for m in masks.values():
     blocks = m.reshape(*m.shape[:-1], -1, 4)
     assert (blocks == blocks[..., :1]).all()
 
   with pytest.raises(ValueError, match="divide"):
-    prune.prune_model(model, sparsity=0.5, vector_size=3)
+    prune.prune_model(model, sparsity=0.5, vector_width=3)
 
 
 def test_prune_model_argument_errors():

@@ -10,9 +10,10 @@ Order of authority:
 The cost model is fitted to H100 measurements of 2026-11-24
 (benchmarks/results/*tile-sweep*): the escort kernels sustain about 4.5
 TFLOP/s of useful work, dense cuDNN about 42 (fp32 HIGHEST), 130 (TF32) and
-400 (bf16) TFLOP/s. The vector kernel's rates (tensor cores) come from the
-H100 measurements of benchmarks/results/*vector*. On other backends "auto" is always "dense": XLA's CPU
-convolution is far faster than the Pallas interpreter.
+400 (bf16) TFLOP/s. The vector kernel's model (tensor cores) is fitted to
+the H100 rows of benchmarks/results/*vector16*. On other backends "auto" is
+always "dense": XLA's CPU convolution is far faster than the Pallas
+interpreter.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ from pallas_kernels.vector_sparse_conv import MIN_DOT, MIN_VECTOR_WIDTH
 ESCORT_FLOPS = {"float32": 4.5e12, "bfloat16": 5.0e12, "float16": 5.0e12}
 DENSE_FLOPS = {("float32", "highest"): 42e12, ("float32", None): 130e12,
                ("bfloat16", None): 400e12, ("float16", None): 400e12}
-# The vector kernel alone sustained 28 (SkimCaffe sparsities) to 49 (75 %)
-# TFLOP/s of useful bf16 work over the 39 layers at batch 32 with V=16
-# (benchmarks/results/2026-11-24T0455-*-vector16-*.json); float32 (full-
-# precision products, no tensor cores) is not measured yet: a guess.
-VECTOR_FLOPS = {"float32": 8e12, "bfloat16": 30e12, "float16": 30e12}
-LAYOUT_BYTES_PER_S = 1.5e12  # one transpose pass in, one out, read + write
+# The vector path's time, input pass included, fitted to the 117 bf16 rows
+# of benchmarks/results/2026-11-24T0455-*-vector16-*.json (39 layers at 3
+# sparsities, batch 32, V=16; median error 5.5 %): useful FLOPs at 85 TFLOP/s
+# + input and output bytes at 1.78 TB/s + 6.4 µs. float32 (full-precision
+# products, no tensor cores) is not measured: its rate is a guess.
+VECTOR_FLOPS = {"float32": 8e12, "bfloat16": 85e12, "float16": 85e12}
+VECTOR_BYTES_PER_S = 1.78e12
+VECTOR_FIXED_S = 6.4e-6
+LAYOUT_BYTES_PER_S = 1.5e12  # the escort path: a pass in, one out
 LAUNCH_S = 3e-6
 
 
@@ -61,7 +65,7 @@ def precision_name(precision) -> str | None:
 def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
                       precision, vector_width: int = 1) -> dict[str, float]:
   """Cost-model times of the escort, dense and (for vector-sparse
-  structures, vector_width >= 8) vector paths, in seconds."""
+  structures, vector_width >= MIN_VECTOR_WIDTH) vector paths, in seconds."""
   g = geometry
   name = jnp.dtype(dtype).name
   useful = 2.0 * nnz * g.out_h * g.out_w * g.batch
@@ -74,7 +78,7 @@ def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
     # Widths below the product's minimum width still pay for all of it.
     waste = max(1.0, MIN_DOT / vector_width)
     times["vector"] = (useful * waste / VECTOR_FLOPS.get(name, 8e12) +
-                       layout)
+                       layout_bytes / 2 / VECTOR_BYTES_PER_S + VECTOR_FIXED_S)
   dense_rate = DENSE_FLOPS.get((name, precision_name(precision)),
                                DENSE_FLOPS.get((name, None), 42e12))
   times["dense"] = g.flops / dense_rate + LAUNCH_S

@@ -94,3 +94,46 @@ def test_tune_records_a_plan_that_dispatch_finds(plan_dir):
   found = plans.lookup(plans.plan_key(sk.structure.digest, g, jnp.float32,
                                       None))
   assert found == entry
+
+
+def test_auto_keeps_a_callers_config_only_for_the_path_it_fits(tmp_path,
+                                                               monkeypatch):
+  """method="auto" with a KernelConfig: kept when escort is chosen, dropped
+  (never passed to the vector kernel) when the plan says vector."""
+  import json
+  from escort_jax.ops import KernelConfig, VectorConfig
+  from escort_jax.prune import vector_mask
+  from escort_jax.structure import SparseKernel
+  rng = np.random.default_rng(0)
+  k = rng.standard_normal((3, 3, 16, 32))
+  sk = SparseKernel.from_dense(np.where(vector_mask(k, 0.8, 16), k, 0))
+  g = make_geometry((2, 8, 8, 16), sk.structure, (1, 1), "SAME", (1, 1), 1)
+  key = plans.plan_key(sk.structure.digest, g, jnp.bfloat16, None)
+  entry = {"method": "vector", "config_method": "vector",
+           "config": {"block_q": 64, "block_k": 32, "num_warps": 4,
+                      "num_stages": 2},
+           "best_configs": {"escort": {"rows_per_program": 2},
+                            "vector": {"block_q": 64, "block_k": 32,
+                                       "num_warps": 4, "num_stages": 2}}}
+  (tmp_path / "fake-gpu.json").write_text(json.dumps(
+      {"device": "fake-gpu", "plans": {key: entry}}))
+  monkeypatch.setenv("ESCORT_JAX_PLAN_DIR", str(tmp_path))
+  plans.clear_cache()
+  try:
+    mine = KernelConfig(rows_per_program=8)
+    c = dispatch.choose(sk.structure, g, jnp.bfloat16, None, "auto", mine,
+                        on_gpu=True, slug="fake-gpu")
+    assert c.method == "vector" and c.config == VectorConfig(64, 32, 4, 2)
+    # An explicit escort call on the same layer takes the plan's best escort
+    # config, recorded although the plan went to vector.
+    c = dispatch.choose(sk.structure, g, jnp.bfloat16, None, "escort", None,
+                        on_gpu=True, slug="fake-gpu")
+    assert c.config == KernelConfig(rows_per_program=2)
+    # No plan: the cost model decides, and the caller's config survives only
+    # if it fits the chosen path.
+    c = dispatch.choose(sk.structure, g, jnp.float32, None, "auto", mine,
+                        on_gpu=True, slug="fake-gpu")
+    assert c.source == "cost-model"
+    assert c.config == (mine if c.method == "escort" else None)
+  finally:
+    plans.clear_cache()

@@ -10,11 +10,16 @@ float64 is never switched on globally: tests that need it wrap their body in
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from escort_jax.prune import vector_mask
 
 try:  # jax < 0.10: the experimental context manager.
   from jax.experimental import enable_x64 as _enable_x64  # type: ignore
@@ -22,6 +27,8 @@ except ImportError:  # jax >= 0.10: the config state is a context manager.
   _enable_x64 = None
 
 ON_GPU = jax.default_backend() == "gpu"
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Skips a test cleanly where JAX has no GPU backend.
 requires_gpu = pytest.mark.skipif(
@@ -84,6 +91,38 @@ def random_pruned_kernel(rng: np.random.Generator, shape, sparsity: float,
   kernel = np.array(jnp.asarray(flat.reshape(shape), dtype))  # writable
   assert np.count_nonzero(kernel) == keep
   return kernel
+
+
+def random_vector_kernel(rng: np.random.Generator, shape_hwio,
+                         sparsity: float, v: int,
+                         dtype=np.float32) -> np.ndarray:
+  """A vector-sparse HWIO kernel of fresh N(0, 1) values: blocks of v
+  consecutive output channels share their kept positions
+  (escort_jax.prune.vector_mask of the values), round(size / v *
+  (1 - sparsity)) whole vectors kept.
+
+  Kept values are never zero (also after rounding to `dtype`), so
+  `kernel != 0` is the mask.
+  """
+  k = rng.standard_normal(shape_hwio)
+  k = np.where(np.abs(k) < 1e-3, 0.5, k)
+  mask = vector_mask(k, sparsity, v)
+  kernel = np.array(jnp.asarray(np.where(mask, k, 0.0), dtype))  # writable
+  assert np.count_nonzero(kernel) == np.count_nonzero(mask)
+  return kernel
+
+
+def fake_devices_env(num_devices: int) -> dict:
+  """The environment of a subprocess whose JAX sees `num_devices` fake CPU
+  devices (XLA_FLAGS must be set before JAX initialises) and imports this
+  checkout (escort_jax, tests) first."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform"
+                      f"_device_count={num_devices}").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+  return env
 
 
 def random_array(rng: np.random.Generator, shape, dtype=np.float32):

@@ -24,9 +24,8 @@ import numpy as np
 import pytest
 
 from escort_jax import SparseKernel, sparse_conv
-from escort_jax.prune import vector_mask
-from tests.conftest import (enable_x64, random_array, random_pruned_kernel, rel_err,
-                            requires_gpu)
+from tests.conftest import (enable_x64, random_array, random_pruned_kernel,
+                            random_vector_kernel, rel_err, requires_gpu)
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -77,27 +76,42 @@ def _lax_conv(x, kernel, bias, conv, dtype=jnp.float32):
   return y + bias.astype(dtype)
 
 
-@pytest.mark.parametrize("layer", LAYERS, ids=[_name(l) for l in LAYERS])
-def test_layer_forward(layer):
+def _forward_errors(name, x, kernel, bias, conv, method, vector_width=None,
+                    activation=None):
+  """Runs sparse_conv(method=...) in float32 and bfloat16 against _lax_conv
+  of the same rounded inputs; records and returns {dtype name: rel_err}
+  (NaN where an output is not finite), the SparseKernel and the output."""
   assert jax.default_backend() == "gpu"
-  name = _name(layer)
-  _, x, kernel, bias, conv = _layer_problem(layer, [601, LAYERS.index(layer)])
   errors = {}
   for dtype in (jnp.float32, jnp.bfloat16):
     dt = jnp.dtype(dtype).name
-    xd = x.astype(dtype)
-    kd = jnp.asarray(kernel, dtype)
-    bd = bias.astype(dtype)
-    sk = SparseKernel.from_dense(np.asarray(kd))
-    f = jax.jit(lambda x, sk, b: sparse_conv(x, sk, bias=b, method="escort",
-                                             **conv))
+    xd, kd, bd = x.astype(dtype), jnp.asarray(kernel, dtype), bias.astype(
+        dtype)
+    sk = SparseKernel.from_dense(np.asarray(kd), vector_width=vector_width)
+    f = jax.jit(lambda x, sk, b: sparse_conv(
+        x, sk, bias=b, activation=activation, method=method, **conv))
     y = f(xd, sk, bd)
     ref = _lax_conv(xd, kd, bd, conv)  # float32 of the rounded inputs
+    if activation == "relu":
+      ref = jnp.maximum(ref, 0)
     chex.assert_shape(y, ref.shape)
     chex.assert_type(y, dtype)
     finite = bool(jnp.all(jnp.isfinite(y)))
     errors[dt] = rel_err(y, ref) if finite else float("nan")
     _RESULTS[(name, dt)] = errors[dt]
+  return errors, sk, y
+
+
+def _assert_within_bounds(name, errors):
+  for dt, err in errors.items():
+    assert err <= BOUNDS[dt], f"{name} {dt}: rel_err {err:.3e}"
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=[_name(l) for l in LAYERS])
+def test_layer_forward(layer):
+  name = _name(layer)
+  _, x, kernel, bias, conv = _layer_problem(layer, [601, LAYERS.index(layer)])
+  errors, sk, y = _forward_errors(name, x, kernel, bias, conv, "escort")
   kh = layer["kernel"]
   print(f"\n[escort-gpu] {name:28s} x=({BATCH},{layer['in_hw']},"
         f"{layer['in_hw']},{layer['in_channels']}) "
@@ -106,8 +120,7 @@ def test_layer_forward(layer):
         f"g={layer['groups']} sparsity={_sparsity(layer):.3f} nnz={sk.nnz} "
         f"out={tuple(y.shape)} f32_err={errors['float32']:.2e} "
         f"bf16_err={errors['bfloat16']:.2e}")
-  for dt, err in errors.items():
-    assert err <= BOUNDS[dt], f"{name} {dt}: rel_err {err:.3e}"
+  _assert_within_bounds(name, errors)
 
 
 @pytest.mark.parametrize("name", GRAD_LAYERS)
@@ -154,10 +167,7 @@ def test_layer_gradients(name):
 def _vector_kernel(rng, layer, v=16):
   c, o, g, k = (layer["in_channels"], layer["out_channels"], layer["groups"],
                 layer["kernel"])
-  w = rng.standard_normal((k, k, c // g, o))
-  w = np.where(np.abs(w) < 1e-3, 0.5, w)
-  return np.where(vector_mask(w, _sparsity(layer), v), w, 0.0).astype(
-      np.float32)
+  return random_vector_kernel(rng, (k, k, c // g, o), _sparsity(layer), v)
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=[_name(l) for l in LAYERS])
@@ -167,24 +177,12 @@ def test_layer_forward_vector(layer):
     pytest.skip(f"{name}: output channels per group not a multiple of 16")
   rng, x, _, bias, conv = _layer_problem(layer, [603, LAYERS.index(layer)])
   kernel = _vector_kernel(rng, layer)
-  errors = {}
-  for dtype in (jnp.float32, jnp.bfloat16):
-    dt = jnp.dtype(dtype).name
-    xd, kd, bd = x.astype(dtype), jnp.asarray(kernel, dtype), bias.astype(
-        dtype)
-    sk = SparseKernel.from_dense(np.asarray(kd), vector_width=16)
-    f = jax.jit(lambda x, sk, b: sparse_conv(
-        x, sk, bias=b, activation="relu", method="vector", **conv))
-    y = f(xd, sk, bd)
-    ref = jnp.maximum(_lax_conv(xd, kd, bd, conv), 0)
-    chex.assert_shape(y, ref.shape)
-    chex.assert_type(y, dtype)
-    errors[dt] = rel_err(y, ref)
-    _RESULTS[(name + "[vector]", dt)] = errors[dt]
+  errors, _, _ = _forward_errors(name + "[vector]", x, kernel, bias, conv,
+                                 "vector", vector_width=16,
+                                 activation="relu")
   print(f"\n[vector-gpu] {name:28s} V=16 sparsity={_sparsity(layer):.3f} "
         f"f32_err={errors['float32']:.2e} bf16_err={errors['bfloat16']:.2e}")
-  for dt, err in errors.items():
-    assert err <= BOUNDS[dt], f"{name} vector {dt}: rel_err {err:.3e}"
+  _assert_within_bounds(name + "[vector]", errors)
 
 
 @pytest.mark.parametrize("method", ["escort", "vector"])

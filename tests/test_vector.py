@@ -19,27 +19,17 @@ from escort_jax import SparseKernel, sparse_conv
 from escort_jax import dispatch
 from escort_jax.conv_geometry import make_geometry
 from escort_jax.ops import KernelConfig, VectorConfig, structure_vector_width
-from escort_jax.prune import vector_mask
 from pallas_kernels.direct_sparse_conv import direct_sparse_conv_reference
 from pallas_kernels.vector_sparse_conv import (pack_vector_blocks,
                                                vector_sparse_conv,
                                                vector_sparse_conv_reference,
                                                vector_width_of)
 from tests.conftest import (assert_close, enable_x64, random_array,
-                            reference_conv)
+                            random_vector_kernel, reference_conv)
 
 F32_BOUND = 1e-5
 LOW_BOUND = 1e-2
 F64_BOUND = 1e-12
-
-
-def vector_kernel(rng, shape_hwio, sparsity, v, dtype=np.float32):
-  """A random HWIO kernel whose blocks of v output channels share their
-  kept positions; kept values are never zero."""
-  k = rng.standard_normal(shape_hwio)
-  k = np.where(np.abs(k) < 1e-3, 0.5, k)
-  mask = vector_mask(k, sparsity, v)
-  return np.array(jnp.asarray(np.where(mask, k, 0.0), dtype))
 
 
 def vector_row_problem(rng, num_blocks, v, out_len, max_cols, empty=True):
@@ -61,7 +51,7 @@ def vector_row_problem(rng, num_blocks, v, out_len, max_cols, empty=True):
 @pytest.mark.parametrize("v", [8, 16, 32, 64])
 def test_vector_width_is_detected(v):
   rng = np.random.default_rng(v)
-  k = vector_kernel(rng, (3, 3, 8, 128), 0.8, v)
+  k = random_vector_kernel(rng, (3, 3, 8, 128), 0.8, v)
   sk = SparseKernel.from_dense(k, vector_width=v)
   assert sk.structure.vector_width() % v == 0
   assert sk.structure.vector_width() >= v
@@ -92,7 +82,7 @@ def test_groups_split_blocks():
   # Blocks of 16 rows that straddle two feature groups read different
   # channels, so on that geometry the structure is only 8-wide.
   rng = np.random.default_rng(2)
-  k = vector_kernel(rng, (3, 3, 4, 48), 0.5, 16)
+  k = random_vector_kernel(rng, (3, 3, 4, 48), 0.5, 16)
   sk = SparseKernel.from_dense(k)
   assert sk.structure.vector_width() == 16
   g = make_geometry((1, 6, 6, 24), sk.structure, (1, 1), "SAME", (1, 1), 6)
@@ -227,7 +217,8 @@ def _conv_case(case, dtype, seed):
   rng = np.random.default_rng(seed)
   c, o, g = case["c"], case["o"], case.get("groups", 1)
   r, s = case["k"]
-  kernel = vector_kernel(rng, (r, s, c // g, o), 0.75, case["v"], dtype)
+  kernel = random_vector_kernel(rng, (r, s, c // g, o), 0.75, case["v"],
+                                dtype)
   n, (h, w) = case["n"], case["hw"]
   x = random_array(rng, (n, h, w, c), dtype)
   b = random_array(rng, (o,), dtype) if case.get("bias") else None
@@ -292,7 +283,8 @@ def test_vector_method_errors():
   with pytest.raises(ValueError, match="method='vector' needs a "
                      "vector-sparse kernel"):
     sparse_conv(x, sk, method="vector")
-  skv = SparseKernel.from_dense(vector_kernel(rng, (3, 3, 4, 16), .5, 16))
+  skv = SparseKernel.from_dense(random_vector_kernel(rng, (3, 3, 4, 16), .5,
+                                                     16))
   with pytest.raises(TypeError, match="method='vector' takes a VectorConfig"):
     sparse_conv(x, skv, method="vector", config=KernelConfig())
   with pytest.raises(TypeError, match="method='escort' takes a KernelConfig"):
@@ -301,7 +293,8 @@ def test_vector_method_errors():
 
 def test_cost_model_weighs_the_vector_path():
   rng = np.random.default_rng(6)
-  sk = SparseKernel.from_dense(vector_kernel(rng, (3, 3, 256, 256), 0.9, 16))
+  sk = SparseKernel.from_dense(random_vector_kernel(rng, (3, 3, 256, 256),
+                                                    0.9, 16))
   g = make_geometry((32, 28, 28, 256), sk.structure, (1, 1), "SAME", (1, 1),
                     1)
   t = dispatch.predicted_seconds(g, sk.nnz, jnp.bfloat16, None, 16)

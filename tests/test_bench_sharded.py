@@ -8,33 +8,26 @@ initialises, so the command runs in a subprocess.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 
 from escort_jax import cli
+from tests.conftest import REPO, fake_devices_env
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_DEVICES = 4
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp("sharded") / "sharded.json"
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform"
-                      f"_device_count={NUM_DEVICES}").strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
   proc = subprocess.run(
       [sys.executable, "-m", "escort_jax", "bench", "--sharded",
        "--network", "resnet50", "--batch", "1", "--max-hw", "32",
        "--repeats", "2", "--out", str(out)],
-      env=env, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+      env=fake_devices_env(NUM_DEVICES), cwd=str(REPO), capture_output=True,
+      text=True, timeout=600)
   assert proc.returncode == 0, (
       f"bench --sharded failed (rc {proc.returncode}):\n"
       f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

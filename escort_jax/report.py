@@ -533,15 +533,23 @@ def packaged_gpu_slugs() -> list[str]:
   return sorted(slugs)
 
 
-def _plan_times(entry: Mapping[str, Any]) -> tuple[float | None,
-                                                   float | None]:
-  """(best escort µs, dense µs) recorded in a plan entry."""
-  times = entry.get("times_us") or {}
-  dense = times.get("dense")
-  escort = [float(t) for k, t in times.items()
-            if k != "dense" and t is not None and math.isfinite(float(t))]
-  return (min(escort) if escort else None,
-          float(dense) if dense is not None else None)
+PATHS = ("escort", "vector", "dense")
+
+
+def _plan_times(entry: Mapping[str, Any]) -> dict[str, float | None]:
+  """{"escort": µs, "vector": µs, "dense": µs}: the fastest time of each
+  path recorded in a plan entry (escort_jax.tune.best_times), None where it
+  has none."""
+  from escort_jax import tune
+  return {k: None if math.isnan(t) else t
+          for k, t in tune.best_times(entry).items()}
+
+
+def _times_text(times: Mapping[str, float | None]) -> str:
+  """"escort 12.0 µs, vector 8.0 µs vs dense 20.0 µs" (known times)."""
+  sparse = ", ".join(f"{k} {times[k]:.1f} µs" for k in ("escort", "vector")
+                     if times.get(k) is not None)
+  return f"{sparse} vs dense {times['dense']:.1f} µs"
 
 
 def choose_path(structure, geometry, dtype="float32", precision=None,
@@ -562,12 +570,16 @@ def choose_path(structure, geometry, dtype="float32", precision=None,
       current backend.
 
   Returns:
-    A dict: method ("escort" or "dense"), source ("plan", "cost-model",
-    "caller" or "backend"), reason (one line), device (the device whose
-    choice it is), escort_us and dense_us (recorded in the plan, else
-    predicted by the cost model, for a GPU), speedup_kind ("recorded",
-    "predicted" or None), escort_speedup (dense / escort) and speedup
-    (dense / chosen path).
+    A dict: method ("escort", "vector" or "dense"), source ("plan",
+    "cost-model", "caller" or "backend"), reason (one line), device (the
+    device whose choice it is), vector_width (the structure's V on this
+    geometry, escort_jax.ops.structure_vector_width, for a GPU: the vector
+    path is a candidate where it is >= 8; 1 off the GPU), escort_us,
+    vector_us and dense_us (recorded in the plan, else predicted by the cost
+    model, for a GPU; vector_us None where the vector path is no
+    candidate), speedup_kind ("recorded", "predicted" or None),
+    escort_speedup (dense / escort), vector_speedup (dense / vector) and
+    speedup (dense / the chosen path: 1.0 for dense).
   """
   from escort_jax import dispatch, plans
   backend = jax.default_backend()
@@ -589,42 +601,48 @@ def choose_path(structure, geometry, dtype="float32", precision=None,
     else:
       chosen, source = method, "caller"
       reason = f"method={method!r} set on the layer"
-  else:
+  vector_width = 1
+  if on_gpu:
+    from escort_jax.ops import structure_vector_width
+    # Passed explicitly, so that the cost model weighs the vector path
+    # whether or not dispatch.choose would work it out itself.
+    vector_width = int(structure_vector_width(structure, geometry))
     choice = dispatch.choose(structure, geometry, dtype, precision, method,
-                             config, True, slug=gpu_slug)
+                             config, True, slug=gpu_slug,
+                             vector_width=vector_width)
     chosen, source = choice.method, choice.source
     reason = ""
-  escort_us = dense_us = None
+  times: dict[str, float | None] = dict.fromkeys(PATHS)
   kind = None
   if on_gpu:
+    # The times a speedup needs: escort, dense and the chosen path's.
+    needed = {"escort", "dense", chosen}
     if entry is not None:
-      escort_us, dense_us = _plan_times(entry)
-      kind = "recorded"
-    if escort_us is None or dense_us is None:
+      times, kind = _plan_times(entry), "recorded"
+    if any(times[k] is None for k in needed):
       t = dispatch.predicted_seconds(geometry, structure.nnz, dtype,
-                                     precision)
-      escort_us, dense_us = t["escort"] * 1e6, t["dense"] * 1e6
+                                     precision, vector_width)
+      times = {k: t[k] * 1e6 if k in t else None for k in PATHS}
       kind = "predicted"
   if not reason:
     if source == "plan":
       reason = (f"tuned plan ({entry.get('device', device)}, "
-                f"{entry.get('date', '?')}): escort {escort_us:.1f} µs vs "
-                f"dense {dense_us:.1f} µs")
+                f"{entry.get('date', '?')}): {_times_text(times)}")
     elif source == "cost-model":
-      reason = (f"cost model: escort {escort_us:.1f} µs vs dense "
-                f"{dense_us:.1f} µs predicted")
+      reason = f"cost model: {_times_text(times)} predicted"
     else:
       reason = f"method={method!r} set on the layer"
-  escort_speedup = (dense_us / escort_us if escort_us and dense_us
-                    else None)
-  speedup = None
-  if escort_speedup is not None:
-    speedup = escort_speedup if chosen == "escort" else 1.0
+  dense_us = times["dense"]
+  speedups = {k: dense_us / times[k] if times[k] and dense_us else None
+              for k in PATHS}
+  speedup = speedups.get(chosen) if dense_us else None
   return {"method": chosen, "source": source, "reason": reason,
           "device": device, "precision": pname or "default",
-          "escort_us": escort_us, "dense_us": dense_us,
-          "speedup_kind": kind, "escort_speedup": escort_speedup,
-          "speedup": speedup}
+          "vector_width": vector_width,
+          "escort_us": times["escort"], "vector_us": times["vector"],
+          "dense_us": dense_us, "speedup_kind": kind,
+          "escort_speedup": speedups["escort"],
+          "vector_speedup": speedups["vector"], "speedup": speedup}
 
 
 def layer_rows(model, batch: int, input_shape: Sequence[int], *,
@@ -1007,8 +1025,9 @@ def inspect_checkpoint(path: str | os.PathLike, spec: ModelSpec, *,
 
   Returns:
     A JSON-able dict: "layers" (layer_rows), "totals" (layers, weights,
-    nnz, sparsity, how many take the escort path, and the sum of the
-    layers' escort / dense / chosen times where known) and the settings.
+    nnz, sparsity, how many take the escort, vector and dense paths, and
+    the sum of the layers' escort / dense / chosen times where known) and
+    the settings.
   """
   progress = progress or NullProgress()
   if precision == "default":
@@ -1037,13 +1056,15 @@ def inspect_checkpoint(path: str | os.PathLike, spec: ModelSpec, *,
       "layers": len(rows), "weights": size, "nnz": nnz,
       "sparsity": 1 - nnz / max(1, size),
       "escort_layers": sum(c["method"] == "escort" for c in choices),
+      "vector_layers": sum(c["method"] == "vector" for c in choices),
       "dense_layers": sum(c["method"] == "dense" for c in choices),
       "unreached_layers": sum(r["choice"] is None for r in rows)}
-  if choices and all(c["dense_us"] is not None for c in choices):
+  if choices and all(c["dense_us"] is not None and c["escort_us"] is not None
+                     and c.get(f"{c['method']}_us") is not None
+                     for c in choices):
     dense = sum(c["dense_us"] for c in choices)
     escort = sum(c["escort_us"] for c in choices)
-    chosen = sum(c["escort_us"] if c["method"] == "escort" else
-                 c["dense_us"] for c in choices)
+    chosen = sum(c[f"{c['method']}_us"] for c in choices)
     kinds = sorted({c["speedup_kind"] for c in choices})
     totals.update(dense_us=dense, escort_us=escort, chosen_us=chosen,
                   speedup=dense / chosen, escort_speedup=dense / escort,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 from typing import Sequence
 
 import jax
@@ -51,11 +52,39 @@ DEFAULT_VECTOR_CANDIDATES = (
 
 VECTOR_PREFIX = "vector:"
 
+# Named candidate sets, (escort candidates, vector candidates), for
+# `escort-jax bench --tune --candidates NAME`:
+#   all     every escort and (on vector-sparse layers) every vector candidate
+#   vector  the vector candidates against the escort kernel at its default
+#           config only (a quick tuning of vector-sparse kernels)
+#   escort  the escort candidates only, no vector kernel
+CANDIDATE_SETS = {
+    "all": (DEFAULT_CANDIDATES, DEFAULT_VECTOR_CANDIDATES),
+    "vector": ((KernelConfig(),), DEFAULT_VECTOR_CANDIDATES),
+    "escort": (DEFAULT_CANDIDATES, ()),
+}
+
 
 def config_label(cfg: KernelConfig | VectorConfig) -> str:
   """'rows_per_program=4,block_q=128,...' (or 'block_q=128,block_k=32,...'
   for a VectorConfig): the fields of a config."""
   return ",".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
+
+
+def best_times(entry) -> dict[str, float]:
+  """The fastest recorded time of each kernel in a plan entry's times_us:
+  {"escort": us, "vector": us, "dense": us}, NaN where the entry has no
+  (finite) time of that kernel (e.g. "vector" on a layer that is not
+  vector-sparse, or a plan recorded before the vector kernel existed)."""
+  best = {"escort": math.nan, "vector": math.nan, "dense": math.nan}
+  for key, t in (entry.get("times_us") or {}).items():
+    if t is None or not math.isfinite(float(t)):
+      continue  # a candidate that failed
+    kernel = ("dense" if key == "dense" else
+              "vector" if key.startswith(VECTOR_PREFIX) else "escort")
+    if math.isnan(best[kernel]) or float(t) < best[kernel]:
+      best[kernel] = float(t)
+  return best
 
 
 def time_key(method: str, cfg: KernelConfig | VectorConfig) -> str:

@@ -58,7 +58,7 @@ def _key(sk, dtype=jnp.float32):
 
 
 def test_default_vector_candidates():
-  assert len(tune.DEFAULT_VECTOR_CANDIDATES) >= 4
+  assert len(tune.DEFAULT_VECTOR_CANDIDATES) >= 3
   for c in tune.DEFAULT_VECTOR_CANDIDATES:
     assert isinstance(c, VectorConfig)
     assert c.block_q >= 16 and c.block_q & (c.block_q - 1) == 0
@@ -85,7 +85,8 @@ def test_vector_wins_and_dispatch_follows(plan_dir, monkeypatch):
       tune.time_key("escort", c) for c in ESCORT} | {
           tune.time_key("vector", c) for c in VECTOR}
   assert plans.config_from_entry(entry) == VECTOR[1]
-  assert plans.config_from_entry(entry, "escort") is None
+  # The best config of the kernel that lost is kept too (best_configs).
+  assert plans.config_from_entry(entry, "escort") == ESCORT[1]
   g, key = _key(sk)
   assert plans.lookup(key) == entry
   # method="auto" on a GPU follows the plan: the vector kernel, its config.
@@ -107,7 +108,7 @@ def test_dense_wins_config_of_the_faster_sparse_kernel(plan_dir,
                           directory=plan_dir)
   assert entry["method"] == "dense" and entry["config_method"] == "escort"
   assert plans.config_from_entry(entry, "escort") == ESCORT[0]
-  assert plans.config_from_entry(entry, "vector") is None
+  assert plans.config_from_entry(entry, "vector") == VECTOR[0]
   assert entry["best_configs"]["vector"] == {
       "block_q": 32, "block_k": 16, "num_warps": 4, "num_stages": 2}
 
@@ -144,3 +145,27 @@ def test_real_timing_of_a_vector_layer(plan_dir):
   ref = ops.sparse_conv(x, sk, method="dense",
                         precision=jax.lax.Precision.HIGHEST)
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_best_times():
+  """The fastest recorded time per kernel; NaN for a kernel with none."""
+  entry = {"times_us": {
+      "dense": 30.0, tune.time_key("escort", ESCORT[0]): 20.0,
+      tune.time_key("escort", ESCORT[1]): 25.0,
+      tune.time_key("vector", VECTOR[0]): float("nan"),  # failed
+      tune.time_key("vector", VECTOR[1]): 12.0}}
+  assert tune.best_times(entry) == {"escort": 20.0, "vector": 12.0,
+                                    "dense": 30.0}
+  plain = tune.best_times({"times_us": {"dense": 5.0,
+                                        tune.config_label(ESCORT[0]): 7.0}})
+  assert plain["escort"] == 7.0 and plain["dense"] == 5.0
+  assert np.isnan(plain["vector"])
+  assert all(np.isnan(t) for t in tune.best_times({}).values())
+
+
+def test_candidate_sets():
+  assert tune.CANDIDATE_SETS["all"] == (tune.DEFAULT_CANDIDATES,
+                                        tune.DEFAULT_VECTOR_CANDIDATES)
+  assert tune.CANDIDATE_SETS["vector"] == ((KernelConfig(),),
+                                           tune.DEFAULT_VECTOR_CANDIDATES)
+  assert tune.CANDIDATE_SETS["escort"] == (tune.DEFAULT_CANDIDATES, ())

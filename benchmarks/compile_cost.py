@@ -39,7 +39,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from escort_jax import dispatch, ops, workload
+from escort_jax import bench, dispatch, ops, workload
 from escort_jax.conv_geometry import make_geometry
 from escort_jax.structure import SparseKernel
 
@@ -113,11 +113,8 @@ def measure_layer(layer: workload.Layer, batch: int, dtype, *, grad: bool,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=conv_kw["feature_group_count"],
         precision=lax.Precision.HIGHEST)
-    y64 = np.asarray(y, np.float64)
-    ref64 = np.asarray(ref, np.float64)
-    row["rel_err"] = float(np.linalg.norm(y64 - ref64) /
-                           max(np.linalg.norm(ref64), 1e-30))
-    row["finite"] = bool(np.all(np.isfinite(y64)))
+    row["rel_err"] = bench.rel_err(y, ref)
+    row["finite"] = bool(np.all(np.isfinite(np.asarray(y, np.float64))))
   return row
 
 

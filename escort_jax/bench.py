@@ -537,8 +537,10 @@ def parse_config(text: str, cls: type = KernelConfig
   return config, tuple(items)
 
 
-def config_label(method: str, items: Sequence[tuple[str, int]]) -> str:
-  """"escort[rpp=8,bq=256,nw=4]", "vector[bq=64,bk=32]"."""
+def method_label(method: str, items: Sequence[tuple[str, int]]) -> str:
+  """A row's "method": the method and the config fields set, short names,
+  e.g. "escort[rpp=8,bq=256,nw=4]", "vector[bq=64,bk=32]" (a plan's times
+  use escort_jax.tune.config_label instead)."""
   if not items:
     return method
   inner = ",".join(f"{_SHORT.get(k, k)}={int(v)}" for k, v in items)
@@ -587,7 +589,7 @@ def method_specs(methods: Sequence[str] = ("escort",),
     fitting = [p[cls] for p in parsed if cls in p]
     if fitting:
       for cfg, items in fitting:
-        out.append(MethodSpec(config_label(m, items), m, cfg, items))
+        out.append(MethodSpec(method_label(m, items), m, cfg, items))
     else:
       out.append(MethodSpec(m, m))
   labels = [s.label for s in out]
@@ -667,14 +669,34 @@ def results_dir() -> Path:
   return Path.cwd() / "benchmarks" / "results"
 
 
-def default_results_path(now: datetime.datetime | None = None) -> Path:
-  """benchmarks/results/<YYYY-MM-DD>T<HHMM>-<gpu-slug>.json for now."""
+def results_path(suffix: str = "",
+                 now: datetime.datetime | None = None) -> Path:
+  """benchmarks/results/<YYYY-MM-DD>T<HHMM>-<gpu-slug><suffix>.json for now
+  (suffix e.g. "-networks")."""
   now = now or datetime.datetime.now()
   return results_dir() / (f"{now:%Y-%m-%dT%H%M}-"
-                          f"{slugify(device_info()['device'])}.json")
+                          f"{slugify(device_info()['device'])}{suffix}.json")
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
+def results_header(now: datetime.datetime | None = None,
+                   **fields) -> dict[str, Any]:
+  """The head of a results file: device, jax_version, date, gpus and timer
+  of this process (device_info), then `fields` (which override them, e.g.
+  timer=, gpus=)."""
+  info = device_info()
+  now = now or datetime.datetime.now()
+  head = {"device": info["device"], "jax_version": info["jax_version"],
+          "date": f"{now:%Y-%m-%d}", "gpus": info["gpus"],
+          "timer": info["timer"]}
+  head.update(fields)
+  return head
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+  """Writes `data` as JSON to `path` atomically (a temporary file renamed
+  over it), so a killed run leaves the last complete file; makes the
+  folder."""
+  path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
   with open(tmp, "w") as f:
@@ -712,9 +734,11 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 def rel_err(y, ref) -> float:
-  """Norm-wise relative error ||y - ref|| / ||ref|| in float64."""
-  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
-  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  """Norm-wise relative error ||y - ref|| / ||ref|| in float64 (||y - ref||
+  if ref is zero); y and ref are arrays of any float dtype (bfloat16 too) or
+  nested lists."""
+  y = np.asarray(y).astype(np.float64)
+  ref = np.asarray(ref).astype(np.float64)
   denom = np.linalg.norm(ref.ravel())
   num = np.linalg.norm((y - ref).ravel())
   return float(num / denom) if denom > 0 else float(num)
@@ -856,42 +880,36 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
     results["rows"] = [r for r in results["rows"] if not r.get("error")]
     results.setdefault("runs", []).append(run_info)
   else:
-    path = Path(out) if out else default_results_path(now)
-    results = {"device": info["device"], "jax_version": info["jax_version"],
-               "date": f"{now:%Y-%m-%d}", "gpus": info["gpus"],
-               "backend": info["backend"], "timer": timer,
-               "floor_model": {"rate_flops": RATES,
-                               "tensor_core_rate_flops": TENSOR_CORE_RATES,
-                               "bandwidth_bytes_per_s": HBM_BANDWIDTH,
-                               "index_bytes": INDEX_BYTES},
-               "runs": [run_info], "rows": []}
+    path = Path(out) if out else results_path(now=now)
+    results = results_header(
+        now, backend=info["backend"], timer=timer,
+        floor_model={"rate_flops": RATES,
+                     "tensor_core_rate_flops": TENSOR_CORE_RATES,
+                     "bandwidth_bytes_per_s": HBM_BANDWIDTH,
+                     "index_bytes": INDEX_BYTES},
+        runs=[run_info], rows=[])
   done = {row_key(r) for r in results["rows"]}
 
   # The plan: groups of rows sharing a kernel, inputs and baselines.
   plan = []
   skipped = []
-  for layer in layers:
+  for layer, vw in wl.layer_vector_widths(
+      layers, widths,
+      on_skip=lambda l, v, _: skipped.append(f"{l.name} (V={v})")):
     small = layer.scaled(max_hw)
-    for vw in widths:
-      if vw is not None:
-        try:
-          layer.check_vector_width(vw)
-        except ValueError:
-          skipped.append(f"{layer.name} (V={vw})")
-          continue
-      for sp in (sparsities if sparsities is not None else [layer.sparsity]):
-        for batch in batches:
-          todo = []
-          for dtype in dtypes:
-            for spec in specs:
-              if spec.method == "vector" and vw is None:
-                continue  # the vector kernel needs a vector-sparse kernel
-              key = _key(layer.net, layer.layer, batch, sp, dtype,
-                         spec.label, small.in_hw, vw)
-              if key not in done:
-                todo.append((dtype, spec))
-          if todo:
-            plan.append((layer, small, vw, sp, batch, todo))
+    for sp in (sparsities if sparsities is not None else [layer.sparsity]):
+      for batch in batches:
+        todo = []
+        for dtype in dtypes:
+          for spec in specs:
+            if spec.method == "vector" and vw is None:
+              continue  # the vector kernel needs a vector-sparse kernel
+            key = _key(layer.net, layer.layer, batch, sp, dtype,
+                       spec.label, small.in_hw, vw)
+            if key not in done:
+              todo.append((dtype, spec))
+        if todo:
+          plan.append((layer, small, vw, sp, batch, todo))
   if skipped and not plan and not results["rows"]:
     raise UsageError(f"no rows: the vector width does not divide the output "
                      f"channels of {', '.join(skipped)}")
@@ -916,7 +934,7 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
   if resume is not None and results.get("jax_version") != info["jax_version"]:
     say(f"[yellow]{resume} began under jax {results.get('jax_version')}; "
         f"this run is jax {info['jax_version']} (recorded under 'runs').[/]")
-  _atomic_write_json(path, results)
+  write_json(path, results)
 
   progress = None
   if show_progress and console is not None and total:
@@ -935,7 +953,7 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
     for layer, small, vw, sp, batch, todo in plan:
       if progress is not None:
         progress.update(task, description=f"{layer.name}"
-                        f"{_vector_text(vw)} b={batch} sp={sp:.3f}")
+                        f"{vector_text(vw)} b={batch} sp={sp:.3f}")
       timing = functools.partial(device_time_us, repeats=repeats,
                                  timer=timer,
                                  trace_per_repeat=trace_per_repeat)
@@ -950,7 +968,8 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
   return results, path
 
 
-def _vector_text(vector_width: int | None) -> str:
+def vector_text(vector_width: int | None) -> str:
+  """" V=16" for a vector width, "" for None (unstructured)."""
   return "" if vector_width is None else f" V={vector_width}"
 
 
@@ -988,7 +1007,7 @@ def _run_group(results, path, layer, small, vector_width, sp, batch, todo,
       base_us[name] = None
       base_err[name] = _error_text(e)
       say(f"[red]baseline {name} failed on {layer.name}"
-          f"{_vector_text(vector_width)} b={batch}: "
+          f"{vector_text(vector_width)} b={batch}: "
           f"{base_err[name]}[/]")
 
   for dtype, spec in todo:
@@ -1047,7 +1066,7 @@ def _run_group(results, path, layer, small, vector_width, sp, batch, todo,
         "floor_memory_us": fm["memory_us"],
     })
     results["rows"].append(row)
-    _atomic_write_json(path, results)
+    write_json(path, results)
     say(_row_line(row))
     advance()
 
@@ -1057,7 +1076,7 @@ def _row_line(row: dict) -> str:
   # escape: a label such as "escort[rpp=8]" is not rich markup.
   head = escape(f"{row['net']}/{row['layer']} b={row['batch']} "
                 f"sp={row['sparsity']:.3f} {row['dtype']} {row['method']}"
-                f"{_vector_text(row.get('vector_width'))}")
+                f"{vector_text(row.get('vector_width'))}")
   if row.get("error"):
     return f"[red]{head}: FAILED {escape(row['error'])}[/]"
   parts = [f"[bold]{head}[/]: {_fmt_us(row['time_us'])} us "
@@ -1369,7 +1388,7 @@ def _plot_layers(results, base_names, path: Path) -> Path | None:
     ax.set_xticklabels([f"{r['net']}/{r['layer']}" for r in g], rotation=60,
                        ha="right", fontsize=7)
     at = "" if key[0] is None else f", all at sparsity {key[0]:g}"
-    ax.set_title(f"{key[3]}{_vector_text(key[4])}, {key[2]}, batch "
+    ax.set_title(f"{key[3]}{vector_text(key[4])}, {key[2]}, batch "
                  f"{key[1]}{at}")
     ax.grid(axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=len(base_names))
@@ -1397,7 +1416,7 @@ def _plot_sweep(results, base_names, path: Path) -> Path | None:
       ax.plot([r["sparsity"] for r in rs],
               [r["speedups"].get(b) or np.nan for r in rs], marker="o",
               markersize=3, label=f"{key[0]} b={key[1]} {key[2]} {key[3]}"
-              f"{_vector_text(key[4])}")
+              f"{vector_text(key[4])}")
     _log_speedup_axis(ax)
     ax.set_xlabel("sparsity (fraction of zero weights)")
     ax.set_title(f"vs {BASELINE_TITLES.get(b, b)}")

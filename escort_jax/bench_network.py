@@ -10,7 +10,7 @@ results file of the benchmark schema (escort_jax.bench).
 
 from __future__ import annotations
 
-import datetime
+from pathlib import Path
 import statistics
 import time
 from typing import Sequence
@@ -40,14 +40,45 @@ def wall_us(fn, x, calls: int = 50) -> float:
   return statistics.median(samples)
 
 
-def _forward(model, precision):
-  graphdef, state = nnx.split(model)
+def precision_arg(precision: str | None) -> str | None:
+  """A precision name of the CLI and results ("highest", "default", ...) as
+  jax.default_matmul_precision takes it: "default" (or None) is None, which
+  leaves the default (TF32 convolutions on Hopper)."""
+  return None if precision in (None, "default") else precision
 
-  @jax.jit
-  def f(x):
-    with jax.default_matmul_precision(precision):
+
+def build_networks(name: str, *, dtype=jnp.float32, seed: int = 0,
+                   method: str = "auto"):
+  """(dense, sparse): the SkimCaffe-pruned `name` ("caffenet", "googlenet"
+  or "resnet50", random weights) and its copy with the pruned layers
+  (density <= PRUNED_DENSITY) as SparseConvs of `method`."""
+  model = build_model(name, pruned=True, seed=seed, param_dtype=dtype)
+  return model, sparsify(model, max_density=PRUNED_DENSITY, method=method)
+
+
+def input_hwc(name: str, in_hw: int | None = None) -> tuple[int, int, int]:
+  """(H, W, C) of a net's input: ImageNet's, or in_hw x in_hw."""
+  h, w, c = INPUT_SHAPES[name]
+  return (h, w, c) if in_hw is None else (in_hw, in_hw, c)
+
+
+def apply_fn(model, precision: str | None):
+  """(apply, state): apply(state, x) runs `model` (nnx.split into its
+  graphdef and state) on x under jax.default_matmul_precision(precision)
+  ("default" or None: unset); jit it as you need."""
+  graphdef, state = nnx.split(model)
+  prec = precision_arg(precision)
+
+  def apply(state, x):
+    with jax.default_matmul_precision(prec):
       return nnx.merge(graphdef, state)(x)
-  return f
+  return apply, state
+
+
+def forward(model, precision: str | None):
+  """Jitted inference x -> model(x) at `precision` (as apply_fn)."""
+  apply, state = apply_fn(model, precision)
+  return jax.jit(lambda x: apply(state, x))
 
 
 def run_network(name: str, batch: int, *, precisions: Sequence[str] = (
@@ -64,22 +95,16 @@ def run_network(name: str, batch: int, *, precisions: Sequence[str] = (
     in_hw: input size override (quick CPU runs); default ImageNet's.
     method: the SparseConv method of the converted layers.
   """
-  model = build_model(name, pruned=True, seed=seed, param_dtype=dtype)
-  sparse = sparsify(model, max_density=PRUNED_DENSITY, method=method)
-  h, w, c = INPUT_SHAPES[name]
-  if in_hw is not None:
-    h = w = in_hw
+  model, sparse = build_networks(name, dtype=dtype, seed=seed,
+                                 method=method)
+  h, w, c = input_hwc(name, in_hw)
   rng = np.random.default_rng(seed)
   inputs = [jnp.asarray(rng.standard_normal((batch, h, w, c)), dtype)
             for _ in range(num_inputs)]
   rows = []
   for precision in precisions:
-    prec = None if precision == "default" else precision
-    f_dense, f_sparse = _forward(model, prec), _forward(sparse, prec)
-    y_dense = np.asarray(f_dense(inputs[0]), np.float64)
-    y_sparse = np.asarray(f_sparse(inputs[0]), np.float64)
-    err = float(np.linalg.norm(y_sparse - y_dense) /
-                max(np.linalg.norm(y_dense), 1e-30))
+    f_dense, f_sparse = forward(model, precision), forward(sparse, precision)
+    err = bench.rel_err(f_sparse(inputs[0]), f_dense(inputs[0]))
     t_sparse = bench.device_time_us(f_sparse, inputs)
     t_dense = bench.device_time_us(f_dense, inputs)
     wall_sparse = wall_us(f_sparse, inputs[0], calls)
@@ -103,12 +128,8 @@ def run_network(name: str, batch: int, *, precisions: Sequence[str] = (
 def run(nets: Sequence[str], batches: Sequence[int], out=None,
         **kwargs) -> dict:
   """Runs every (net, batch) and writes one results file."""
-  info = bench.device_info()
-  results = {"device": info["device"], "jax_version": info["jax_version"],
-             "date": datetime.date.today().isoformat(), "gpus": info["gpus"],
-             "timer": info["timer"], "rows": []}
-  path = bench.Path(out) if out else bench.default_results_path().with_name(
-      bench.default_results_path().stem + "-networks.json")
+  results = bench.results_header(rows=[])
+  path = Path(out) if out else bench.results_path("-networks")
   for name in nets:
     for batch in batches:
       for row in run_network(name, batch, **kwargs):
@@ -120,5 +141,5 @@ def run(nets: Sequence[str], batches: Sequence[int], out=None,
               f"{row['wall_us']:.0f} vs {row['dense_wall_us']:.0f} us "
               f"({row['speedup_wall']:.2f}x); err {row['rel_err_vs_dense']:.1e}",
               flush=True)
-        bench._atomic_write_json(path, results)  # pylint: disable=protected-access
+        bench.write_json(path, results)
   return results

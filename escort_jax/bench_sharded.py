@@ -26,24 +26,26 @@ device count ("1", "N"), "scaling_efficiency", and one row per device count
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from escort_jax import bench
 from escort_jax import bench_network
-from escort_jax.convert import sparsify
-from escort_jax.models import INPUT_SHAPES, build_model
+from escort_jax.models import INPUT_SHAPES
+from escort_jax.ops import METHODS
 
 
 def sharded_forward(model, devices, precision: str | None = None):
   """Jitted inference over a ("batch",) mesh of `devices`.
+
+  Args:
+    precision: jax.default_matmul_precision of the forward pass ("default"
+      or None leaves it unset).
 
   Returns:
     (f, batch_sharding): f(x) runs the model with its parameters replicated
@@ -52,13 +54,8 @@ def sharded_forward(model, devices, precision: str | None = None):
   mesh = Mesh(np.asarray(devices), ("batch",), axis_types=(AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   batch = NamedSharding(mesh, P("batch"))
-  graphdef, state = nnx.split(model)
+  forward, state = bench_network.apply_fn(model, precision)
   state = jax.device_put(state, replicated)
-
-  def forward(state, x):
-    with jax.default_matmul_precision(precision):
-      return nnx.merge(graphdef, state)(x)
-
   run = jax.jit(forward, in_shardings=(replicated, batch),
                 out_shardings=batch)
   f = lambda x: run(state, x)  # pylint: disable=unnecessary-lambda-assignment
@@ -77,8 +74,17 @@ def collectives(jitted, *args) -> list[str]:
   return sorted(op for op in COLLECTIVES if op in text)
 
 
-def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
-  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+def check_method(method: str) -> None:
+  """Raises bench.UsageError for a method the pruned networks cannot run:
+  unknown, or "vector" (their SkimCaffe-pruned kernels are unstructured, not
+  vector-sparse)."""
+  if method not in METHODS:
+    raise bench.UsageError(f"unknown method {method!r}; expected one of "
+                           f"{', '.join(METHODS)}")
+  if method == "vector":
+    raise bench.UsageError(
+        "method 'vector' needs vector-sparse kernels, and the pruned "
+        "networks' kernels are unstructured: use escort, auto or dense")
 
 
 def run_sharded(net: str = "resnet50", batch_per_device: int = 128, *,
@@ -105,39 +111,39 @@ def run_sharded(net: str = "resnet50", batch_per_device: int = 128, *,
 
   Returns:
     The results dict (see the module docstring).
+
+  Raises:
+    bench.UsageError: an unknown net, or a method the pruned networks
+      cannot run (check_method).
   """
+  if net not in INPUT_SHAPES:
+    raise bench.UsageError(f"unknown network {net!r}; expected one of "
+                           f"{', '.join(INPUT_SHAPES)}")
+  check_method(method)
   dtype = jnp.dtype(dtype)
   devices = list(devices if devices is not None else jax.local_devices())
   n_all = len(devices)
-  model = build_model(net, pruned=True, seed=seed, param_dtype=dtype)
-  sparse = sparsify(model, max_density=bench_network.PRUNED_DENSITY,
-                    method=method)
-  h, w, c = INPUT_SHAPES[net]
-  if in_hw is not None:
-    h = w = in_hw
-  prec = None if precision == "default" else precision
+  _, sparse = bench_network.build_networks(net, dtype=dtype, seed=seed,
+                                           method=method)
+  h, w, c = bench_network.input_hwc(net, in_hw)
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((n_all * batch_per_device, h, w, c)).astype(
       jnp.dtype(dtype))
 
   info = bench.device_info()
-  results = {"device": info["device"], "platform": info["platform"],
-             "jax_version": info["jax_version"],
-             "date": datetime.date.today().isoformat(), "gpus": n_all,
-             "timer": "wall_clock_median", "net": net,
-             "batch_per_device": batch_per_device, "in_hw": h,
-             "dtype": jnp.dtype(dtype).name, "method": method,
-             "precision": precision, "throughput_images_per_s": {},
-             "scaling_efficiency": None, "outputs_equal": None,
-             "max_rel_err": None, "rows": []}
-  one, _ = sharded_forward(sparse, devices[:1], prec)
+  results = bench.results_header(
+      platform=info["platform"], gpus=n_all, timer="wall_clock_median")
+  results.update({
+      "net": net, "batch_per_device": batch_per_device, "in_hw": h,
+      "dtype": jnp.dtype(dtype).name, "method": method,
+      "precision": precision, "throughput_images_per_s": {},
+      "scaling_efficiency": None, "outputs_equal": None,
+      "max_rel_err": None, "rows": []})
+  one, one_sharding = sharded_forward(sparse, devices[:1], precision)
   for n in sorted({1, n_all}):
-    f, batch_sharding = (one, None) if n == 1 else sharded_forward(
-        sparse, devices[:n], prec)
-    xs = jax.device_put(x[:n * batch_per_device],
-                        batch_sharding or NamedSharding(
-                            Mesh(np.asarray(devices[:1]), ("batch",)),
-                            P("batch")))
+    f, batch_sharding = (one, one_sharding) if n == 1 else sharded_forward(
+        sparse, devices[:n], precision)
+    xs = jax.device_put(x[:n * batch_per_device], batch_sharding)
     wall = bench_network.wall_us(f, xs, calls)
     images_per_s = n * batch_per_device / (wall * 1e-6)
     y = jax.block_until_ready(f(xs))
@@ -156,8 +162,7 @@ def run_sharded(net: str = "resnet50", batch_per_device: int = 128, *,
       got = np.asarray(y)
       row["collectives"] = f.collectives(xs)
       row["outputs_equal"] = bool(np.array_equal(got, want))
-      row["rel_err_vs_one_device"] = _rel_err(
-          got.astype(np.float64), want.astype(np.float64))
+      row["rel_err_vs_one_device"] = bench.rel_err(got, want)
       results["outputs_equal"] = row["outputs_equal"]
       results["max_rel_err"] = row["rel_err_vs_one_device"]
     results["rows"].append(row)
@@ -170,9 +175,8 @@ def run_sharded(net: str = "resnet50", batch_per_device: int = 128, *,
   if n_all == 1:
     results["outputs_equal"], results["max_rel_err"] = True, 0.0
   if out is not False:
-    path = Path(out) if out else bench.default_results_path().with_name(
-        bench.default_results_path().stem + "-sharded.json")
-    bench._atomic_write_json(path, results)  # pylint: disable=protected-access
+    path = Path(out) if out else bench.results_path("-sharded")
+    bench.write_json(path, results)
     results["path"] = str(path)
   return results
 

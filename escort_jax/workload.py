@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 import zlib
 
 import jax
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Layer", "batch_sizes", "find_layers", "get_layer", "layer_seed",
-           "load_layers", "make_input", "make_kernel", "pruned_layers"]
+           "layer_vector_widths", "load_layers", "make_input", "make_kernel",
+           "pruned_layers"]
 
 LAYERS_FILE = Path(__file__).resolve().parent / "layers.json"
 
@@ -237,6 +238,27 @@ def find_layers(selectors: Iterable[str] | None = None,
           "e.g. 'resnet50/res3a_branch2b', 'res4', 'inception_3a'")
     chosen.update(l.name for l in hits)
   return [l for l in pool if l.name in chosen]
+
+
+def layer_vector_widths(
+    layers: Iterable[Layer], vector_widths: Iterable[int | None],
+    on_skip: Callable[[Layer, int, ValueError], Any] | None = None
+) -> Iterator[tuple[Layer, int | None]]:
+  """(layer, V) for each layer and each V of vector_widths (None: the
+  unstructured kernel), in that order, where whole V-vectors fit the layer
+  (Layer.check_vector_width); for the others on_skip(layer, V, error) is
+  called instead, if given."""
+  vector_widths = list(vector_widths)
+  for layer in layers:
+    for v in vector_widths:
+      if v is not None:
+        try:
+          layer.check_vector_width(v)
+        except ValueError as e:
+          if on_skip is not None:
+            on_skip(layer, v, e)
+          continue
+      yield layer, v
 
 
 def layer_seed(layer: Layer) -> int:

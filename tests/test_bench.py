@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import gzip
 import json
 from pathlib import Path
@@ -280,13 +281,13 @@ def test_floor_model_matches_benchmarking_example():
 def test_parse_config_and_labels():
   cfg, items = bench.parse_config("rows_per_program=8,block_q=256,num_warps=4")
   assert (cfg.rows_per_program, cfg.block_q, cfg.num_warps) == (8, 256, 4)
-  assert bench.config_label("escort", items) == "escort[rpp=8,bq=256,nw=4]"
+  assert bench.method_label("escort", items) == "escort[rpp=8,bq=256,nw=4]"
   cfg2, items2 = bench.parse_config("rpp=16, ns=2")
   assert cfg2.rows_per_program == 16 and cfg2.num_stages == 2
   if any(f.name == "q_major" for f in dataclasses.fields(cfg2)):
     cfg3, items3 = bench.parse_config("q_major=true,rpp=4")
     assert cfg3.q_major is True
-    assert bench.config_label("escort", items3) == "escort[qm=1,rpp=4]"
+    assert bench.method_label("escort", items3) == "escort[qm=1,rpp=4]"
     with pytest.raises(bench.UsageError):
       bench.parse_config("qm=2")
   specs = bench.method_specs(["escort", "auto", "dense"],
@@ -304,11 +305,50 @@ def test_parse_config_and_labels():
     bench.parse_dtype("int8")
 
 
-def test_default_results_path_and_slug():
+def test_results_path_and_slug():
   assert bench.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-  p = bench.default_results_path()
+  p = bench.results_path()
   assert p.parent.name == "results" and p.parent.parent.name == "benchmarks"
   assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{4}-[a-z0-9-]+\.json", p.name)
+  now = datetime.datetime(2026, 1, 2, 3, 4)
+  q = bench.results_path("-networks", now)
+  assert q.parent == p.parent
+  assert re.fullmatch(r"2026-01-02T0304-[a-z0-9-]+-networks\.json", q.name)
+  assert q.name == bench.results_path(now=now).stem + "-networks.json"
+
+
+def test_results_header_and_write_json(tmp_path):
+  head = bench.results_header(datetime.datetime(2026, 1, 2), timer="t",
+                              rows=[])
+  info = bench.device_info()
+  assert head == {"device": info["device"],
+                  "jax_version": info["jax_version"], "date": "2026-01-02",
+                  "gpus": info["gpus"], "timer": "t", "rows": []}
+  path = tmp_path / "sub" / "r.json"
+  bench.write_json(path, {"rows": [1.5, float("nan")]})
+  assert json.loads(path.read_text())["rows"][0] == 1.5
+  assert not list(path.parent.glob("*.tmp"))
+
+
+def test_rel_err():
+  y = np.array([3.0, 4.0])
+  assert bench.rel_err(y, y) == 0.0
+  assert bench.rel_err(np.zeros(2), y) == pytest.approx(1.0)
+  assert bench.rel_err(y, np.zeros(2)) == pytest.approx(5.0)  # ||y||
+  assert bench.rel_err(jnp.asarray(y, jnp.bfloat16), y) == 0.0
+  assert bench.rel_err([[1.0]], np.array([[2.0]], np.float32)) == 0.5
+
+
+def test_layer_vector_widths_skips_what_does_not_fit():
+  layers = [wl.get_layer("resnet50/res3a_branch2b"),  # 128 channels
+            wl.get_layer("googlenet/inception_3a/5x5")]  # 32 channels
+  skipped = []
+  pairs = list(wl.layer_vector_widths(
+      layers, [None, 64], on_skip=lambda l, v, e: skipped.append(
+          (l.name, v, "does not divide" in str(e)))))
+  assert pairs == [(layers[0], None), (layers[0], 64), (layers[1], None)]
+  assert skipped == [("googlenet/inception_3a/5x5", 64, True)]
+  assert bench.vector_text(16) == " V=16" and bench.vector_text(None) == ""
 
 
 # --------------------------------------------------------------------------
@@ -457,7 +497,7 @@ def test_trace_split_needs_identical_runs():
 def test_vector_configs_and_labels():
   cfg, items = bench.parse_config("bq=64,bk=32,ns=3", ej_ops.VectorConfig)
   assert cfg == ej_ops.VectorConfig(block_q=64, block_k=32, num_stages=3)
-  assert bench.config_label("vector", items) == "vector[bq=64,bk=32,ns=3]"
+  assert bench.method_label("vector", items) == "vector[bq=64,bk=32,ns=3]"
   with pytest.raises(bench.UsageError, match="unknown VectorConfig field"):
     bench.parse_config("rpp=4", ej_ops.VectorConfig)
   with pytest.raises(bench.UsageError, match="unknown KernelConfig field"):

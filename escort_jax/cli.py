@@ -215,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
       "each would run",
       description="Loads a sparse checkpoint (escort-jax convert, "
       "escort_jax.save_sparse) and shows each converted layer's sparsity, "
-      "nnz, input shape, the path sparse_conv would take for it (escort or "
-      "dense, from a tuned plan or the cost model) and its recorded or "
-      "predicted speedup over dense lax.conv. Nothing is timed.")
+      "nnz, input shape, the path sparse_conv would take for it (escort, "
+      "vector for vector-sparse kernels, or dense; from a tuned plan or the "
+      "cost model) and its recorded or predicted speedup over dense "
+      "lax.conv. Nothing is timed.")
   inspect_.add_argument("checkpoint", metavar="CKPT",
                         help="the sparse checkpoint")
   inspect_.add_argument("--model", default="resnet50", help=_MODEL_HELP)
@@ -323,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "the SkimCaffe-pruned NET (caffenet, googlenet, "
                      "resnet50), sparse against dense, at fp32 HIGHEST and "
                      "default precision")
+  bench.add_argument("--candidates", choices=("all", "vector", "escort"),
+                     default="all",
+                     help="with --tune: which kernel configs to time "
+                     "(escort_jax.tune.CANDIDATE_SETS): all (default) every "
+                     "escort candidate and, on vector-sparse layers, every "
+                     "vector one; vector the vector candidates against the "
+                     "escort kernel at its default config only; escort the "
+                     "escort candidates only")
   bench.add_argument("--plan-dir", metavar="DIR",
                      help="with --tune: where to write plans (default: "
                      "$ESCORT_JAX_PLAN_DIR, else the package's plans/)")
@@ -428,7 +437,8 @@ def _speed_style(v) -> str:
 def _path_text(choice) -> str:
   if choice is None:
     return "[dim]not reached[/]"
-  color = "cyan" if choice["method"] == "escort" else "white"
+  color = {"escort": "cyan", "vector": "magenta"}.get(choice["method"],
+                                                     "white")
   source = {"plan": "plan", "cost-model": "cost model", "caller": "set",
             "backend": choice.get("device", "").upper() or "backend"}.get(
                 choice["source"], choice["source"])
@@ -697,8 +707,13 @@ def _print_inspect(result: dict, console) -> None:
       f"({result['model']}), batch {result['batch']}, "
       f"{_shape(result['input_shape'])}, {result['dtype']}, "
       f"{result['precision']} precision, {where}", title_justify="left")
-  for col in ("layer", "kernel (HWIO)", "input (NHWC)", "sparsity", "nnz",
-              "path", "escort", "dense", "escort vs dense", "chosen"):
+  # The vector path's column only where some layer is vector-sparse.
+  vector = any(r["choice"] and r["choice"].get("vector_us") is not None
+               for r in result["layers"])
+  cols = ["layer", "kernel (HWIO)", "input (NHWC)", "sparsity", "nnz",
+          "path", "escort", *(["vector"] if vector else []), "dense",
+          "escort vs dense", "chosen"]
+  for col in cols:
     table.add_column(col, justify="left" if col in ("layer", "path")
                      else "right", no_wrap=col == "layer")
   for r in result["layers"]:
@@ -707,16 +722,21 @@ def _print_inspect(result: dict, console) -> None:
     table.add_row(
         r["layer"], _shape(r["kernel_shape"]), _shape(r["input_shape"]),
         f"{r['sparsity']:.1%}", str(r["nnz"]), _path_text(c),
-        _us(c and c["escort_us"]), _us(c and c["dense_us"]),
+        _us(c and c["escort_us"]),
+        *([_us(c and c.get("vector_us"))] if vector else []),
+        _us(c and c["dense_us"]),
         (_x(c["escort_speedup"]) + kind) if c and c["escort_speedup"]
         else "—",
         _speed_style(c and c["speedup"]))
   console.print(table)
   t = result["totals"]
+  vector_layers = (f"{t['vector_layers']} the vector path, "
+                   if t.get("vector_layers") else "")
   console.print(
       f"{t['layers']} SparseConv layers, {t['nnz']:,} of {t['weights']:,} "
       f"weights kept ({t['sparsity']:.1%} sparse); {t['escort_layers']} take "
-      f"the escort path, {t['dense_layers']} dense.", highlight=False)
+      f"the escort path, {vector_layers}{t['dense_layers']} dense.",
+      highlight=False)
   if "speedup" in t:
     console.print(
         f"Sparse layers together ({t['speedup_kind']}, not measured here): "
@@ -798,6 +818,8 @@ def _cmd_bench(args) -> int:
   console = _console(stderr=True)
   if args.sharded:
     return _bench_sharded(args, batches, max_hw, repeats, usage)
+  if args.candidates != "all" and not args.tune:
+    return usage("--candidates goes with --tune")
   if args.network:
     from escort_jax import bench_network
     results = bench_network.run(_split_list(args.network),
@@ -858,11 +880,22 @@ def _bench_sharded(args, batches, max_hw, repeats, usage) -> int:
   if max(len(nets), len(batches), len(methods), len(dtypes)) > 1:
     return usage("--sharded takes one --network, --batch, --method and "
                  "--dtype")
+  # Options of the per-layer benchmark, which a whole pruned network does
+  # not take: its kernels are unstructured, its layers pick their configs.
+  ignored = [flag for flag, value in (("--vector-width", args.vector_width),
+                                      ("--config", args.config),
+                                      ("--tune", args.tune))
+             if value]
+  if ignored:
+    return usage(f"--sharded does not take {', '.join(ignored)}: it runs "
+                 "the whole pruned network, whose kernels are unstructured "
+                 "and whose layers pick their own configs")
   if nets[0] not in INPUT_SHAPES:
     return usage(f"unknown network {nets[0]!r}; expected one of "
                  f"{', '.join(INPUT_SHAPES)}")
   try:
     dtype = bench.parse_dtype(dtypes[0])
+    bench_sharded.check_method(methods[0])
   except bench.UsageError as e:
     return usage(str(e))
   if args.out:
@@ -883,60 +916,48 @@ def _tune(layers, batches, dtypes, args, console, *, vector_widths=(None,),
           sparsities=None, max_hw=None, num_inputs=None) -> int:
   """`bench --tune`: records a plan per (layer, vector width, sparsity,
   batch, dtype), on the kernel the benchmark would time (vector-sparse with
-  --vector-width, so the vector kernel's candidates are tried too)."""
+  --vector-width, so the vector kernel's candidates are tried too), timing
+  the candidate set args.candidates (tune.CANDIDATE_SETS)."""
   import pathlib
   from escort_jax import tune
   from escort_jax import workload as wl
+  from escort_jax.bench import vector_text
   from escort_jax.structure import SparseKernel
   directory = pathlib.Path(args.plan_dir) if args.plan_dir else None
+  candidates, vector_candidates = tune.CANDIDATE_SETS[args.candidates]
   report = []
-  for layer in layers:
+  skip = lambda _, v, e: console.print(  # noqa: E731
+      f"[yellow]skipped: {e}[/]", highlight=False)
+  for layer, vw in wl.layer_vector_widths(layers, vector_widths, skip):
     small = layer.scaled(max_hw)
     conv = small.conv_kwargs()
-    for vw in vector_widths:
-      if vw is not None:
-        try:
-          layer.check_vector_width(vw)
-        except ValueError as e:
-          console.print(f"[yellow]skipped: {e}[/]", highlight=False)
-          continue
-      v_text = "" if vw is None else f" V={vw}"
-      for sp in sparsities or [None]:
-        sk = SparseKernel.from_dense(wl.make_kernel(layer, sparsity=sp,
-                                                    vector_width=vw))
-        sp_text = "" if sp is None else f" sp={sp:g}"
-        for batch in batches:
-          for dtype in dtypes:
-            entry = tune.tune_layer(
-                small.input_shape(batch), sk, conv["window_strides"],
-                conv["padding"],
-                feature_group_count=conv["feature_group_count"],
-                dtype=dtype, num_inputs=num_inputs or 10,
-                directory=directory)
-            times = entry["times_us"]
-            parts = [f"{kernel} {_best_time(times, kernel):.1f} us"
-                     for kernel in ("escort", "vector")
-                     if kernel == "escort" or kernel in entry["best_configs"]]
-            parts.append(f"dense {times['dense']:.1f} us")
-            console.print(f"{layer.name}{v_text}{sp_text} b={batch} "
-                          f"{dtype}: {entry['method']} "
-                          f"({', '.join(parts)})", highlight=False)
-            report.append(dict(layer=layer.name, batch=batch, dtype=dtype,
-                               in_hw=small.in_hw, requested_vector_width=vw,
-                               sparsity=round(1.0 - sk.nnz / layer.size, 6),
-                               **entry))
+    for sp in sparsities or [None]:
+      sk = SparseKernel.from_dense(wl.make_kernel(layer, sparsity=sp,
+                                                  vector_width=vw))
+      sp_text = "" if sp is None else f" sp={sp:g}"
+      for batch in batches:
+        for dtype in dtypes:
+          entry = tune.tune_layer(
+              small.input_shape(batch), sk, conv["window_strides"],
+              conv["padding"],
+              feature_group_count=conv["feature_group_count"],
+              dtype=dtype, candidates=candidates,
+              vector_candidates=vector_candidates,
+              num_inputs=num_inputs or 10, directory=directory)
+          best = tune.best_times(entry)
+          parts = [f"{kernel} {best[kernel]:.1f} us"
+                   for kernel in ("escort", "vector", "dense")
+                   if kernel != "vector" or "vector" in entry["best_configs"]]
+          console.print(f"{layer.name}{vector_text(vw)}{sp_text} b={batch} "
+                        f"{dtype}: {entry['method']} "
+                        f"({', '.join(parts)})", highlight=False)
+          report.append(dict(layer=layer.name, batch=batch, dtype=dtype,
+                             in_hw=small.in_hw, requested_vector_width=vw,
+                             sparsity=round(1.0 - sk.nnz / layer.size, 6),
+                             **entry))
   if args.json:
     print(json.dumps(report, indent=1))
   return EXIT_OK
-
-
-def _best_time(times: dict, kernel: str) -> float:
-  """The fastest time of a tuned kernel's candidates (NaN if none ran)."""
-  from escort_jax import tune
-  vector = [k.startswith(tune.VECTOR_PREFIX) for k in times]
-  ts = [t for k, t, v in zip(times, times.values(), vector)
-        if k != "dense" and v == (kernel == "vector") and t == t]
-  return min(ts, default=float("nan"))
 
 
 _COMMANDS = {"demo": "_cmd_demo", "convert": "_cmd_convert",

@@ -520,6 +520,15 @@ def test_no_command_exits_2(capsys):
       "--config", "speed=11"], "fits no method"),
     (["bench", "--layers", "inception_4a/5x5", "--vector-width", "32"],
      "does not divide"),
+    (["bench", "--candidates", "vector"], "goes with --tune"),
+    # --sharded runs whole pruned networks: unstructured kernels, their own
+    # configs.
+    (["bench", "--sharded", "--vector-width", "16"],
+     "does not take --vector-width"),
+    (["bench", "--sharded", "--config", "rpp=8"], "does not take --config"),
+    (["bench", "--sharded", "--method", "vector"],
+     "needs vector-sparse kernels"),
+    (["bench", "--sharded", "--method", "fast"], "unknown method"),
 ])
 def test_bench_usage_errors_exit_2(argv, message, capsys, tmp_path):
   # Tiny settings, so that a check that wrongly passes cannot start a long
@@ -573,12 +582,10 @@ def test_bench_vector_rows_json(tmp_path, capsys):
 def test_bench_tune_vector(tmp_path, capsys, monkeypatch):
   """`bench --tune --vector-width 16` tunes the vector-sparse kernel, so the
   vector kernel's candidates are timed too (one candidate each, here)."""
-  import functools  # pylint: disable=g-import-not-at-top
   from escort_jax import tune  # pylint: disable=g-import-not-at-top
   from escort_jax.ops import KernelConfig, VectorConfig
-  monkeypatch.setattr(tune, "tune_layer", functools.partial(
-      tune.tune_layer, candidates=(KernelConfig(2, 32, 4, 1, 1),),
-      vector_candidates=(VectorConfig(32, 16, 4, 2),)))
+  monkeypatch.setitem(tune.CANDIDATE_SETS, "all", (
+      (KernelConfig(2, 32, 4, 1, 1),), (VectorConfig(32, 16, 4, 2),)))
   code = cli.main(["bench", "--tune", "--small", "--layers",
                    "inception_3a/5x5", "--max-hw", "4", "--vector-width",
                    "none", "16", "--sparsity", "0.9", "--dtype", "bf16",
@@ -596,6 +603,34 @@ def test_bench_tune_vector(tmp_path, capsys, monkeypatch):
   assert vec["method"] in ("escort", "vector", "dense")
   assert "V=16 sp=0.9 b=1 bfloat16" in captured.err
   assert (tmp_path / "cpu.json").exists()
+
+
+@pytest.mark.parametrize("name", ["all", "vector", "escort"])
+def test_bench_tune_candidates(name, tmp_path, capsys, monkeypatch):
+  """`bench --tune --candidates NAME` times tune.CANDIDATE_SETS[NAME]; with
+  "vector", the escort kernel only at its default config."""
+  from escort_jax import tune  # pylint: disable=g-import-not-at-top
+  from escort_jax.ops import KernelConfig
+  calls = []
+
+  def fake(*args, candidates, vector_candidates, **kwargs):
+    del args, kwargs
+    calls.append((tuple(candidates), tuple(vector_candidates)))
+    return {"method": "dense", "config": {}, "config_method": "escort",
+            "best_configs": {}, "vector_width": 16,
+            "times_us": {"dense": 1.0, "rows_per_program=4": 2.0}}
+
+  monkeypatch.setattr(tune, "tune_layer", fake)
+  code = cli.main(["bench", "--tune", "--candidates", name, "--layers",
+                   "res3a_branch2b", "--vector-width", "16", "--batch", "32",
+                   "--dtype", "bf16", "--plan-dir", str(tmp_path)])
+  err = capsys.readouterr().err
+  assert code == 0, err[-3000:]
+  assert calls == [tune.CANDIDATE_SETS[name]]
+  if name == "vector":
+    assert calls[0][0] == (KernelConfig(),)
+    assert calls[0][1] == tune.DEFAULT_VECTOR_CANDIDATES
+  assert "escort 2.0 us, dense 1.0 us" in err
 
 
 def test_spread_indices():

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import escort_jax as ej
+from escort_jax import workload as wl
+from escort_jax.bench import rel_err
 from escort_jax.ops import KernelConfig
 
 LAYERS = json.load(open(os.path.join(os.path.dirname(ej.__file__),
@@ -32,43 +34,41 @@ TIMED = ["res2a_branch2b", "res3a_branch2b", "res4a_branch2b",
          "conv3"]
 
 
-def make_case(layer, batch, dtype, seed=0, sparsity=None):
-  rng = np.random.default_rng(seed)
-  k, c, o, g = layer["kernel"], layer["in_channels"], layer["out_channels"], \
-      layer["groups"]
-  sp = layer["sparsity"] if sparsity is None else sparsity
-  shape = (k, k, c // g, o)
-  size = int(np.prod(shape))
-  keep = int(round(size * (1 - sp)))
-  w = np.zeros(size, np.float32)
-  idx = rng.choice(size, keep, replace=False)
-  w[idx] = rng.standard_normal(keep)
-  w = w.reshape(shape)
-  x = rng.standard_normal((batch, layer["in_hw"], layer["in_hw"], c))
-  x = jnp.asarray(x, dtype)
-  w = jnp.asarray(w, dtype)
-  p = layer["padding"]
-  args = dict(window_strides=(layer["stride"],) * 2, padding=((p, p), (p, p)),
-              feature_group_count=g)
-  return x, w, args
+def workload_layer(layer) -> wl.Layer:
+  """The escort_jax.workload Layer of a LAYERS entry (or a Layer)."""
+  if isinstance(layer, wl.Layer):
+    return layer
+  return wl.get_layer(f"{layer['net']}/{layer['layer']}")
 
 
-def rel_err(y, ref):
-  y = np.asarray(y, np.float64)
-  ref = np.asarray(ref, np.float64)
-  return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+def make_case(layer, batch, dtype, seed=0, sparsity=None, vector_width=None):
+  """(x, w, conv kwargs) of a workload layer (a LAYERS entry): the
+  workload's kernel (workload.make_kernel, the layer's fixed seed;
+  vector-sparse with vector_width V) in `dtype`, an N(0, 1) input batch of
+  `seed`, and its window_strides, padding and feature_group_count."""
+  l = workload_layer(layer)
+  w = wl.make_kernel(l, sparsity, dtype=dtype, vector_width=vector_width)
+  x = wl.make_input(l, batch, seed=seed, dtype=dtype)
+  return x, jnp.asarray(w), l.conv_kwargs()
 
 
-def check_all(out):
+def check_all(out, vector_width=None):
+  """Every workload layer (at its published sparsity, 90% if dense) in
+  float32 and bfloat16 against lax.conv at HIGHEST: the escort kernel, or
+  with vector_width V the vector kernel on V-vector-sparse kernels (layers
+  V does not fit are skipped). Writes OUT/check.json
+  (vector_check_v<V>.json)."""
+  method = "escort" if vector_width is None else "vector"
   rows = []
-  for layer in LAYERS:
+  for l, v in wl.layer_vector_widths(
+      [workload_layer(layer) for layer in LAYERS], [vector_width]):
     for dtype in (jnp.float32, jnp.bfloat16):
-      sp = layer["sparsity"] or 0.9
-      x, w, args = make_case(layer, 2, dtype, sparsity=sp)
+      x, w, args = make_case(l, 2, dtype, sparsity=l.sparsity or 0.9,
+                             vector_width=v)
       sk = ej.SparseKernel.from_dense(np.asarray(w.astype(jnp.float32)))
       sk = sk.with_values(sk.values.astype(dtype))
       t = time.time()
-      y = jax.jit(lambda x, sk: ej.sparse_conv(x, sk, method="escort",
+      y = jax.jit(lambda x, sk: ej.sparse_conv(x, sk, method=method,
                                                **args))(x, sk)
       y.block_until_ready()
       dt = time.time() - t
@@ -77,13 +77,16 @@ def check_all(out):
           dimension_numbers=("NHWC", "HWIO", "NHWC"),
           precision=lax.Precision.HIGHEST, **args)
       e = rel_err(y, ref)
-      rows.append(dict(net=layer["net"], layer=layer["layer"],
+      rows.append(dict(net=l.net, layer=l.layer, v=v,
                        dtype=jnp.dtype(dtype).name, err=e, compile_s=dt))
-      print(f"check {layer['net']:9s} {layer['layer']:18s} "
+      print(f"check {l.net:9s} {l.layer:18s} "
             f"{jnp.dtype(dtype).name:8s} err={e:.2e} ({dt:.1f}s)", flush=True)
-  json.dump(rows, open(os.path.join(out, "check.json"), "w"), indent=1)
+  name = ("check.json" if vector_width is None else
+          f"vector_check_v{vector_width}.json")
+  json.dump(rows, open(os.path.join(out, name), "w"), indent=1)
   for dt in ("float32", "bfloat16"):
-    print(dt, "max err", max(r["err"] for r in rows if r["dtype"] == dt))
+    errs = [r["err"] for r in rows if r["dtype"] == dt]
+    print(dt, "max err", max(errs), "layers", len(errs))
 
 
 def cupti_us(f, *args, iterations=20, repeats=3):
@@ -97,21 +100,30 @@ def cupti_us(f, *args, iterations=20, repeats=3):
   return statistics.median(samples), max(samples) - min(samples)
 
 
-def breakdown(configs, batch):
-  """Per-kernel CUPTI times of one call: how much the layout passes cost."""
+def print_breakdown(title, f, *args):
+  """Prints the per-kernel CUPTI times of one call f(*args)."""
   from jax.experimental.mosaic.gpu import profiler
-  for name in ("res3a_branch2b", "res5a_branch2b"):
+  f(*args)
+  _, per_kernel = profiler.measure(f, aggregate=False)(*args)
+  print("breakdown", title)
+  for kname, ms in per_kernel:
+    print(f"   {ms * 1e3:8.1f} us  {kname[:90]}")
+
+
+def breakdown(configs, batch, names=("res3a_branch2b", "res5a_branch2b"),
+              dtype=jnp.float32, method="escort", vector_width=None,
+              sparsity=None):
+  """Per-kernel CUPTI times of one call: how much the layout passes cost."""
+  for name in names:
     layer = next(l for l in LAYERS if l["layer"] == name)
-    x, w, args = make_case(layer, batch, jnp.float32)
-    sk = ej.SparseKernel.from_dense(np.asarray(w))
+    x, w, args = make_case(layer, batch, dtype, sparsity=sparsity,
+                           vector_width=vector_width)
+    sk = ej.SparseKernel.from_dense(np.asarray(w.astype(jnp.float32)))
+    sk = sk.with_values(sk.values.astype(dtype))
     for cfg in configs[:2]:
       f = jax.jit(lambda x, sk, cfg=cfg: ej.sparse_conv(
-          x, sk, method="escort", config=cfg, **args))
-      f(x, sk)
-      _, per_kernel = profiler.measure(f, aggregate=False)(x, sk)
-      print("breakdown", name, cfg)
-      for kname, ms in per_kernel:
-        print(f"   {ms * 1e3:8.1f} us  {kname[:90]}")
+          x, sk, method=method, config=cfg, **args))
+      print_breakdown(f"{name} {cfg}", f, x, sk)
 
 
 def time_configs(out, configs, batch):
@@ -128,10 +140,8 @@ def time_configs(out, configs, batch):
       f = jax.jit(lambda x, w, prec=prec: lax.conv_general_dilated(
           x, w, dimension_numbers=dn, precision=prec, **args))
       base[label] = cupti_us(f, x32.astype(dtype), w32.astype(dtype))[0]
-    nnz = sk.nnz
-    ho = (layer["in_hw"] + 2 * layer["padding"] - layer["kernel"]) // \
-        layer["stride"] + 1
-    useful = 2 * nnz * ho * ho * batch
+    ho = workload_layer(layer).out_hw
+    useful = 2 * sk.nnz * ho * ho * batch
     floor_us = useful / 67e12 * 1e6
     for dtype in (jnp.float32, jnp.bfloat16):
       for cfg in configs:

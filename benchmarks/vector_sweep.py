@@ -5,8 +5,10 @@ layer, then CUPTI kernel times of tile configs against lax.conv bf16.
       [--layers NAME ...] [--sparsity published|0.9|0.75 ...] [--v 16]
       [--configs "bq,bk,nw,ns;..."] [--breakdown] [--out DIR]
 
-Kernels keep round(size * (1 - sparsity) / V) whole V-vectors at uniformly
-random (r, s, c, block) positions. Times use the CUPTI route of
+Kernels are the workload's vector-sparse ones (escort_jax.workload.make_kernel
+with vector_width=V): round(size * (1 - sparsity) / V) whole V-vectors at
+uniformly random (r, s, c, block) positions; cases, checks and breakdowns are
+benchmarks/kernel_sweep.py's. Times use the CUPTI route of
 benchmarks/kernel_sweep.py (same method for both sides of a ratio); rows are
 appended to OUT/vector_time.json as they finish, and rows already there are
 skipped (resumable). Recorded benchmark results come from escort_jax.bench.
@@ -18,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 from jax import lax
@@ -26,31 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_sweep import LAYERS, TIMED, cupti_us, rel_err  # noqa: E402
+from kernel_sweep import (LAYERS, TIMED, breakdown, check_all,  # noqa: E402
+                          cupti_us, make_case, workload_layer)
 
 import escort_jax as ej  # noqa: E402
 from escort_jax.ops import VectorConfig  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
-
-
-def vector_case(layer, batch, dtype, v, sparsity, seed=0):
-  rng = np.random.default_rng(seed)
-  k, c, o, g = (layer["kernel"], layer["in_channels"], layer["out_channels"],
-                layer["groups"])
-  shape = (k, k, c // g, o // v)
-  size = int(np.prod(shape))
-  keep = int(round(size * (1 - sparsity)))
-  mask = np.zeros(size, bool)
-  mask[rng.choice(size, keep, replace=False)] = True
-  mask = np.repeat(mask.reshape(shape), v, axis=3)
-  w = np.where(mask, rng.standard_normal(mask.shape), 0).astype(np.float32)
-  x = jnp.asarray(rng.standard_normal((batch, layer["in_hw"], layer["in_hw"],
-                                       c)), dtype)
-  p = layer["padding"]
-  args = dict(window_strides=(layer["stride"],) * 2, padding=((p, p), (p, p)),
-              feature_group_count=g)
-  return x, jnp.asarray(w, dtype), args
 
 
 def parse_configs(text):
@@ -63,53 +46,9 @@ def parse_configs(text):
 
 
 def sparsity_of(layer, name):
-  return layer["sparsity"] or 0.9 if name == "published" else float(name)
-
-
-def check(out, v):
-  rows = []
-  for layer in LAYERS:
-    if layer["out_channels"] % v:
-      continue
-    for dtype in (jnp.float32, jnp.bfloat16):
-      x, w, args = vector_case(layer, 2, dtype, v, sparsity_of(layer,
-                                                              "published"))
-      sk = ej.SparseKernel.from_dense(np.asarray(w.astype(jnp.float32)),
-                                      vector_width=v)
-      sk = sk.with_values(sk.values.astype(dtype))
-      t = time.time()
-      y = jax.jit(lambda x, sk: ej.sparse_conv(x, sk, method="vector",
-                                               **args))(x, sk)
-      y.block_until_ready()
-      dt = time.time() - t
-      ref = lax.conv_general_dilated(
-          x.astype(jnp.float32), w.astype(jnp.float32), dimension_numbers=DN,
-          precision=lax.Precision.HIGHEST, **args)
-      e = rel_err(y, ref)
-      rows.append(dict(net=layer["net"], layer=layer["layer"], v=v,
-                       dtype=jnp.dtype(dtype).name, err=e, compile_s=dt))
-      print(f"check {layer['net']:9s} {layer['layer']:18s} "
-            f"{jnp.dtype(dtype).name:8s} err={e:.2e} ({dt:.1f}s)", flush=True)
-  json.dump(rows, open(os.path.join(out, f"vector_check_v{v}.json"), "w"),
-            indent=1)
-  for dt in ("float32", "bfloat16"):
-    errs = [r["err"] for r in rows if r["dtype"] == dt]
-    print(dt, "max err", max(errs), "layers", len(errs))
-
-
-def breakdown(name, batch, v, sparsity, cfg):
-  from jax.experimental.mosaic.gpu import profiler
-  layer = next(l for l in LAYERS if l["layer"] == name)
-  x, w, args = vector_case(layer, batch, jnp.bfloat16, v, sparsity)
-  sk = ej.SparseKernel.from_dense(np.asarray(w.astype(jnp.float32)))
-  sk = sk.with_values(sk.values.astype(jnp.bfloat16))
-  f = jax.jit(lambda x, sk: ej.sparse_conv(x, sk, method="vector",
-                                           config=cfg, **args))
-  f(x, sk)
-  _, per_kernel = profiler.measure(f, aggregate=False)(x, sk)
-  print("breakdown", name, cfg)
-  for kname, ms in per_kernel:
-    print(f"   {ms * 1e3:8.1f} us  {kname[:90]}")
+  """The sparsity a --sparsity value names: "published" is the layer's (90%
+  for a dense layer), else the number."""
+  return (layer["sparsity"] or 0.9) if name == "published" else float(name)
 
 
 def time_layers(out, names, sparsities, v, configs, batch):
@@ -122,7 +61,8 @@ def time_layers(out, names, sparsities, v, configs, batch):
     layer = next(l for l in LAYERS if l["layer"] == name and l["sparsity"])
     for sp_name in sparsities:
       sp = sparsity_of(layer, sp_name)
-      x, w, args = vector_case(layer, batch, jnp.bfloat16, v, sp)
+      x, w, args = make_case(layer, batch, jnp.bfloat16, sparsity=sp,
+                             vector_width=v)
       base = None
       sk = ej.SparseKernel.from_dense(np.asarray(w.astype(jnp.float32)))
       sk = sk.with_values(sk.values.astype(jnp.bfloat16))
@@ -142,8 +82,7 @@ def time_layers(out, names, sparsities, v, configs, batch):
         except Exception as e:  # a config the compiler rejects
           print("FAILED", name, cfg, repr(e)[:300], flush=True)
           continue
-        ho = (layer["in_hw"] + 2 * layer["padding"] - layer["kernel"]) // \
-            layer["stride"] + 1
+        ho = workload_layer(layer).out_hw
         useful = 2 * sk.nnz * ho * ho * batch
         row = dict(layer=name, net=layer["net"], batch=batch, v=v,
                    sparsity_name=sp_name, sparsity=1 - sk.nnz / w.size,
@@ -181,10 +120,11 @@ def main():
   configs = parse_configs(a.configs)
   print(jax.devices(), jax.__version__, flush=True)
   if a.check:
-    check(a.out, a.v)
+    check_all(a.out, vector_width=a.v)
   if a.breakdown:
-    for name in ("res3a_branch2b", "inception_3a/3x3"):
-      breakdown(name, a.batch, a.v, 0.9, configs[0])
+    breakdown(configs[:1], a.batch, ("res3a_branch2b", "inception_3a/3x3"),
+              dtype=jnp.bfloat16, method="vector", vector_width=a.v,
+              sparsity=0.9)
   if a.time:
     names = a.layers
     if a.all_layers:

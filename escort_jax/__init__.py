@@ -2,26 +2,32 @@
 
 The public API:
   SparseKernel, SparseStructure  the pruned kernel (values + static structure)
-  sparse_conv, KernelConfig      the op and the tile parameters of its kernels
+  sparse_conv                    the op (method "auto", "escort", "vector",
+                                 "dense")
+  KernelConfig, VectorConfig     tile parameters of the escort and the vector
+                                 (tensor-core) kernels
   sparsify                       an NNX model with every Conv made sparse
   save_sparse, load_sparse       checkpoints of sparse NNX models
 Submodules: nnx and linen (SparseConv layers), prune, models, baselines,
-tune, bench. The Flax-based ones load on first use.
+tune, bench, sharding (batch data parallelism of sparse_conv), and the rest
+of _LAZY_SUBMODULES.
+They load on first use.
 """
 
 import importlib
 
-from escort_jax.ops import KernelConfig, METHODS, sparse_conv
+from escort_jax.ops import KernelConfig, METHODS, VectorConfig, sparse_conv
 from escort_jax.structure import SparseKernel, SparseStructure
 
 _LAZY_SUBMODULES = ("nnx", "linen", "prune", "models", "baselines", "tune",
-                    "bench", "bench_network", "convert", "checkpoint",
-                    "workload", "plans", "dispatch", "report", "demo")
+                    "bench", "bench_network", "bench_sharded", "convert",
+                    "checkpoint", "workload", "plans", "dispatch", "report",
+                    "demo", "sharding")
 _LAZY_NAMES = {"sparsify": "convert", "save_sparse": "checkpoint",
                "load_sparse": "checkpoint"}
 
 __all__ = ["KernelConfig", "METHODS", "SparseKernel", "SparseStructure",
-           "sparse_conv", *_LAZY_NAMES, *_LAZY_SUBMODULES]
+           "VectorConfig", "sparse_conv", *_LAZY_NAMES, *_LAZY_SUBMODULES]
 __version__ = "0.1.0"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from escort_jax.nnx import (SparseConv, _get_value, _is_concrete,
                             conv_unsupported_reason)
-from escort_jax.ops import KernelConfig
+from escort_jax.ops import KernelConfig, VectorConfig
 
 __all__ = ["sparsify", "path_str"]
 
@@ -116,7 +116,8 @@ def replace_nodes(root, repl: dict[int, Any]):
 
 
 def sparsify(model, *, filter: Any = None, max_density: float | None = None,
-             method: str = "auto", config: KernelConfig | None = None,
+             method: str = "auto",
+             config: KernelConfig | VectorConfig | None = None,
              warn: bool = True):
   """A copy of an NNX model with its 2-D nnx.Conv layers as SparseConvs.
 
@@ -130,7 +131,11 @@ def sparsify(model, *, filter: Any = None, max_density: float | None = None,
     max_density: convert only convs whose fraction of nonzero kernel entries
       is <= max_density (dense layers are faster dense). None: all.
     method, config: passed to every new SparseConv (activations stay where
-      the model applies them).
+      the model applies them): method "auto", "escort", "vector" or "dense",
+      config a KernelConfig (escort, auto) or VectorConfig (vector).
+      method="vector" needs every converted conv to be vector-sparse (whole
+      vectors of 8, 16, 32 or 64 consecutive output channels kept;
+      escort_jax.prune.vector_mask); restrict it with `filter` otherwise.
     warn: warn (once, listing them) about convs that the filters selected
       but that cannot be converted (not 2-D, input dilation, circular /
       reflect padding, custom conv function, subclass with its own

@@ -43,7 +43,6 @@ joined by "/" ("conv1", "Block_0/Conv_0"; "" for a lone Conv's own params).
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -59,7 +58,7 @@ from escort_jax.nnx import (UnsupportedConvError, _canonical_padding,
                             _kernel_size, _pair)
 from escort_jax.convert import path_filter
 from escort_jax.prune import magnitude_mask
-from escort_jax.ops import KernelConfig
+from escort_jax.ops import KernelConfig, VectorConfig
 from escort_jax.structure import SparseKernel, SparseStructure
 
 __all__ = ["SparseConv", "sparsify_params", "densify_params", "prune_params"]
@@ -84,10 +83,15 @@ class SparseConv(nn.Module):
       structure's entries.
     structure: the static SparseStructure of the HWIO kernel
       (kh, kw, C // feature_group_count, features). Required.
-    method: "auto", "escort" or "dense" (see escort_jax.sparse_conv).
+    method: "auto", "escort", "vector" or "dense" (see
+      escort_jax.sparse_conv); "vector", the tensor-core kernel, needs a
+      vector-sparse kernel (whole vectors of 8, 16, 32 or 64 consecutive
+      output channels kept; escort_jax.prune.vector_mask).
     activation: None or "relu", fused into the kernels.
     preferred_element_type: the output dtype, as in lax.conv.
-    config: escort_jax.KernelConfig, or None for the default tiles.
+    config: an escort_jax.KernelConfig (escort, auto) or
+      escort_jax.VectorConfig (vector), or None for the default tiles (a
+      tuned plan's, where one exists).
   """
 
   features: int
@@ -107,7 +111,7 @@ class SparseConv(nn.Module):
   method: str = "auto"
   activation: str | None = None
   preferred_element_type: Any = None
-  config: KernelConfig | None = None
+  config: KernelConfig | VectorConfig | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:

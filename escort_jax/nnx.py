@@ -35,7 +35,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from escort_jax.ops import ACTIVATIONS, METHODS, KernelConfig, sparse_conv
+from escort_jax.ops import (ACTIVATIONS, METHODS, KernelConfig, VectorConfig,
+                            sparse_conv)
 from escort_jax.prune import magnitude_mask
 from escort_jax.structure import SparseKernel, SparseStructure
 
@@ -237,9 +238,14 @@ class SparseConv(nnx.Module):
     sparse_kernel: instead of initialising, start from this HWIO
       SparseKernel (its structure and values). rngs is then needed only for
       bias_init; without rngs the bias starts at zero.
-    method: "auto", "escort" or "dense" (see escort_jax.sparse_conv).
+    method: "auto", "escort", "vector" or "dense" (see
+      escort_jax.sparse_conv); "vector", the tensor-core kernel, needs a
+      vector-sparse kernel (whole vectors of 8, 16, 32 or 64 consecutive
+      output channels kept; escort_jax.prune.vector_mask).
     activation: None or "relu" (fused into the sparse kernels).
-    config: escort_jax.KernelConfig tile parameters, or None for defaults.
+    config: tile parameters: an escort_jax.KernelConfig (escort, auto) or
+      escort_jax.VectorConfig (vector), or None for the defaults (a tuned
+      plan's, where one exists).
   """
 
   def __init__(
@@ -269,7 +275,7 @@ class SparseConv(nnx.Module):
       sparse_kernel: SparseKernel | None = None,
       method: str = "auto",
       activation: str | None = None,
-      config: KernelConfig | None = None,
+      config: KernelConfig | VectorConfig | None = None,
   ):
     kernel_size = _kernel_size(kernel_size)
     if _pair(input_dilation, "input_dilation") != (1, 1):
@@ -362,14 +368,17 @@ class SparseConv(nnx.Module):
   @classmethod
   def from_conv(cls, conv: nnx.Conv, *, method: str = "auto",
                 activation: str | None = None,
-                config: KernelConfig | None = None) -> SparseConv:
+                config: KernelConfig | VectorConfig | None = None
+                ) -> SparseConv:
     """A SparseConv computing what a (concrete) nnx.Conv computes.
 
     Keeps exactly the nonzero entries of conv's kernel (times its mask, if
     it has one) and copies its bias, strides, padding, dilation, groups,
     dtype, param_dtype, precision (and promote_dtype /
     preferred_element_type where the flax version has them). The new layer
-    shares no Variables with `conv`.
+    shares no Variables with `conv`. method, activation and config are the
+    new layer's, as in SparseConv (method="vector" needs a vector-sparse
+    kernel).
 
     Raises:
       UnsupportedConvError: conv is not 2-D, has input dilation, or pads

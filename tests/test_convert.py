@@ -203,3 +203,21 @@ def test_sparsify_sequential_root_and_single_conv():
   single = sparsify(seq.layers[0], method="dense")
   assert isinstance(single, SparseConv)
   assert_close(single(x), seq.layers[0](x), F32_BOUND)
+
+
+def test_sparsify_vector_method():
+  """sparsify(method="vector", config=VectorConfig) on vector-sparse convs:
+  the layers take the method and config, and compute the dense model's
+  output on the vector kernel (Pallas interpreter)."""
+  from escort_jax import VectorConfig
+  from escort_jax.prune import vector_mask
+  conv = nnx.Conv(4, 16, (3, 3), use_bias=False, precision=HIGHEST,
+                  kernel_init=np_init, rngs=nnx.Rngs(0))
+  k = np.asarray(_get_value(conv.kernel))
+  _set_value(conv.kernel, jnp.asarray(k * vector_mask(k, 0.6, 8)))
+  cfg = VectorConfig(32, 16, 4, 2)
+  sparse = sparsify(conv, method="vector", config=cfg, warn=False)
+  assert isinstance(sparse, SparseConv)
+  assert sparse.method == "vector" and sparse.config == cfg
+  x = _x((1, 6, 6, 4))
+  assert_close(sparse(x), conv(x), 1e-4)

@@ -16,7 +16,7 @@ import pytest
 
 import escort_jax.linen as esl
 from escort_jax.nnx import UnsupportedConvError
-from escort_jax.structure import SparseStructure
+from escort_jax.structure import SparseKernel, SparseStructure
 from tests.conftest import assert_close, np_init
 
 HIGHEST = lax.Precision.HIGHEST
@@ -148,3 +148,29 @@ def test_init_and_errors():
   with pytest.raises(UnsupportedConvError):
     esl.SparseConv(8, (3, 3), structure=s, padding="CIRCULAR").init(
         jax.random.key(0), _x())
+
+
+def test_vector_method_and_config_pass_through():
+  """method="vector" and a VectorConfig reach sparse_conv: the vector
+  kernel (Pallas interpreter) on a vector-sparse structure, an error on an
+  unstructured one."""
+  from escort_jax import VectorConfig
+  from escort_jax.prune import vector_mask
+  k = np.random.default_rng(0).standard_normal((3, 3, 4, 16)).astype(
+      np.float32)
+  k = k * vector_mask(k, 0.6, 8)
+  x = _x((1, 6, 6, 4))
+  sk = SparseKernel.from_dense(k)
+  conv = esl.SparseConv(16, (3, 3), structure=sk.structure, use_bias=False,
+                        precision=HIGHEST, method="vector",
+                        config=VectorConfig(32, 16, 4, 2))
+  params = {"params": {"values": sk.values}}
+  ref = lax.conv_general_dilated(x, jnp.asarray(k), (1, 1), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 precision=HIGHEST)
+  assert_close(conv.apply(params, x), ref, 1e-4)
+  mask = np.random.default_rng(1).random(k.shape) < 0.4
+  bad = esl.SparseConv(16, (3, 3), structure=SparseStructure.from_mask(mask),
+                       use_bias=False, method="vector")
+  with pytest.raises(ValueError, match="vector-sparse"):
+    bad.apply({"params": {"values": jnp.ones(int(mask.sum()))}}, x)

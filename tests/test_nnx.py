@@ -241,3 +241,46 @@ def test_escort_method_matches_nnx_conv():
   assert_close(gv, gk[sc.structure.dense_positions()], F32_BOUND, "dvalues")
   relu = SparseConv.from_conv(conv, method="escort", activation="relu")
   assert_close(relu(x), jax.nn.relu(conv(x)), F32_BOUND, "relu")
+
+
+def _vector_sparse_kernel(shape=(3, 3, 4, 16), v=8, sparsity=0.6, seed=0):
+  """An HWIO kernel that keeps whole vectors of v output channels."""
+  from escort_jax.prune import vector_mask
+  k = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+  return k * vector_mask(k, sparsity, v)
+
+
+def test_vector_method_and_config_pass_through():
+  """method="vector" with a VectorConfig reaches sparse_conv: the
+  tensor-core kernel (Pallas interpreter here) computes the conv of a
+  vector-sparse kernel, and refuses an unstructured one."""
+  from escort_jax import VectorConfig
+  k = _vector_sparse_kernel()
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 6, 6, 4)),
+                  jnp.float32)
+  conv = SparseConv(4, 16, (3, 3), sparse_kernel=SparseKernel.from_dense(k),
+                    use_bias=False, method="vector", precision=HIGHEST,
+                    config=VectorConfig(32, 16, 4, 2))
+  assert conv.method == "vector" and conv.config == VectorConfig(32, 16, 4, 2)
+  ref = lax.conv_general_dilated(x, jnp.asarray(k), (1, 1), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 precision=HIGHEST)
+  assert_close(conv(x), ref, 1e-4)
+  dense = nnx.Conv(4, 16, (3, 3), use_bias=False, rngs=nnx.Rngs(0))
+  _set_value(dense.kernel, jnp.asarray(k))
+  assert SparseConv.from_conv(dense, method="vector").method == "vector"
+  unstructured = np.where(np.random.default_rng(2).random(k.shape) < 0.4,
+                          1.0, 0.0).astype(np.float32)
+  bad = SparseConv(4, 16, (3, 3), use_bias=False, method="vector",
+                   sparse_kernel=SparseKernel.from_dense(unstructured))
+  with pytest.raises(ValueError, match="vector-sparse"):
+    bad(x)
+
+
+def test_package_exports():
+  import escort_jax as ej
+  from escort_jax import ops
+  assert ej.VectorConfig is ops.VectorConfig and "VectorConfig" in ej.__all__
+  for name in ("sharding", "bench_sharded"):
+    assert name in ej.__all__
+    assert getattr(ej, name).__name__ == f"escort_jax.{name}"

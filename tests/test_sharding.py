@@ -8,8 +8,9 @@ line; the tests below read it. Single-device results are the reference:
 forward outputs must match bitwise, gradients to 1e-6 (the batch reduction
 is summed in another order).
 
-What is checked, for method="dense" and method="escort" (Pallas interpret
-mode on the CPU):
+What is checked, for method="dense", method="escort" and method="vector" (the
+Pallas kernels in interpret mode on the CPU; "vector" on a kernel whose blocks
+of 8 output channels share their kept positions):
   jit_auto      jax.jit with the input device_put to NamedSharding(mesh,
                 P("batch")) on a mesh of AxisType.Auto axes (GSPMD/Shardy);
   jit_explicit  the same on a mesh of AxisType.Explicit axes (what
@@ -21,30 +22,35 @@ mode on the CPU):
   grad_*        gradients of values, bias and input (jit with a sharded
                 input; shard_map with per-shard gradients psum'd, or with
                 check_vma=True, where jax sums the invariant weights'
-                gradients itself).
+                gradients itself); for the Pallas paths also jit on the
+                Explicit mesh.
 
 Data parallelism is checked, not only the numbers: the output must come
 back sharded over the batch, and the compiled forward program must move no
 data between devices (no all-gather, all-to-all, ... in its HLO), i.e. each
-device computes its own images. The escort path gets this from
+device computes its own images. The escort and vector paths get this from
 escort_jax.sharding (custom_partitioning under jit on Auto axes, shard_map on
-Explicit axes, the local batch inside shard_map).
+Explicit axes, the local batch inside shard_map). The nnx model of
+method="vector" has vector-sparse masks (SparseConv(mask=...)).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, fake_devices_env
+
 NUM_DEVICES = 8
 GRAD_BOUND = 1e-6
-METHODS = ("dense", "escort")
+# The Pallas paths, made data parallel by escort_jax.sharding.
+SPARSE_METHODS = ("escort", "vector")
+METHODS = ("dense",) + SPARSE_METHODS
+VECTOR_WIDTH = 8
 
 
 # --------------------------------------------------------------------------
@@ -64,7 +70,8 @@ def _worker() -> dict:
 
   from escort_jax import SparseKernel, sparse_conv
   from escort_jax.nnx import SparseConv
-  from tests.conftest import random_array, random_pruned_kernel, rel_err
+  from tests.conftest import (random_array, random_pruned_kernel,
+                              random_vector_kernel, rel_err)
 
   t_start = time.perf_counter()
   results: dict = {"devices": len(jax.devices()),
@@ -125,6 +132,17 @@ def _worker() -> dict:
   x = random_array(rng, (16, 7, 9, 4))
   b = random_array(rng, (6,))
   ct = random_array(rng, (16, 4, 9, 6))
+  # The vector path: two blocks of VECTOR_WIDTH output channels.
+  # (Its own generator: the draws from rng stay as they were.)
+  rng_v = np.random.default_rng(902)
+  kernel_v = random_vector_kernel(rng_v, (3, 3, 4, 2 * VECTOR_WIDTH), 0.5,
+                                  VECTOR_WIDTH)
+  sk_v = SparseKernel.from_dense(kernel_v, vector_width=VECTOR_WIDTH)
+  b_v = random_array(rng_v, (2 * VECTOR_WIDTH,))
+  ct_v = random_array(rng_v, (16, 4, 9, 2 * VECTOR_WIDTH))
+  # method -> (SparseKernel, bias, output cotangent).
+  problems = {"dense": (sk, b, ct), "escort": (sk, b, ct),
+              "vector": (sk_v, b_v, ct_v)}
 
   def conv(method):
     def f(x, sk, b):
@@ -133,19 +151,22 @@ def _worker() -> dict:
     return f
 
   def loss(method):
+    sk, _, ct = problems[method]
+
     def f(values, b, x):
       return jnp.sum(ct * conv(method)(x, sk.with_values(values), b))
     return f
 
-  single = {m: jax.jit(conv(m))(x, sk, b) for m in METHODS}
+  single = {m: jax.jit(conv(m))(x, *problems[m][:2]) for m in METHODS}
   single_grads = {m: jax.jit(jax.grad(loss(m), argnums=(0, 1, 2)))(
-      sk.values, b, x) for m in METHODS}
+      problems[m][0].values, problems[m][1], x) for m in METHODS}
 
   for mesh_name, mesh in meshes.items():
     batch_sharding = NamedSharding(mesh, P("batch"))
     xs = jax.device_put(x, batch_sharding)
     for m in METHODS:
       def jit_fwd(m=m, xs=xs):
+        sk, b, _ = problems[m]
         f = jax.jit(conv(m))
         y = f(xs, sk, b)
         return y, single[m], True, dict(
@@ -156,16 +177,18 @@ def _worker() -> dict:
 
     if mesh_name != "auto":
       # (Gradients under explicit sharding fail in lax's own conv transpose
-      # in jax 0.10, so only escort's are compared there.)
-      def explicit_grad(xs=xs):
-        g = jax.jit(jax.grad(loss("escort"), argnums=(0, 1, 2)))(
-            sk.values, b, xs)
-        return g, single_grads["escort"], False, dict(
-            dx_spec=spec_of(g[2]), dx_sharded=sharded_over_batch(g[2]))
-      record(f"grad_jit_{mesh_name}/escort", explicit_grad)
+      # in jax 0.10, so only the Pallas paths' are compared there.)
+      for m in SPARSE_METHODS:
+        def explicit_grad(m=m, xs=xs):
+          sk, b, _ = problems[m]
+          g = jax.jit(jax.grad(loss(m), argnums=(0, 1, 2)))(sk.values, b, xs)
+          return g, single_grads[m], False, dict(
+              dx_spec=spec_of(g[2]), dx_sharded=sharded_over_batch(g[2]))
+        record(f"grad_jit_{mesh_name}/{m}", explicit_grad)
       continue
     for m in METHODS:
       def jit_grad(m=m, xs=xs):
+        sk, b, _ = problems[m]
         f = jax.jit(jax.grad(loss(m), argnums=(0, 1, 2)))
         g = f(sk.values, b, xs)
         return g, single_grads[m], False, dict(
@@ -176,6 +199,7 @@ def _worker() -> dict:
     for m in METHODS:
       for check_vma in (False, True):
         def smap_fwd(m=m, check_vma=check_vma, mesh=mesh, xs=xs):
+          sk, b, _ = problems[m]
           f = jax.jit(jax.shard_map(
               conv(m), mesh=mesh, in_specs=(P("batch"), P(), P()),
               out_specs=P("batch"), check_vma=check_vma))
@@ -186,6 +210,8 @@ def _worker() -> dict:
 
       def smap_grad(m=m, mesh=mesh, xs=xs):
         # Data parallel: per-shard gradients, summed over the batch axis.
+        sk, b, ct = problems[m]
+
         def local(values, b, x, ct_local):
           def l(values, b, x):
             y = conv(m)(x, sk.with_values(values), b)
@@ -202,6 +228,8 @@ def _worker() -> dict:
       def smap_grad_vma(m=m, mesh=mesh, xs=xs):
         # With check_vma=True the weights are invariant over "batch" and jax
         # sums their per-shard gradients itself (no psum here).
+        sk, b, ct = problems[m]
+
         def local(values, b, x, ct_local):
           def l(values, b, x):
             y = conv(m)(x, sk.with_values(values), b)
@@ -216,6 +244,7 @@ def _worker() -> dict:
 
       def vmap_fwd_grad(m=m, mesh=mesh):
         # A leading vmapped axis in front of the sharded batch.
+        sk, b, ct = problems[m]
         xv = jnp.stack([x[:NUM_DEVICES], x[NUM_DEVICES:] * 0.5])
         ctv = jnp.stack([ct[:NUM_DEVICES], ct[NUM_DEVICES:]])
         xvs = jax.device_put(xv, NamedSharding(mesh, P(None, "batch")))
@@ -238,11 +267,21 @@ def _worker() -> dict:
 
   class Net(nnx.Module):
     def __init__(self, method, rngs):
-      self.conv1 = SparseConv(4, 8, (3, 3), sparsity=0.6, method=method,
-                              activation="relu", rngs=rngs)
-      self.conv2 = SparseConv(8, 6, (3, 3), strides=(2, 2), sparsity=0.7,
+      if method == "vector":  # vector-sparse masks
+        mask_rng = np.random.default_rng(903)
+        mid = out = 2 * VECTOR_WIDTH
+        prune1 = dict(mask=random_vector_kernel(
+            mask_rng, (3, 3, 4, mid), 0.6, VECTOR_WIDTH) != 0)
+        prune2 = dict(mask=random_vector_kernel(
+            mask_rng, (3, 3, mid, out), 0.7, VECTOR_WIDTH) != 0)
+      else:
+        mid, out = 8, 6
+        prune1, prune2 = dict(sparsity=0.6), dict(sparsity=0.7)
+      self.conv1 = SparseConv(4, mid, (3, 3), method=method,
+                              activation="relu", rngs=rngs, **prune1)
+      self.conv2 = SparseConv(mid, out, (3, 3), strides=(2, 2),
                               padding=((1, 0), (0, 2)), method=method,
-                              rngs=rngs)
+                              rngs=rngs, **prune2)
 
     def __call__(self, x):
       return self.conv2(self.conv1(x))
@@ -290,15 +329,9 @@ def _worker() -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform"
-                      f"_device_count={NUM_DEVICES}").strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
   proc = subprocess.run([sys.executable, str(Path(__file__).resolve())],
-                        env=env, cwd=str(REPO), capture_output=True,
-                        text=True, timeout=300)
+                        env=fake_devices_env(NUM_DEVICES), cwd=str(REPO),
+                        capture_output=True, text=True, timeout=300)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   assert proc.returncode == 0 and lines, (
       f"the sharding worker failed (rc {proc.returncode}):\n"
@@ -354,14 +387,16 @@ def test_gradients_under_sharding_match_single_device(results, method, how):
   assert c["dx_spec"].startswith("P('batch'"), c
 
 
-def test_escort_gradients_are_data_parallel(results):
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+def test_sparse_gradients_are_data_parallel(results, method):
   """Only the weight gradients are summed across devices."""
-  c = _check(results, "grad_jit_auto/escort")
+  c = _check(results, f"grad_jit_auto/{method}")
   assert c["collectives"] == ["all-reduce"], c
 
 
-def test_escort_gradients_on_explicit_mesh(results):
-  c = _check(results, "grad_jit_explicit/escort")
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+def test_sparse_gradients_on_explicit_mesh(results, method):
+  c = _check(results, f"grad_jit_explicit/{method}")
   assert c["rel_err"] <= GRAD_BOUND and c["dx_sharded"], c
 
 
@@ -370,7 +405,7 @@ def test_vmap_over_a_sharded_batch(results, method):
   c = _check(results, f"vmap_jit_auto/{method}")
   assert c["fwd_bitwise"], c
   assert c["rel_err"] <= GRAD_BOUND, c
-  if method == "escort":
+  if method in SPARSE_METHODS:
     # (GSPMD replicates lax.conv's output here: the dense path's business.)
     assert c["out_sharded"], c
 

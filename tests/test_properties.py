@@ -61,8 +61,7 @@ import numpy as np
 import pytest
 
 from escort_jax import SparseKernel, sparse_conv
-from escort_jax.prune import vector_mask
-from tests.conftest import reference_conv, rel_err
+from tests.conftest import random_vector_kernel, reference_conv, rel_err
 
 pytestmark = pytest.mark.property
 
@@ -179,8 +178,8 @@ class ConvConfig:
       hwio = (self.r, self.s, self.c // self.groups, self.o)
       rng = np.random.default_rng([7004, self.mask_seed, size,
                                    self.vector_width])
-      mask = vector_mask(rng.standard_normal(hwio), self.sparsity,
-                         self.vector_width)
+      mask = random_vector_kernel(rng, hwio, self.sparsity,
+                                  self.vector_width) != 0
       return mask if self.layouts[1] == "HWIO" else mask.transpose(3, 2, 0, 1)
     keep = int(round(size * (1.0 - self.sparsity)))
     rng = np.random.default_rng([7001, self.mask_seed, size])
@@ -219,30 +218,40 @@ def fresh_configs(draw) -> ConvConfig:
       mask_seed=draw(st.integers(0, 2**16)))
 
 
-def _make_pool(size: int = 64) -> tuple[ConvConfig, ...]:
+POOL_PADDINGS = ("SAME", "VALID", "SAME_LOWER", ((0, 0), (0, 0)),
+                 ((1, 0), (0, 2)), ((0, 3), (2, 1)), ((2, 2), (1, 1)),
+                 ((-1, 1), (1, -1)))
+
+
+def _make_pool(buckets, seed: int, size: int,
+               stagger: bool = False) -> tuple[ConvConfig, ...]:
   """A fixed, stratified set of bucketed configurations: every bucket,
   layout, dtype and sparsity appears several times, and strides, dilation
-  and padding vary over the whole range."""
-  rng = np.random.default_rng(7000)
-  paddings = ("SAME", "VALID", "SAME_LOWER", ((0, 0), (0, 0)),
-              ((1, 0), (0, 2)), ((0, 3), (2, 1)), ((2, 2), (1, 1)),
-              ((-1, 1), (1, -1)))
+  and padding vary over the whole range. A bucket of 9 fields ends with a
+  vector width. stagger: the i-th configuration takes padding and sparsity
+  i + i // (their count), so that they do not repeat with the buckets."""
+  rng = np.random.default_rng(seed)
+
+  def cycle(values, i):
+    return values[(i + (i // len(values) if stagger else 0)) % len(values)]
+
   pool = []
   for i in range(size):
-    n, h, w, c, o, r, s, g = BUCKETS[i % len(BUCKETS)]
+    n, h, w, c, o, r, s, g, *v = buckets[i % len(buckets)]
     pool.append(ConvConfig(
         n=n, h=h, w=w, c=c, o=o, r=r, s=s, groups=g,
         layouts=LAYOUTS[i % len(LAYOUTS)],
         dtype=DTYPES[(i // len(LAYOUTS)) % len(DTYPES)],
-        strides=tuple(int(v) for v in rng.integers(1, 4, 2)),
-        dilation=tuple(int(v) for v in rng.integers(1, 3, 2)),
-        padding=paddings[i % len(paddings)],
+        strides=tuple(int(x) for x in rng.integers(1, 4, 2)),
+        dilation=tuple(int(x) for x in rng.integers(1, 3, 2)),
+        padding=cycle(POOL_PADDINGS, i),
         bias=bool(i % 2), relu=bool((i // 2) % 2),
-        sparsity=SPARSITIES[i % len(SPARSITIES)], mask_seed=i))
+        sparsity=cycle(SPARSITIES, i), mask_seed=i,
+        vector_width=v[0] if v else 0))
   return tuple(pool)
 
 
-POOL = _make_pool()
+POOL = _make_pool(BUCKETS, seed=7000, size=64)
 
 
 @st.composite
@@ -256,29 +265,8 @@ def fresh_vector_configs(draw) -> ConvConfig:
                              vector_width=v)
 
 
-def _make_vector_pool(size: int = 40) -> tuple[ConvConfig, ...]:
-  """VECTOR_POOL: as POOL, over VECTOR_BUCKETS (V fixed by the bucket)."""
-  rng = np.random.default_rng(7005)
-  paddings = ("SAME", "VALID", "SAME_LOWER", ((0, 0), (0, 0)),
-              ((1, 0), (0, 2)), ((0, 3), (2, 1)), ((2, 2), (1, 1)),
-              ((-1, 1), (1, -1)))
-  pool = []
-  for i in range(size):
-    n, h, w, c, o, r, s, g, v = VECTOR_BUCKETS[i % len(VECTOR_BUCKETS)]
-    pool.append(ConvConfig(
-        n=n, h=h, w=w, c=c, o=o, r=r, s=s, groups=g,
-        layouts=LAYOUTS[i % len(LAYOUTS)],
-        dtype=DTYPES[(i // len(LAYOUTS)) % len(DTYPES)],
-        strides=tuple(int(x) for x in rng.integers(1, 4, 2)),
-        dilation=tuple(int(x) for x in rng.integers(1, 3, 2)),
-        padding=paddings[(i + i // len(paddings)) % len(paddings)],
-        bias=bool(i % 2), relu=bool((i // 2) % 2),
-        sparsity=SPARSITIES[(i + i // len(SPARSITIES)) % len(SPARSITIES)],
-        mask_seed=i, vector_width=v))
-  return tuple(pool)
-
-
-VECTOR_POOL = _make_vector_pool()
+# VECTOR_POOL: as POOL, over VECTOR_BUCKETS (V fixed by the bucket).
+VECTOR_POOL = _make_pool(VECTOR_BUCKETS, seed=7005, size=40, stagger=True)
 
 
 @st.composite
@@ -324,20 +312,12 @@ def _sparse(x, sk, b, *, strides, padding, dilation, groups, dn, activation,
                      precision=precision)
 
 
-def _escort(x, sk, b, **kw):
-  return _sparse(x, sk, b, method="escort", **kw)
-
-
-def _vector(x, sk, b, **kw):
-  return _sparse(x, sk, b, method="vector", **kw)
-
-
 # One jitted function per method for every example: it compiles once per
 # input shape, structure and static arguments, so pool examples reuse their
 # programs.
-escort_jit = jax.jit(_escort, static_argnames=_STATIC)
-vector_jit = jax.jit(_vector, static_argnames=_STATIC)
-SPARSE_JITS = {"escort": escort_jit, "vector": vector_jit}
+SPARSE_JITS = {m: jax.jit(functools.partial(_sparse, method=m),
+                          static_argnames=_STATIC)
+               for m in ("escort", "vector")}
 # COUNTS / STATIC_KEYS / TIMES prefix of each method's forward examples.
 PREFIX = {"escort": "conv", "vector": "vector"}
 
@@ -444,34 +424,43 @@ def test_vector_matches_lax_conv(case):
 
 
 # --------------------------------------------------------------------------
-# Gradients: d(values), d(bias), d(x) against the masked gradients of a dense
-# lax convolution (float32; fewer cases, each compiles three kernels).
+# Gradients (float32; fewer cases, each compiles three kernels): d(values),
+# d(bias), d(x) of method="escort" against the masked gradients of a dense
+# lax convolution, and of method="vector" (its backward runs the escort
+# kernels) against those of method="dense" at HIGHEST, on the same
+# SparseKernel.
 
 
-def _grad_pool(size: int = 10) -> tuple[ConvConfig, ...]:
-  return tuple(dataclasses.replace(c, dtype="float32")
-               for c in POOL[:size])
+def _float32_pool(pool, size: int) -> tuple[ConvConfig, ...]:
+  return tuple(dataclasses.replace(c, dtype="float32") for c in pool[:size])
 
 
-GRAD_POOL = _grad_pool()
+GRAD_POOL = _float32_pool(POOL, 10)
+GRAD_VECTOR_POOL = _float32_pool(VECTOR_POOL, len(VECTOR_BUCKETS))
 
 
 @st.composite
-def grad_cases(draw):
+def grad_cases(draw, pool=GRAD_POOL, fresh_strategy=fresh_configs):
+  """(float32 config, value seed, "fresh" or "pool")."""
   fresh = draw(st.booleans())
-  config = draw(fresh_configs()) if fresh else draw(
-      st.sampled_from(GRAD_POOL))
+  config = draw(fresh_strategy()) if fresh else draw(st.sampled_from(pool))
   config = dataclasses.replace(config, dtype="float32")
   return config, draw(st.integers(0, 2**32 - 1)), "fresh" if fresh else "pool"
 
 
-def _escort_loss(values, b, x, ct, sk, **kw):
-  y = _escort(x, sk.with_values(values), b, **kw)
+def _sparse_loss(values, b, x, ct, sk, **kw):
+  y = _sparse(x, sk.with_values(values), b, **kw)
   return jnp.sum(ct * y)
 
 
-escort_grad_jit = jax.jit(jax.grad(_escort_loss, argnums=(0, 1, 2)),
-                          static_argnames=_STATIC)
+def _grad_jit(method):
+  return jax.jit(jax.grad(functools.partial(_sparse_loss, method=method),
+                          argnums=(0, 1, 2)), static_argnames=_STATIC)
+
+
+dense_grad = jax.grad(functools.partial(
+    _sparse_loss, method="dense", precision=jax.lax.Precision.HIGHEST),
+                      argnums=(0, 1, 2))
 
 
 def _dense_loss(kernel, b, x, ct, config):
@@ -484,100 +473,62 @@ def _dense_loss(kernel, b, x, ct, config):
   return jnp.sum(ct * y)
 
 
-@settings(max_examples=GRAD_EXAMPLES, **_SETTINGS)
-@given(case=grad_cases())
-def test_escort_gradients_match_masked_dense_gradients(case):
-  config, seed, kind = case
+def _masked_lax_grads(config, x, kernel, sk, b, ct):
+  """The gradients of the dense lax convolution; the kernel's at the kept
+  positions, in the order of sk.values."""
+  dk, db, dx = jax.grad(_dense_loss, argnums=(0, 1, 2))(kernel, b, x, ct,
+                                                        config)
+  return np.asarray(dk)[sk.structure.dense_positions()], db, dx
+
+
+def _dense_method_grads(config, x, kernel, sk, b, ct):
+  del kernel  # the same weights, as sk
+  return dense_grad(sk.values, b, x, ct, sk, **_static_kwargs(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCheck:
+  """How one method's gradients are checked."""
+
+  grad_jit: object  # (values, b, x, ct, sk, **static) -> the three grads
+  reference: object  # (config, x, kernel, sk, b, ct) -> the three expected
+  prefix: str  # of its COUNTS / STATIC_KEYS / TIMES keys
+  lax_rejects_prefix: str
+  ct_seed: int
+
+
+GRAD_CHECKS = {
+    "escort": GradCheck(_grad_jit("escort"), _masked_lax_grads, "grad", "",
+                        7003),
+    "vector": GradCheck(_grad_jit("vector"), _dense_method_grads,
+                        "vector_grad", "vector_grad_", 7006),
+}
+
+
+def check_grad_case(config: ConvConfig, seed: int, kind: str, method: str):
+  check = GRAD_CHECKS[method]
+  p = check.prefix
   x, kernel, sk, b = _make_data(config, seed)
-  ref = _lax_reference(config, x, kernel, b)
+  ref = _lax_reference(config, x, kernel, b, prefix=check.lax_rejects_prefix)
   assume(ref is not None and ref.size > 0)
-  ct = jnp.asarray(np.random.default_rng([7003, seed]).standard_normal(
-      ref.shape), jnp.float32)
-  t = time.perf_counter()
-  dv, db, dx = jax.block_until_ready(escort_grad_jit(
-      sk.values, b, x, ct, sk, **_static_kwargs(config)))
-  TIMES["grad_s"] += time.perf_counter() - t
-  dk_ref, db_ref, dx_ref = jax.grad(_dense_loss, argnums=(0, 1, 2))(
-      kernel, b, x, ct, config)
-  COUNTS["grad_cases"] += 1
-  COUNTS[f"grad_{kind}"] += 1
-  STATIC_KEYS["grad"].add((config, kind == "fresh"))
-  what = f"{kind} {config} seed={seed}"
-
-  chex.assert_trees_all_equal_shapes_and_dtypes((dv, db, dx),
-                                                (sk.values, b, x))
-  pos = sk.structure.dense_positions()
-  for name, got, want in (("d values", dv, np.asarray(dk_ref)[pos]),
-                          ("d bias", db, db_ref), ("d x", dx, dx_ref)):
-    if got is None:
-      continue
-    got = np.asarray(got, np.float64)
-    assert np.all(np.isfinite(got)), f"{what}: {name} not finite"
-    err = rel_err(got, want)
-    assert err <= GRAD_BOUND, f"{what}: {name} rel_err {err:.3e}"
-  if sk.nnz == 0:
-    # No kept weight: nothing flows back to the input.
-    np.testing.assert_array_equal(np.asarray(dx), 0.0, err_msg=what)
-
-
-# Vector gradients: d(values), d(bias), d(x) of method="vector" (its backward
-# runs the escort kernels) against those of method="dense" at HIGHEST, on the
-# same SparseKernel (float32).
-
-
-GRAD_VECTOR_POOL = tuple(dataclasses.replace(c, dtype="float32")
-                         for c in VECTOR_POOL[:len(VECTOR_BUCKETS)])
-
-
-@st.composite
-def vector_grad_cases(draw):
-  fresh = draw(st.booleans())
-  config = draw(fresh_vector_configs()) if fresh else draw(
-      st.sampled_from(GRAD_VECTOR_POOL))
-  config = dataclasses.replace(config, dtype="float32")
-  return config, draw(st.integers(0, 2**32 - 1)), "fresh" if fresh else "pool"
-
-
-def _method_loss(values, b, x, ct, sk, **kw):
-  y = _sparse(x, sk.with_values(values), b, **kw)
-  return jnp.sum(ct * y)
-
-
-vector_grad_jit = jax.jit(
-    jax.grad(functools.partial(_method_loss, method="vector"),
-             argnums=(0, 1, 2)), static_argnames=_STATIC)
-dense_grad = jax.grad(functools.partial(
-    _method_loss, method="dense", precision=jax.lax.Precision.HIGHEST),
-                      argnums=(0, 1, 2))
-
-
-@settings(max_examples=VECTOR_GRAD_EXAMPLES, **_SETTINGS)
-@given(case=vector_grad_cases())
-def test_vector_gradients_match_dense_gradients(case):
-  config, seed, kind = case
-  x, kernel, sk, b = _make_data(config, seed)
-  ref = _lax_reference(config, x, kernel, b, prefix="vector_grad_")
-  assume(ref is not None and ref.size > 0)
-  ct = jnp.asarray(np.random.default_rng([7006, seed]).standard_normal(
-      ref.shape), jnp.float32)
-  what = f"vector {kind} {config} seed={seed}"
-  kw = _static_kwargs(config)
+  ct = jnp.asarray(np.random.default_rng([check.ct_seed, seed]
+                                         ).standard_normal(ref.shape),
+                   jnp.float32)
+  what = f"{method} {kind} {config} seed={seed}"
   t = time.perf_counter()
   try:
-    dv, db, dx = jax.block_until_ready(vector_grad_jit(
-        sk.values, b, x, ct, sk, **kw))
+    grads = jax.block_until_ready(check.grad_jit(
+        sk.values, b, x, ct, sk, **_static_kwargs(config)))
   except Exception as e:
-    raise AssertionError(f"{what}: vector gradient raised {e!r}") from e
-  TIMES["vector_grad_s"] += time.perf_counter() - t
-  want = dense_grad(sk.values, b, x, ct, sk, **kw)
-  COUNTS["vector_grad_cases"] += 1
-  COUNTS[f"vector_grad_{kind}"] += 1
-  STATIC_KEYS["vector_grad"].add((config, kind == "fresh"))
+    raise AssertionError(f"{what}: {method} gradient raised {e!r}") from e
+  TIMES[f"{p}_s"] += time.perf_counter() - t
+  want = check.reference(config, x, kernel, sk, b, ct)
+  COUNTS[f"{p}_cases"] += 1
+  COUNTS[f"{p}_{kind}"] += 1
+  STATIC_KEYS[p].add((config, kind == "fresh"))
 
-  chex.assert_trees_all_equal_shapes_and_dtypes((dv, db, dx),
-                                                (sk.values, b, x))
-  for name, got, exp in zip(("d values", "d bias", "d x"), (dv, db, dx),
-                            want):
+  chex.assert_trees_all_equal_shapes_and_dtypes(grads, (sk.values, b, x))
+  for name, got, exp in zip(("d values", "d bias", "d x"), grads, want):
     if got is None:
       continue
     got = np.asarray(got, np.float64)
@@ -585,7 +536,21 @@ def test_vector_gradients_match_dense_gradients(case):
     err = rel_err(got, exp)
     assert err <= GRAD_BOUND, f"{what}: {name} rel_err {err:.3e}"
   if sk.nnz == 0:
-    np.testing.assert_array_equal(np.asarray(dx), 0.0, err_msg=what)
+    # No kept weight: nothing flows back to the input.
+    np.testing.assert_array_equal(np.asarray(grads[2]), 0.0, err_msg=what)
+
+
+@settings(max_examples=GRAD_EXAMPLES, **_SETTINGS)
+@given(case=grad_cases())
+def test_escort_gradients_match_masked_dense_gradients(case):
+  check_grad_case(*case, method="escort")
+
+
+@settings(max_examples=VECTOR_GRAD_EXAMPLES, **_SETTINGS)
+@given(case=grad_cases(pool=GRAD_VECTOR_POOL,
+                       fresh_strategy=fresh_vector_configs))
+def test_vector_gradients_match_dense_gradients(case):
+  check_grad_case(*case, method="vector")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,7 +11,7 @@ import escort_jax as ej
 from escort_jax import bench, dispatch, ops, plans, tune
 from escort_jax.conv_geometry import make_geometry
 from escort_jax.ops import KernelConfig, VectorConfig
-from escort_jax.prune import vector_mask
+from tests.conftest import random_vector_kernel
 
 X_SHAPE = (1, 6, 6, 4)
 ESCORT = (KernelConfig(2, 32, 4, 1, 1), KernelConfig(4, 32, 4, 1, 1))
@@ -27,8 +27,8 @@ def plan_dir(tmp_path, monkeypatch):
 
 
 def _vector_kernel(seed=0, shape=(3, 3, 4, 16), v=8, sparsity=0.6):
-  k = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-  return ej.SparseKernel.from_dense(k * vector_mask(k, sparsity, v))
+  return ej.SparseKernel.from_dense(random_vector_kernel(
+      np.random.default_rng(seed), shape, sparsity, v), vector_width=v)
 
 
 def _unstructured_kernel(seed=0, shape=(3, 3, 4, 16)):

@@ -414,11 +414,13 @@ class _SparseCall:
     return default_kernel_config(g.out_channels, g.out_len)
 
   def _backward_config(self, g: cg.ConvGeometry) -> KernelConfig:
-    """The escort kernels' config for the gradients: the caller's or plan's
-    escort config, else the default for the transposed problem's grid."""
-    if self.method == "escort" and self.config is not None:
-      return self.config
-    return default_kernel_config(g.num_planes, g.plane_len)
+    """The escort kernels' config for the gradients: the forward's for the
+    escort path (as measured on the GPU); the plain default for the vector
+    path. (A default tuned to the transposed problem's own grid is not
+    measured yet.)"""
+    if self.method == "escort":
+      return self._forward_config(g)
+    return DEFAULT_CONFIG
 
   def forward(self, values, bias, x_nhwc):
     """-> ((), (y,)): y (N, Ho, Wo, K) for the batch of x_nhwc."""

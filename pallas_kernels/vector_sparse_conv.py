@@ -126,7 +126,8 @@ class VectorBlocks:
 
   def gather_values(self, values: jax.Array) -> jax.Array:
     """(nnz,) values in CSR order -> (num_blocks * padded_cols, lanes), zero
-    at padding: what the kernel's tiles hold."""
+    at padding: the weight tiles that the kernel loads straight from the CSR
+    values, materialised (for the plain-JAX reference)."""
     padded = jnp.concatenate([values, jnp.zeros((1,), values.dtype)])
     src = self.lane_sources
     return padded[np.where(src >= 0, src, values.shape[0])]

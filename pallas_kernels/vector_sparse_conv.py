@@ -72,8 +72,6 @@ class VectorBlocks:
     offsets: (num_blocks, padded_cols) int32 source offsets in units of
       offset_unit, in the caller's order; padding columns hold zeros_offset.
     steps: (num_blocks,) int32: the steps of block_k columns each block runs.
-    sources: (num_blocks, padded_cols, V) int32 index into the value vector
-      of each weight, -1 for padding: block_start + v * block_cols + j.
     block_start: (num_blocks,) int32 where each block's weights begin in the
       value vector (row-major (V, block_cols) there, as in CSR).
     block_cols: (num_blocks,) int32 kept columns of each block.
@@ -90,7 +88,6 @@ class VectorBlocks:
   block_k: int
   offsets: np.ndarray
   steps: np.ndarray
-  sources: np.ndarray
   block_start: np.ndarray
   block_cols: np.ndarray
   zeros_offset: int
@@ -113,7 +110,18 @@ class VectorBlocks:
   @property
   def kept_columns(self) -> int:
     """Kept columns over all blocks (each one V weights)."""
-    return int((self.sources[:, :, 0] >= 0).sum())
+    return int(self.block_cols.sum())
+
+  @property
+  def sources(self) -> np.ndarray:
+    """(num_blocks, padded_cols, V) int32 index into the value vector of
+    each weight, -1 for padding: block_start + v * block_cols + j (what the
+    kernel computes; materialised for the reference and tests)."""
+    j = np.arange(self.padded_cols)[None, :, None]
+    v = np.arange(self.vector_width)[None, None, :]
+    start = self.block_start[:, None, None].astype(np.int64)
+    cols = self.block_cols[:, None, None].astype(np.int64)
+    return np.where(j < cols, start + v * cols + j, -1).astype(np.int32)
 
   @property
   def lane_sources(self) -> np.ndarray:
@@ -207,25 +215,22 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
   padded_cols = max(1, int(steps.max(initial=0))) * block_k
   starts = np.concatenate([[0], np.cumsum(counts.reshape(-1))])
   block_offsets = np.full((num_blocks, padded_cols), zeros_offset, np.int64)
-  sources = np.full((num_blocks, padded_cols, v), -1, np.int64)
   for b in range(num_blocks):
     n = int(per_block[b])
     if n == 0:
       continue
-    lo, hi = starts[b * v], starts[(b + 1) * v]
-    seg = offsets[lo:hi].reshape(v, n)
-    # The caller's order, so that the weights of a (block_k, V) tile sit at
-    # start + v * n + j and the kernel loads them with no index array. (In
-    # CSR order, offsets ascend within a phase plane anyway.)
-    block_offsets[b, :n] = seg[0]
-    sources[b, :n, :] = lo + np.arange(v)[None, :] * n + np.arange(n)[:, None]
+    # The block's first row, in the caller's order, so that the weights of
+    # a (block_k, V) tile sit at start + v * n + j and the kernel loads them
+    # with no index array. (In CSR order, offsets ascend within a phase plane
+    # anyway.)
+    block_offsets[b, :n] = offsets[starts[b * v]:starts[b * v] + n]
   unit = int(np.gcd.reduce(np.concatenate(
       [block_offsets.reshape(-1), [zeros_offset]])))
   unit = max(unit, 1)
   return VectorBlocks(
       num_rows=num_rows, vector_width=v, block_k=block_k,
       offsets=(block_offsets // unit).astype(np.int32),
-      steps=steps.astype(np.int32), sources=sources.astype(np.int32),
+      steps=steps.astype(np.int32),
       block_start=starts[::v][:num_blocks].astype(np.int32),
       block_cols=per_block.astype(np.int32),
       zeros_offset=int(zeros_offset), offset_unit=unit,
@@ -298,7 +303,8 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     x_flat: (in_len,) flat input; every offset + q for q below out_len
       rounded up to block_q must lie inside it, and a run of that many zeros
       must start at blocks.zeros_offset.
-    values: (nnz,) weights, in the order that blocks.sources indexes.
+    values: (nnz,) weights in CSR order (blocks.sources shows where each
+      tile entry comes from).
     blocks: the static packing.
     out_len: output positions per row.
     bias: optional (num_rows,) bias, added before the activation.

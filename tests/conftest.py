@@ -173,6 +173,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def plan_dir(tmp_path, monkeypatch):
+  """An empty $ESCORT_JAX_PLAN_DIR for the test, with the plan cache cleared
+  before and after."""
+  from escort_jax import plans
+  monkeypatch.setenv("ESCORT_JAX_PLAN_DIR", str(tmp_path))
+  plans.clear_cache()
+  yield tmp_path
+  plans.clear_cache()
+
+
+@pytest.fixture
 def x64():
   """float64 on, for this test only."""
   with enable_x64():

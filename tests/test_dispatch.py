@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import escort_jax as ej
 from escort_jax import dispatch, ops, plans, tune
@@ -30,14 +29,6 @@ def _sub_eqns(closed):
         out.extend(p.jaxpr.eqns)
         out.extend(_sub_eqns(p))
   return out
-
-
-@pytest.fixture
-def plan_dir(tmp_path, monkeypatch):
-  monkeypatch.setenv("ESCORT_JAX_PLAN_DIR", str(tmp_path))
-  plans.clear_cache()
-  yield tmp_path
-  plans.clear_cache()
 
 
 def test_auto_on_cpu_is_dense():
@@ -96,8 +87,7 @@ def test_tune_records_a_plan_that_dispatch_finds(plan_dir):
   assert found == entry
 
 
-def test_auto_keeps_a_callers_config_only_for_the_path_it_fits(tmp_path,
-                                                               monkeypatch):
+def test_auto_keeps_a_callers_config_only_for_the_path_it_fits(plan_dir):
   """method="auto" with a KernelConfig: kept when escort is chosen, dropped
   (never passed to the vector kernel) when the plan says vector."""
   import json
@@ -115,25 +105,20 @@ def test_auto_keeps_a_callers_config_only_for_the_path_it_fits(tmp_path,
            "best_configs": {"escort": {"rows_per_program": 2},
                             "vector": {"block_q": 64, "block_k": 32,
                                        "num_warps": 4, "num_stages": 2}}}
-  (tmp_path / "fake-gpu.json").write_text(json.dumps(
+  (plan_dir / "fake-gpu.json").write_text(json.dumps(
       {"device": "fake-gpu", "plans": {key: entry}}))
-  monkeypatch.setenv("ESCORT_JAX_PLAN_DIR", str(tmp_path))
-  plans.clear_cache()
-  try:
-    mine = KernelConfig(rows_per_program=8)
-    c = dispatch.choose(sk.structure, g, jnp.bfloat16, None, "auto", mine,
-                        on_gpu=True, slug="fake-gpu")
-    assert c.method == "vector" and c.config == VectorConfig(64, 32, 4, 2)
-    # An explicit escort call on the same layer takes the plan's best escort
-    # config, recorded although the plan went to vector.
-    c = dispatch.choose(sk.structure, g, jnp.bfloat16, None, "escort", None,
-                        on_gpu=True, slug="fake-gpu")
-    assert c.config == KernelConfig(rows_per_program=2)
-    # No plan: the cost model decides, and the caller's config survives only
-    # if it fits the chosen path.
-    c = dispatch.choose(sk.structure, g, jnp.float32, None, "auto", mine,
-                        on_gpu=True, slug="fake-gpu")
-    assert c.source == "cost-model"
-    assert c.config == (mine if c.method == "escort" else None)
-  finally:
-    plans.clear_cache()
+  mine = KernelConfig(rows_per_program=8)
+  c = dispatch.choose(sk.structure, g, jnp.bfloat16, None, "auto", mine,
+                      on_gpu=True, slug="fake-gpu")
+  assert c.method == "vector" and c.config == VectorConfig(64, 32, 4, 2)
+  # An explicit escort call on the same layer takes the plan's best escort
+  # config, recorded although the plan went to vector.
+  c = dispatch.choose(sk.structure, g, jnp.bfloat16, None, "escort", None,
+                      on_gpu=True, slug="fake-gpu")
+  assert c.config == KernelConfig(rows_per_program=2)
+  # No plan: the cost model decides, and the caller's config survives only
+  # if it fits the chosen path.
+  c = dispatch.choose(sk.structure, g, jnp.float32, None, "auto", mine,
+                      on_gpu=True, slug="fake-gpu")
+  assert c.source == "cost-model"
+  assert c.config == (mine if c.method == "escort" else None)

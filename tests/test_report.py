@@ -19,14 +19,6 @@ SLUG = "test-gpu"
 X_SHAPE = (8, 16, 16, 32)
 
 
-@pytest.fixture
-def plan_dir(tmp_path, monkeypatch):
-  monkeypatch.setenv("ESCORT_JAX_PLAN_DIR", str(tmp_path))
-  plans.clear_cache()
-  yield tmp_path
-  plans.clear_cache()
-
-
 def _layer(v=16, sparsity=0.9, seed=0):
   """(structure, geometry) of a vector-sparse (v) 3x3 conv, 32 -> 64."""
   k = np.random.default_rng(seed).standard_normal((3, 3, 32, 64)).astype(

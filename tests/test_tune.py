@@ -5,7 +5,6 @@ which kernel its config belongs to (on the CPU)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import escort_jax as ej
 from escort_jax import bench, dispatch, ops, plans, tune
@@ -16,14 +15,6 @@ from tests.conftest import random_vector_kernel
 X_SHAPE = (1, 6, 6, 4)
 ESCORT = (KernelConfig(2, 32, 4, 1, 1), KernelConfig(4, 32, 4, 1, 1))
 VECTOR = (VectorConfig(32, 16, 4, 2), VectorConfig(16, 16, 4, 2))
-
-
-@pytest.fixture
-def plan_dir(tmp_path, monkeypatch):
-  monkeypatch.setenv("ESCORT_JAX_PLAN_DIR", str(tmp_path))
-  plans.clear_cache()
-  yield tmp_path
-  plans.clear_cache()
 
 
 def _vector_kernel(seed=0, shape=(3, 3, 4, 16), v=8, sparsity=0.6):

@@ -208,39 +208,28 @@ def _worker() -> dict:
                                           out_sharded=sharded_over_batch(y))
         record(f"shard_map_vma{int(check_vma)}/{m}", smap_fwd)
 
-      def smap_grad(m=m, mesh=mesh, xs=xs):
-        # Data parallel: per-shard gradients, summed over the batch axis.
-        sk, b, ct = problems[m]
+      for check_vma, name in ((False, "grad_shard_map"),
+                              (True, "grad_shard_map_vma1")):
+        def smap_grad(m=m, mesh=mesh, xs=xs, check_vma=check_vma):
+          # Data parallel: per-shard gradients summed over the batch axis; by
+          # a psum without check_vma, by jax itself with it (the weights are
+          # then invariant over "batch").
+          sk, b, ct = problems[m]
 
-        def local(values, b, x, ct_local):
-          def l(values, b, x):
-            y = conv(m)(x, sk.with_values(values), b)
-            return jnp.sum(ct_local * y)
-          dv, db, dx = jax.grad(l, argnums=(0, 1, 2))(values, b, x)
-          return lax.psum(dv, "batch"), lax.psum(db, "batch"), dx
-        f = jax.jit(jax.shard_map(
-            local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
-            out_specs=(P(), P(), P("batch")), check_vma=False))
-        g = f(sk.values, b, xs, jax.device_put(ct, batch_sharding))
-        return g, single_grads[m], False, dict(dx_spec=spec_of(g[2]))
-      record(f"grad_shard_map/{m}", smap_grad)
-
-      def smap_grad_vma(m=m, mesh=mesh, xs=xs):
-        # With check_vma=True the weights are invariant over "batch" and jax
-        # sums their per-shard gradients itself (no psum here).
-        sk, b, ct = problems[m]
-
-        def local(values, b, x, ct_local):
-          def l(values, b, x):
-            y = conv(m)(x, sk.with_values(values), b)
-            return jnp.sum(ct_local * y)
-          return jax.grad(l, argnums=(0, 1, 2))(values, b, x)
-        f = jax.jit(jax.shard_map(
-            local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
-            out_specs=(P(), P(), P("batch"))))
-        g = f(sk.values, b, xs, jax.device_put(ct, batch_sharding))
-        return g, single_grads[m], False, dict(dx_spec=spec_of(g[2]))
-      record(f"grad_shard_map_vma1/{m}", smap_grad_vma)
+          def local(values, b, x, ct_local):
+            def l(values, b, x):
+              y = conv(m)(x, sk.with_values(values), b)
+              return jnp.sum(ct_local * y)
+            dv, db, dx = jax.grad(l, argnums=(0, 1, 2))(values, b, x)
+            if check_vma:
+              return dv, db, dx
+            return lax.psum(dv, "batch"), lax.psum(db, "batch"), dx
+          f = jax.jit(jax.shard_map(
+              local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+              out_specs=(P(), P(), P("batch")), check_vma=check_vma))
+          g = f(sk.values, b, xs, jax.device_put(ct, batch_sharding))
+          return g, single_grads[m], False, dict(dx_spec=spec_of(g[2]))
+        record(f"{name}/{m}", smap_grad)
 
       def vmap_fwd_grad(m=m, mesh=mesh):
         # A leading vmapped axis in front of the sharded batch.

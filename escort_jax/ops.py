@@ -475,9 +475,12 @@ class _SparseCall:
         sampled_dense_dense, dy, x_flat, plan.problem.rows,
         plan.problem.offsets, valid_period=g.valid_period,
         valid_len=g.valid_len, interpret=interpret)
-    dy_padded = jnp.pad(dy, ((0, 0), (g.max_shift, plan.dy_row_len -
-                                      g.max_shift - g.out_len)))
-    dy_flat = jnp.pad(dy_padded.reshape(-1), (0, plan.dy_tail))
+    # Each row padded in front by max_shift, then the tail as whole zero
+    # rows: one pad (a flat pad after it would copy dy once more).
+    tail_rows = -(-plan.dy_tail // plan.dy_row_len)
+    dy_flat = jnp.pad(dy, ((0, tail_rows), (g.max_shift, plan.dy_row_len -
+                                            g.max_shift - g.out_len)))
+    dy_flat = dy_flat.reshape(-1)
     dx_planes = sharding.kernel_call(
         direct_sparse_conv, dy_flat, plan.transposed.gather_values(values),
         plan.transposed, out_len=g.plane_len, out_dtype=x_nhwc.dtype,

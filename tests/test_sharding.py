@@ -1,12 +1,16 @@
 """sparse_conv and nnx SparseConv under data-parallel sharding over the batch,
-on 8 fake CPU devices.
+on 8 fake CPU devices, and (marker `gpu`, where a machine has two or more) on
+every local GPU.
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before JAX
 initialises, so the checks run in one subprocess: this file, run as a script
 (`python tests/test_sharding.py`), computes every check and prints one JSON
-line; the tests below read it. Single-device results are the reference:
+line; the tests below read it. $ESCORT_SHARDING_DEVICES sets how many
+devices it shards over (default 8). Single-device results are the reference:
 forward outputs must match bitwise, gradients to 1e-6 (the batch reduction
-is summed in another order).
+is summed in another order). On GPUs the dense path's forward is held to
+1e-6 instead: cuDNN may choose another algorithm for the smaller per-device
+batch, which is lax's business; the Pallas paths must still match bitwise.
 
 What is checked, for method="dense", method="escort" and method="vector" (the
 Pallas kernels in interpret mode on the CPU; "vector" on a kernel whose blocks
@@ -37,15 +41,18 @@ method="vector" has vector-sparse masks (SparseConv(mask=...)).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, fake_devices_env
+from tests.conftest import ON_GPU, REPO, fake_devices_env
 
-NUM_DEVICES = 8
+NUM_DEVICES = int(os.environ.get("ESCORT_SHARDING_DEVICES", "8"))
+# The worker's batch is 16 images, two halves of 8 in the vmap check.
+HALF_BATCH = 8
 GRAD_BOUND = 1e-6
 # The Pallas paths, made data parallel by escort_jax.sharding.
 SPARSE_METHODS = ("escort", "vector")
@@ -74,7 +81,7 @@ def _worker() -> dict:
                               random_vector_kernel, rel_err)
 
   t_start = time.perf_counter()
-  results: dict = {"devices": len(jax.devices()),
+  results: dict = {"devices": len(jax.devices()), "mesh_size": NUM_DEVICES,
                    "platform": jax.default_backend(),
                    "jax": jax.__version__, "checks": {}}
   checks = results["checks"]
@@ -100,6 +107,11 @@ def _worker() -> dict:
       checks[name] = dict(ok=False, error=f"{type(e).__name__}: "
                           f"{str(e).splitlines()[0][:300]}")
     checks[name]["seconds"] = round(time.perf_counter() - t, 2)
+
+  def exact_forward(method):
+    """Whether the forward must match the one-device result bitwise (see
+    the module docstring)."""
+    return jax.default_backend() == "cpu" or method != "dense"
 
   def spec_of(a):
     s = getattr(a, "sharding", None)
@@ -169,7 +181,7 @@ def _worker() -> dict:
         sk, b, _ = problems[m]
         f = jax.jit(conv(m))
         y = f(xs, sk, b)
-        return y, single[m], True, dict(
+        return y, single[m], exact_forward(m), dict(
             out_spec=spec_of(y), out_sharded=sharded_over_batch(y),
             in_sharded=sharded_over_batch(xs),
             collectives=collectives(f, xs, sk, b))
@@ -204,7 +216,7 @@ def _worker() -> dict:
               conv(m), mesh=mesh, in_specs=(P("batch"), P(), P()),
               out_specs=P("batch"), check_vma=check_vma))
           y = f(xs, sk, b)
-          return y, single[m], True, dict(out_spec=spec_of(y),
+          return y, single[m], exact_forward(m), dict(out_spec=spec_of(y),
                                           out_sharded=sharded_over_batch(y))
         record(f"shard_map_vma{int(check_vma)}/{m}", smap_fwd)
 
@@ -234,8 +246,8 @@ def _worker() -> dict:
       def vmap_fwd_grad(m=m, mesh=mesh):
         # A leading vmapped axis in front of the sharded batch.
         sk, b, ct = problems[m]
-        xv = jnp.stack([x[:NUM_DEVICES], x[NUM_DEVICES:] * 0.5])
-        ctv = jnp.stack([ct[:NUM_DEVICES], ct[NUM_DEVICES:]])
+        xv = jnp.stack([x[:HALF_BATCH], x[HALF_BATCH:] * 0.5])
+        ctv = jnp.stack([ct[:HALF_BATCH], ct[HALF_BATCH:]])
         xvs = jax.device_put(xv, NamedSharding(mesh, P(None, "batch")))
         f = jax.jit(jax.vmap(lambda x: conv(m)(x, sk, b)))
         y = f(xvs)
@@ -248,7 +260,9 @@ def _worker() -> dict:
         gw = jax.jit(jax.grad(lv, argnums=(0, 1)))(sk.values, xv)
         return (y, gv), (want, gw), False, dict(
             out_spec=spec_of(y), out_sharded=sharded_over_batch(y, 1),
-            fwd_bitwise=bool(np.array_equal(np.asarray(y), np.asarray(want))))
+            fwd_ok=bool(np.array_equal(np.asarray(y), np.asarray(want))
+                        if exact_forward(m) else
+                        rel_err(np.asarray(y), np.asarray(want)) <= GRAD_BOUND))
       record(f"vmap_jit_{mesh_name}/{m}", vmap_fwd_grad)
 
   # ------------------------------------------------------------------------
@@ -290,7 +304,7 @@ def _worker() -> dict:
 
     def nnx_fwd(model=model, xs=xs, ref=ref):
       y = nnx.jit(lambda model, x: model(x))(model, xs)
-      return y, ref, True, dict(out_spec=spec_of(y),
+      return y, ref, exact_forward(m), dict(out_spec=spec_of(y),
                                 out_sharded=sharded_over_batch(y))
     record(f"nnx_jit_auto/{m}", nnx_fwd)
 
@@ -304,7 +318,7 @@ def _worker() -> dict:
                                 in_specs=(P(), P("batch")),
                                 out_specs=P("batch"), check_vma=False))
       y = f(model, xs)
-      return y, ref, True, dict(out_spec=spec_of(y),
+      return y, ref, exact_forward(m), dict(out_spec=spec_of(y),
                                 out_sharded=sharded_over_batch(y))
     record(f"nnx_shard_map/{m}", nnx_smap)
 
@@ -316,16 +330,37 @@ def _worker() -> dict:
 # The tests (in the pytest process).
 
 
-@pytest.fixture(scope="module")
-def results():
+def _gpu_count() -> int:
+  import jax
+  return len(jax.devices()) if ON_GPU else 0
+
+
+@pytest.fixture(scope="module", params=[
+    "cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def results(request):
+  """The worker's checks: on 8 fake CPU devices, or on every local GPU."""
+  if request.param == "cpu":
+    env = fake_devices_env(NUM_DEVICES)
+  else:
+    if _gpu_count() < 2:
+      pytest.skip(f"needs two or more GPUs ({_gpu_count()} here)")
+    env = dict(os.environ, ESCORT_SHARDING_DEVICES=str(_gpu_count()),
+               # This process already holds most of the GPUs' memory.
+               XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               # NVLink multicast can take a shared host's GPUs out of service.
+               NCCL_NVLS_ENABLE="0")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
   proc = subprocess.run([sys.executable, str(Path(__file__).resolve())],
-                        env=fake_devices_env(NUM_DEVICES), cwd=str(REPO),
+                        env=env, cwd=str(REPO),
                         capture_output=True, text=True, timeout=300)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   assert proc.returncode == 0 and lines, (
       f"the sharding worker failed (rc {proc.returncode}):\n"
       f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-  return json.loads(lines[-1])
+  out = json.loads(lines[-1])
+  out["expected_platform"] = request.param
+  return out
 
 
 def _check(results, name):
@@ -335,9 +370,17 @@ def _check(results, name):
   return c
 
 
-def test_worker_runs_on_8_cpu_devices(results):
-  assert results["devices"] >= NUM_DEVICES, results
-  assert results["platform"] == "cpu"
+def _assert_forward_matches(results, method, c):
+  """Bitwise, except the dense path on GPUs (see the module docstring)."""
+  if results["platform"] == "cpu" or method in SPARSE_METHODS:
+    assert c["bitwise"], c
+  else:
+    assert c["rel_err"] <= GRAD_BOUND, c
+
+
+def test_worker_runs_on_every_device_asked_for(results):
+  assert results["platform"] == results["expected_platform"], results
+  assert results["devices"] >= results["mesh_size"] >= 2, results
   assert results["seconds"] < 120, results["seconds"]
 
 
@@ -345,7 +388,7 @@ def test_worker_runs_on_8_cpu_devices(results):
 def test_jit_with_batch_sharded_input_matches_single_device(results, method):
   c = _check(results, f"jit_auto/{method}")
   assert c["in_sharded"], c
-  assert c["bitwise"], c
+  _assert_forward_matches(results, method, c)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -354,7 +397,7 @@ def test_jit_is_data_parallel(results, method, mesh):
   """The output stays sharded over the batch and no device receives another
   device's images: each computes its own share."""
   c = _check(results, f"jit_{mesh}/{method}")
-  assert c["bitwise"], c
+  _assert_forward_matches(results, method, c)
   assert c["out_sharded"], c
   assert c["collectives"] == [], c
 
@@ -364,7 +407,8 @@ def test_jit_is_data_parallel(results, method, mesh):
 def test_shard_map_over_batch_matches_single_device(results, method,
                                                     check_vma):
   c = _check(results, f"shard_map_vma{check_vma}/{method}")
-  assert c["bitwise"] and c["out_sharded"], c
+  _assert_forward_matches(results, method, c)
+  assert c["out_sharded"], c
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -392,7 +436,7 @@ def test_sparse_gradients_on_explicit_mesh(results, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_vmap_over_a_sharded_batch(results, method):
   c = _check(results, f"vmap_jit_auto/{method}")
-  assert c["fwd_bitwise"], c
+  assert c["fwd_ok"], c
   assert c["rel_err"] <= GRAD_BOUND, c
   if method in SPARSE_METHODS:
     # (GSPMD replicates lax.conv's output here: the dense path's business.)
@@ -402,7 +446,7 @@ def test_vmap_over_a_sharded_batch(results, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_nnx_jit_with_batch_sharded_input_matches(results, method):
   c = _check(results, f"nnx_jit_auto/{method}")
-  assert c["bitwise"], c
+  _assert_forward_matches(results, method, c)
   g = _check(results, f"grad_nnx_jit_auto/{method}")
   assert g["rel_err"] <= GRAD_BOUND, g
 
@@ -410,7 +454,8 @@ def test_nnx_jit_with_batch_sharded_input_matches(results, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_nnx_shard_map_matches(results, method):
   c = _check(results, f"nnx_shard_map/{method}")
-  assert c["bitwise"] and c["out_sharded"], c
+  _assert_forward_matches(results, method, c)
+  assert c["out_sharded"], c
 
 
 if __name__ == "__main__":

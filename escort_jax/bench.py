@@ -78,7 +78,7 @@ import numpy as np
 from escort_jax import KernelConfig, sparse_conv
 from escort_jax import baselines as bl
 from escort_jax import workload as wl
-from escort_jax.ops import VectorConfig
+from escort_jax.ops import VectorConfig, dispatch_choice
 from escort_jax.structure import VECTOR_WIDTHS, SparseKernel
 
 # --------------------------------------------------------------------------
@@ -100,9 +100,15 @@ BASELINE_TITLES = {
 # The dense baseline of the same input and output dtype, for each dtype.
 SAME_DTYPE_BASELINE = {"float32": "lax_fp32_highest", "bfloat16": "lax_bf16"}
 
-METHOD_NAMES = ("escort", "auto", "vector", "dense")
+METHOD_NAMES = ("escort", "auto", "vector", "dense", "auto_fallback")
+# Not a sparse_conv method: the layer as escort_jax.convert.dense_fallback
+# leaves it. Where "auto" picks dense, the pruned kernel held dense and run
+# by lax.conv (no densification per call, as an nnx.Conv holds its kernel);
+# elsewhere the sparse path "auto" picks. The row's "chosen" says which.
+AUTO_FALLBACK = "auto_fallback"
 # The config class of each method that takes one (--config).
 CONFIG_CLASSES = {"escort": KernelConfig, "auto": KernelConfig,
+                  AUTO_FALLBACK: KernelConfig,
                   "vector": VectorConfig}
 DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -1020,10 +1026,8 @@ def _run_group(results, path, layer, small, vector_width, sp, batch, todo,
     }
     try:
       skd = sk32.with_values(sk32.values.astype(dtype))
-      op = jax.jit(functools.partial(sparse_conv, method=spec.method,
-                                     config=spec.config, **conv))
-      fn = lambda x, op=op, skd=skd: op(x, skd)
       xs = inputs_as(dtype)
+      fn = _method_fn(spec, skd, conv, xs[0], row)
       t = timing(fn, xs)
       # Accuracy against fp32 HIGHEST of the same rounded inputs.
       ref = bl.make_dense_conv(
@@ -1069,6 +1073,22 @@ def _run_group(results, path, layer, small, vector_width, sp, batch, todo,
     write_json(path, results)
     say(_row_line(row))
     advance()
+
+
+def _method_fn(spec: MethodSpec, skd: SparseKernel, conv: dict, x,
+               row: dict) -> Callable:
+  """fn(x) of a row's method on kernel skd; for AUTO_FALLBACK it records
+  the path it takes as row["chosen"]."""
+  method, config = spec.method, spec.config
+  if method == AUTO_FALLBACK:
+    choice = dispatch_choice(x, skd, method="auto", config=config, **conv)
+    row["chosen"] = choice.method
+    if choice.method == "dense":
+      return bl.make_dense_conv(skd, **conv)
+    method, config = choice.method, choice.config
+  op = jax.jit(functools.partial(sparse_conv, method=method, config=config,
+                                 **conv))
+  return lambda x: op(x, skd)
 
 
 def _row_line(row: dict) -> str:

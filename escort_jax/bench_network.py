@@ -21,8 +21,10 @@ import numpy as np
 from flax import nnx
 
 from escort_jax import bench
-from escort_jax.convert import sparsify
+from escort_jax.bench import AUTO_FALLBACK
+from escort_jax.convert import dense_fallback, sparsify
 from escort_jax.models import INPUT_SHAPES, build_model
+from escort_jax.nnx import SparseConv
 
 # Convert only the layers that the profile pruned: dense layers run faster as
 # dense convolutions, and the SkimCaffe profile leaves them at density 1.
@@ -93,8 +95,16 @@ def run_network(name: str, batch: int, *, precisions: Sequence[str] = (
     precisions: jax.default_matmul_precision values; "default" leaves it
       unset (TF32 convolutions on Hopper).
     in_hw: input size override (quick CPU runs); default ImageNet's.
-    method: the SparseConv method of the converted layers.
+    method: the SparseConv method of the converted layers, or
+      "auto_fallback": "auto" with each layer's path settled first for
+      this batch, dtype and precision (escort_jax.convert.dense_fallback),
+      so that the layers that run dense hold their dense kernel instead of
+      densifying it per call. The row's "sparse_layers" counts the layers
+      left sparse.
   """
+  fallback = method == AUTO_FALLBACK
+  if fallback:
+    method = "auto"
   model, sparse = build_networks(name, dtype=dtype, seed=seed,
                                  method=method)
   h, w, c = input_hwc(name, in_hw)
@@ -103,7 +113,13 @@ def run_network(name: str, batch: int, *, precisions: Sequence[str] = (
             for _ in range(num_inputs)]
   rows = []
   for precision in precisions:
-    f_dense, f_sparse = forward(model, precision), forward(sparse, precision)
+    run = sparse
+    if fallback:
+      with jax.default_matmul_precision(precision_arg(precision)):
+        run = dense_fallback(sparse, inputs[0])
+    sparse_layers = sum(isinstance(n, SparseConv)
+                        for _, n in nnx.iter_graph(run))
+    f_dense, f_sparse = forward(model, precision), forward(run, precision)
     err = bench.rel_err(f_sparse(inputs[0]), f_dense(inputs[0]))
     t_sparse = bench.device_time_us(f_sparse, inputs)
     t_dense = bench.device_time_us(f_dense, inputs)
@@ -114,7 +130,9 @@ def run_network(name: str, batch: int, *, precisions: Sequence[str] = (
     rows.append({
         "net": name, "layer": "whole_network", "batch": batch,
         "sparsity": None, "dtype": jnp.dtype(dtype).name,
-        "method": method, "precision": precision,
+        "method": AUTO_FALLBACK if fallback else method,
+        "precision": precision,
+        "sparse_layers": sparse_layers,
         "time_us": t_sparse.median_us, "spread_us": t_sparse.spread_us,
         "baselines_us": {baseline: t_dense.median_us},
         "speedup_kernel_time": t_dense.median_us / t_sparse.median_us,
@@ -126,15 +144,16 @@ def run_network(name: str, batch: int, *, precisions: Sequence[str] = (
 
 
 def run(nets: Sequence[str], batches: Sequence[int], out=None,
-        **kwargs) -> dict:
-  """Runs every (net, batch) and writes one results file."""
+        methods: Sequence[str] = ("auto",), **kwargs) -> dict:
+  """Runs every (net, batch, method) and writes one results file."""
   results = bench.results_header(rows=[])
   path = Path(out) if out else bench.results_path("-networks")
   for name in nets:
     for batch in batches:
-      for row in run_network(name, batch, **kwargs):
+      for row in (r for m in methods
+                  for r in run_network(name, batch, method=m, **kwargs)):
         results["rows"].append(row)
-        print(f"{name} b={batch} {row['precision']}: sparse "
+        print(f"{name} b={batch} {row['method']} {row['precision']}: sparse "
               f"{row['time_us']:.0f} us vs dense "
               f"{list(row['baselines_us'].values())[0]:.0f} us kernel time "
               f"({row['speedup_kernel_time']:.2f}x); wall "

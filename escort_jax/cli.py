@@ -271,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--method", nargs="+", metavar="METHOD",
                      help="sparse_conv methods: escort, auto, vector, dense "
                      "(default: escort); vector (the tensor-core kernel) "
-                     "needs --vector-width")
+                     "needs --vector-width; auto_fallback is the layer as "
+                     "escort_jax.convert.dense_fallback leaves it (dense "
+                     "kernel held, no per-call densification, where auto "
+                     "picks dense)")
   bench.add_argument("--vector-width", nargs="+", metavar="V",
                      help="vector-sparse kernels: each layer keeps whole "
                      "vectors of V consecutive output channels (8, 16, 32, "
@@ -822,9 +825,17 @@ def _cmd_bench(args) -> int:
     return usage("--candidates goes with --tune")
   if args.network:
     from escort_jax import bench_network
+    methods = _split_list(args.method) or ["auto"]
+    unknown = [m for m in methods
+               if m not in ("auto", "escort", "dense", bench.AUTO_FALLBACK)]
+    if unknown:
+      return usage(f"--network runs the pruned networks with methods auto, "
+                   f"{bench.AUTO_FALLBACK}, escort or dense, not "
+                   f"{', '.join(unknown)}")
     results = bench_network.run(_split_list(args.network),
                                 batches or wl.batch_sizes(), out=args.out,
-                                in_hw=max_hw, num_inputs=inputs or 5)
+                                methods=methods, in_hw=max_hw,
+                                num_inputs=inputs or 5)
     if args.json:
       print(json.dumps(results, indent=1))
     return EXIT_OK

@@ -3,6 +3,7 @@
     sparse_model = escort_jax.sparsify(model)              # every 2-D conv
     sparse_model = escort_jax.sparsify(model, max_density=0.5)
     sparse_model = escort_jax.sparsify(model, filter=r"^backbone\\.")
+    sparse_model = escort_jax.sparsify(model, example_input=x)  # see below
 
 The input model is not modified: sparsify works on an `nnx.clone` of it and
 replaces, in the clone, every convertible nnx.Conv by
@@ -10,23 +11,35 @@ replaces, in the clone, every convertible nnx.Conv by
 first, e.g. by zeroing weights, then sparsify). Replacement happens wherever
 the conv is referenced: module attributes, nnx.Sequential layers, plain
 lists / dicts / tuples and nnx.List / nnx.Dict, so shared layers stay shared.
+
+`dense_fallback(model, x)` (or sparsify's `example_input=x`) settles
+method="auto" once, for the shapes the model gives each layer on inputs
+like x: a SparseConv that would run dense becomes an nnx.Conv again
+(SparseConv.to_conv), so that jitted inference does not rebuild its dense
+kernel from the values on every call. This is Escoin's conversion-time
+fallback; the plain "auto" layer decides at trace time and densifies per
+call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Mapping, MutableMapping, MutableSequence
 from typing import Any, Callable
 
 from flax import nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from escort_jax import dispatch
 from escort_jax.nnx import (SparseConv, _get_value, _is_concrete,
                             conv_unsupported_reason)
 from escort_jax.ops import KernelConfig, VectorConfig
 
-__all__ = ["sparsify", "path_str"]
+__all__ = ["sparsify", "dense_fallback", "probe_calls", "path_str"]
 
 # The base classes of graph nodes with attributes, on every flax version:
 # nnx.Object (0.10, 0.11), nnx.Pytree (0.12+; Object is kept as an alias).
@@ -118,7 +131,8 @@ def replace_nodes(root, repl: dict[int, Any]):
 def sparsify(model, *, filter: Any = None, max_density: float | None = None,
              method: str = "auto",
              config: KernelConfig | VectorConfig | None = None,
-             warn: bool = True):
+             warn: bool = True, example_input: Any = None,
+             call: Callable | None = None):
   """A copy of an NNX model with its 2-D nnx.Conv layers as SparseConvs.
 
   Args:
@@ -140,6 +154,10 @@ def sparsify(model, *, filter: Any = None, max_density: float | None = None,
       but that cannot be converted (not 2-D, input dilation, circular /
       reflect padding, custom conv function, subclass with its own
       __call__); those stay dense nnx.Conv.
+    example_input, call: if given, an input of the model (an array or a
+      jax.ShapeDtypeStruct; `call(model, x)` if the model is not called as
+      model(x)): the converted layers that would run dense on it stay dense
+      nnx.Convs (dense_fallback, whose notes apply).
 
   Returns:
     The new model; its converted layers keep every nonzero weight, bias and
@@ -173,4 +191,116 @@ def sparsify(model, *, filter: Any = None, max_density: float | None = None,
     warnings.warn(
         f"sparsify: {len(skipped)} convolution(s) cannot be converted and "
         "stay dense: " + "; ".join(skipped), UserWarning, stacklevel=2)
+  new = replace_nodes(new, repl)
+  if example_input is not None:
+    new = dense_fallback(new, example_input, call=call)
+  return new
+
+
+# --------------------------------------------------------------------------
+# What each SparseConv is called with, and which path it takes.
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+  """One call of a SparseConv in a traced forward pass."""
+  input_shape: tuple[int, ...]
+  input_dtype: Any
+  # The dispatch decision of each sparse_conv the call made (one).
+  choices: tuple[dispatch.Choice, ...]
+
+
+_PROBE_RECORDS: list[dict[int, list[LayerCall]]] = []
+_PROBE_CLASSES: dict[type, type] = {}
+
+
+def _probe_class(cls: type) -> type:
+  """A subclass of the SparseConv class `cls` whose calls are recorded."""
+  if cls not in _PROBE_CLASSES:
+    def __call__(self, inputs):
+      if not _PROBE_RECORDS:
+        return cls.__call__(self, inputs)
+      # Without jit, so that a layer traced before (jit's cache) still
+      # runs the dispatch code; inside eval_shape nothing is computed.
+      with dispatch.recording() as choices, jax.disable_jit():
+        y = cls.__call__(self, inputs)
+      _PROBE_RECORDS[-1].setdefault(id(self), []).append(LayerCall(
+          tuple(inputs.shape), jnp.dtype(inputs.dtype), tuple(choices)))
+      return y
+    _PROBE_CLASSES[cls] = type(f"_Probe{cls.__name__}", (cls,),
+                               {"__call__": __call__,
+                                "__module__": __name__})
+  return _PROBE_CLASSES[cls]
+
+
+def probe_calls(model, x, call: Callable | None = None
+                ) -> dict[str, list[LayerCall]]:
+  """Every call of each SparseConv in one forward pass of `model` on x.
+
+  Traces the pass with jax.eval_shape on a copy of the model whose
+  SparseConvs record their inputs and dispatch decisions (nothing is
+  computed; the model is not changed). The decisions are those of the
+  current backend and jax.default_matmul_precision.
+
+  Args:
+    model: an NNX module with SparseConv layers (concrete or abstract).
+    x: the model's input: an array, a jax.ShapeDtypeStruct, or a shape
+      (float32).
+    call: (model, x) -> output, if the model is not called as model(x).
+
+  Returns:
+    Dotted path -> that layer's calls, in the order of first calls; layers
+    the forward pass does not call are absent.
+  """
+  if not hasattr(x, "shape"):
+    x = jax.ShapeDtypeStruct(tuple(int(d) for d in x), jnp.float32)
+  x = jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+  probe = nnx.clone(model)
+  paths: dict[int, str] = {}
+  for p, node in nnx.iter_graph(probe):
+    if isinstance(node, SparseConv):
+      node.__class__ = _probe_class(type(node))
+      paths[id(node)] = path_str(p)
+  records: dict[int, list[LayerCall]] = {}
+  _PROBE_RECORDS.append(records)
+  try:
+    jax.eval_shape(lambda v: call(probe, v) if call else probe(v), x)
+  finally:
+    _PROBE_RECORDS.pop()
+  return {paths[i]: c for i, c in records.items() if i in paths}
+
+
+def dense_fallback(model, example_input, *, call: Callable | None = None):
+  """A copy of `model` in which every SparseConv that runs dense on inputs
+  like `example_input` is an nnx.Conv again.
+
+  A SparseConv whose method resolves to the dense path (method="dense", or
+  "auto" where the tuned plan or cost model picks lax.conv: always off the
+  GPU) densifies its kernel from `values` on every call: a scatter of a few
+  µs, which at batch 1 is a large part of a layer's time. Settling the
+  choice here, for the shapes each layer gets, lets those layers hold their
+  dense kernel instead (SparseConv.to_conv), as a dense model would.
+
+  Args:
+    model: an NNX model with SparseConv layers; it is not changed.
+    example_input: an input of the model (array or jax.ShapeDtypeStruct);
+      only its shape and dtype matter. Decide for the batch size and dtype
+      you will run: the plans differ between them.
+    call: (model, x) -> output, if the model is not called as model(x).
+
+  Returns:
+    The new model. It computes the same function (the dense layers by
+    lax.conv, with its NaN semantics; escort_jax.ops). The choice is made
+    on this backend under the current jax.default_matmul_precision, so call
+    it inside the same `jax.default_matmul_precision` context as inference.
+    Its dense layers are ordinary parameters: fine-tune the sparse model,
+    not this one, to keep pruned weights at zero.
+  """
+  calls = probe_calls(model, example_input, call)
+  dense_paths = {p for p, cs in calls.items()
+                 if all(c.choices and all(ch.method == "dense"
+                                          for ch in c.choices) for c in cs)}
+  new = nnx.clone(model)
+  repl = {id(node): node.to_conv() for p, node in nnx.iter_graph(new)
+          if isinstance(node, SparseConv) and path_str(p) in dense_paths}
   return replace_nodes(new, repl)

@@ -18,7 +18,9 @@ interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,29 @@ class Choice:
   method: str  # "escort", "vector" or "dense"
   config: object | None  # KernelConfig (escort) or VectorConfig (vector)
   source: str  # "caller", "plan" or "cost-model"
+
+
+_RECORDERS: list[list[Choice]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Choice]]:
+  """Collects, in call order, the Choice of every sparse_conv traced or run
+  inside the block (escort_jax.convert.dense_fallback asks which layers run
+  dense)."""
+  log: list[Choice] = []
+  _RECORDERS.append(log)
+  try:
+    yield log
+  finally:
+    _RECORDERS.pop()
+
+
+def record(choice: Choice) -> Choice:
+  """Passes `choice` to the innermost active recording(), if any."""
+  if _RECORDERS:
+    _RECORDERS[-1].append(choice)
+  return choice
 
 
 def precision_name(precision) -> str | None:

@@ -25,6 +25,7 @@ exist (flax >= 0.12 deprecates `.value`) and `.value` otherwise.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from typing import Any, Callable, Sequence
 
@@ -208,6 +209,7 @@ def _conv_nhwc(x, values, bias, *, structure, strides, padding, dilation,
 
 
 _PLAIN_ATTRIBUTES_KEPT = ("caffe_name",)
+_CONV_PARAMETERS = frozenset(inspect.signature(nnx.Conv.__init__).parameters)
 
 
 class SparseConv(nnx.Module):
@@ -450,6 +452,36 @@ class SparseConv(nnx.Module):
     values' (param) dtype, zeros at pruned entries; differentiable with
     respect to `values`."""
     return self.sparse_kernel.todense()
+
+  def to_conv(self) -> nnx.Module:
+    """This layer as a dense nnx.Conv: the same hyper-parameters, the
+    kernel dense_kernel() (zeros at pruned entries) and the bias, sharing no
+    Variables with this layer; inside nnx.Sequential(conv, nnx.relu) when
+    activation="relu". It computes the same function through lax.conv with
+    no densification per call (escort_jax.convert.dense_fallback uses it
+    where dense is the faster path); its pruned weights are no longer held
+    at zero by structure.
+    """
+    kwargs = {}
+    for name in ("promote_dtype", "preferred_element_type"):
+      if name in _CONV_PARAMETERS:  # absent on older flax versions
+        kwargs[name] = getattr(self, name)
+    conv = nnx.Conv(
+        self.in_features, self.out_features, self.kernel_size, self.strides,
+        padding=self.padding, kernel_dilation=self.kernel_dilation,
+        feature_group_count=self.feature_group_count, use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        precision=self.precision, kernel_init=nnx.initializers.zeros_init(),
+        bias_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0), **kwargs)
+    _set_value(conv.kernel, self.dense_kernel())
+    if self.use_bias:
+      _set_value(conv.bias, _get_value(self.bias))
+    for name in _PLAIN_ATTRIBUTES_KEPT:
+      if hasattr(self, name):
+        setattr(conv, name, getattr(self, name))
+    if self.activation is None:
+      return conv
+    return nnx.Sequential(conv, nnx.relu)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """Applies the convolution.

@@ -633,8 +633,9 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
   values = sk.values.astype(spec.compute_dtype)
   if bias is not None:
     bias = jnp.asarray(bias).astype(spec.compute_dtype)
-  choice = dispatch.choose(sk.structure, g, spec.compute_dtype, precision,
-                           method, config, on_gpu())
+  choice = dispatch.record(dispatch.choose(
+      sk.structure, g, spec.compute_dtype, precision, method, config,
+      on_gpu()))
   if g.out_h == 0 or g.out_w == 0 or g.batch == 0:
     y = jnp.zeros((g.batch, g.out_h, g.out_w, g.out_channels), spec.out_dtype)
   elif choice.method == "dense":
@@ -644,3 +645,15 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
     y = _sparse_conv_path(x_nhwc, values, bias, sk.structure, spec,
                           activation, choice.method, choice.config)
   return _from_nhwc(y, spec.out_spec)
+
+
+def dispatch_choice(x, sk: SparseKernel, *args, **kwargs) -> dispatch.Choice:
+  """The path (method, config and source: escort_jax.dispatch.Choice) that
+  sparse_conv(x, sk, *args, **kwargs) takes on this backend under the
+  current default precision. Traced abstractly: nothing runs, and x may be
+  a jax.ShapeDtypeStruct."""
+  # Without jit, so that a call traced before (jit's cache) still runs the
+  # dispatch code.
+  with dispatch.recording() as log, jax.disable_jit():
+    jax.eval_shape(lambda x, sk: sparse_conv(x, sk, *args, **kwargs), x, sk)
+  return log[0]

@@ -455,30 +455,11 @@ def _is_rng_variable(var) -> bool:
 # Shapes and paths.
 
 
-_PROBE_RECORDS: list[dict[int, tuple]] = []
-_PROBE_CLASSES: dict[type, type] = {}
-
-
-def _probe_class(cls: type) -> type:
-  if cls not in _PROBE_CLASSES:
-    def __call__(self, inputs):
-      if _PROBE_RECORDS:
-        _PROBE_RECORDS[-1].setdefault(id(self), (tuple(inputs.shape),
-                                                 jnp.dtype(inputs.dtype)))
-      return cls.__call__(self, inputs)
-    _PROBE_CLASSES[cls] = type(f"_Probe{cls.__name__}", (cls,),
-                               {"__call__": __call__,
-                                "__module__": __name__})
-  return _PROBE_CLASSES[cls]
-
-
 def probe_input_shapes(model, x_shape: Sequence[int], dtype=jnp.float32,
                        call: Callable | None = None
                        ) -> dict[str, tuple[int, ...]]:
-  """The input shape of each SparseConv in one forward pass.
-
-  Traces `model(x)` with jax.eval_shape on a shallow copy whose SparseConvs
-  record their inputs (nothing is computed; the model is not changed).
+  """The input shape of each SparseConv in one forward pass
+  (escort_jax.convert.probe_calls: traced, nothing computed).
 
   Args:
     model: an NNX module with SparseConv layers (concrete or abstract).
@@ -490,22 +471,10 @@ def probe_input_shapes(model, x_shape: Sequence[int], dtype=jnp.float32,
     Dotted path -> input shape of the layer's first call, in call order;
     layers the forward pass does not call are absent.
   """
-  from flax import nnx
-  from escort_jax.nnx import SparseConv
-  probe = nnx.clone(model)
-  paths: dict[int, str] = {}
-  for p, node in nnx.iter_graph(probe):
-    if isinstance(node, SparseConv):
-      node.__class__ = _probe_class(type(node))
-      paths[id(node)] = ".".join(str(q) for q in p)
-  records: dict[int, tuple] = {}
-  _PROBE_RECORDS.append(records)
-  try:
-    x = jax.ShapeDtypeStruct(tuple(int(d) for d in x_shape), dtype)
-    jax.eval_shape(lambda v: call(probe, v) if call else probe(v), x)
-  finally:
-    _PROBE_RECORDS.pop()
-  return {paths[i]: shape for i, (shape, _) in records.items() if i in paths}
+  from escort_jax.convert import probe_calls
+  x = jax.ShapeDtypeStruct(tuple(int(d) for d in x_shape), dtype)
+  return {p: calls[0].input_shape
+          for p, calls in probe_calls(model, x, call).items()}
 
 
 def geometry_of(layer, x_shape: Sequence[int]):

@@ -421,6 +421,31 @@ def test_tiny_run_schema_resume_report(tmp_path):
   assert all(p.exists() and p.stat().st_size > 1000 for p in paths["plots"])
 
 
+def test_auto_fallback_rows_say_which_path_they_timed(tmp_path):
+  """auto_fallback times the layer as dense_fallback leaves it: off the
+  GPU "auto" is dense, so the pruned kernel held dense (no scatter of the
+  values in the timed function), and the row says so."""
+  results, _ = _tiny(tmp_path, methods=["auto_fallback", "auto"],
+                     baselines=["lax_default"])
+  fallback, auto = results["rows"]
+  assert fallback["method"] == "auto_fallback" and "error" not in fallback
+  assert fallback["chosen"] in ("dense", "escort")
+  assert "chosen" not in auto
+  assert fallback["rel_err"] < 1e-5 and fallback["time_us"] > 0
+  layer = wl.get_layer("googlenet/inception_3a/5x5")
+  sk = bench.SparseKernel.from_dense(wl.make_kernel(layer))
+  x = jnp.ones((1, 6, 6, layer.in_channels), jnp.float32)
+  row = {}
+  fn = bench._method_fn(bench.MethodSpec("auto_fallback", "auto_fallback"),
+                        sk, layer.conv_kwargs(), x, row)
+  if jax.default_backend() != "gpu":
+    assert fallback["chosen"] == row["chosen"] == "dense"
+    assert "scatter" not in str(jax.make_jaxpr(fn)(x))
+    auto_fn = bench._method_fn(bench.MethodSpec("auto", "auto"), sk,
+                               layer.conv_kwargs(), x, {})
+    assert "scatter" in str(jax.make_jaxpr(auto_fn)(x))
+
+
 def test_resume_refuses_another_device(tmp_path):
   f = tmp_path / "other.json"
   f.write_text(json.dumps({"device": "Some Other Accelerator 9000",
@@ -627,3 +652,24 @@ def test_vector_rows_at_one_sparsity(tmp_path):
     bench.run_benchmark(layers[:1], batches=[1], methods=["escort", "vector"],
                         max_hw=4, show_progress=False,
                         out=tmp_path / "none.json")
+
+
+def test_network_rows_with_dense_fallback():
+  """bench --network's auto_fallback: the pruned ResNet-50 converted with
+  dense_fallback (on the CPU every pruned layer goes back to nnx.Conv, so
+  it computes exactly the dense model), against "auto", which keeps its 16
+  SparseConvs."""
+  from escort_jax import bench_network
+  rows = {m: bench_network.run_network(
+      "resnet50", 1, precisions=("default",), num_inputs=1, calls=2,
+      in_hw=32, method=m)[0] for m in ("auto", "auto_fallback")}
+  assert rows["auto"]["method"] == "auto"
+  assert rows["auto"]["sparse_layers"] == 16
+  fb = rows["auto_fallback"]
+  assert fb["method"] == "auto_fallback" and fb["layer"] == "whole_network"
+  if jax.default_backend() == "gpu":  # per layer, as the plans say
+    assert 0 <= fb["sparse_layers"] <= 16
+  else:
+    assert fb["sparse_layers"] == 0
+    assert fb["rel_err_vs_dense"] == 0.0
+  assert fb["time_us"] > 0 and fb["baselines_us"]["lax_default"] > 0

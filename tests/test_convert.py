@@ -221,3 +221,90 @@ def test_sparsify_vector_method():
   assert sparse.method == "vector" and sparse.config == cfg
   x = _x((1, 6, 6, 4))
   assert_close(sparse(x), conv(x), 1e-4)
+
+
+# --------------------------------------------------------------------------
+# dense_fallback: settle method="auto" for the shapes the model gives.
+
+
+class _Mixed(nnx.Module):
+  """Three SparseConvs: two "auto" (one with a fused relu), one "escort"."""
+
+  def __init__(self):
+    rngs = nnx.Rngs(3)
+    kw = dict(precision=HIGHEST, kernel_init=np_init, rngs=rngs)
+    self.a = SparseConv(3, 8, (3, 3), sparsity=0.7, activation="relu", **kw)
+    self.b = SparseConv(8, 8, (3, 3), strides=2, sparsity=0.8, **kw)
+    self.c = SparseConv(8, 4, (1, 1), sparsity=0.5, method="escort", **kw)
+    for layer in (self.a, self.b, self.c):
+      _set_value(layer.bias, _x(layer.bias.shape, seed=11))
+
+  def __call__(self, x):
+    return self.c(self.b(self.a(x)))
+
+
+def _count(fn, x, primitive):
+  text = str(jax.make_jaxpr(fn)(x))
+  return text.count(f" {primitive}[")
+
+
+def test_dense_fallback_on_cpu_makes_auto_layers_dense_convs():
+  """Off the GPU "auto" runs dense: those layers become nnx.Convs (no
+  per-call scatter of the values), the escort one stays, the output does
+  not change, and the original keeps its layers."""
+  from escort_jax.convert import dense_fallback
+  model = _Mixed()
+  x = _x((2, 9, 7, 3))
+  fast = dense_fallback(model, x)
+  assert isinstance(fast.a, nnx.Sequential)
+  assert type(fast.a.layers[0]) is nnx.Conv
+  assert type(fast.b) is nnx.Conv
+  assert isinstance(fast.c, SparseConv)
+  assert all(isinstance(l, SparseConv) for l in (model.a, model.b, model.c))
+  chex.assert_trees_all_equal(_get_value(fast.b.kernel),
+                              model.b.dense_kernel())
+  assert_close(fast(x), model(x), F32_BOUND)
+  # The two densifications per call are gone; the escort layer's own
+  # kernel remains.
+  assert _count(model, x, "scatter") == 2
+  assert _count(fast, x, "scatter") == 0
+  # sparsify(example_input=...) is the same conversion in one call.
+  net, _ = _pruned_net()
+  one_call = sparsify(net, warn=False, example_input=_x())
+  assert not any(isinstance(c, SparseConv) for c in _convs(one_call).values())
+  assert_close(one_call(_x()), net(_x()), F32_BOUND)
+
+
+def test_dense_fallback_follows_the_plan_of_each_layer(plan_dir,
+                                                         monkeypatch):
+  """As on a GPU with tuned plans: the layer whose plan says dense becomes
+  an nnx.Conv, the one whose plan says escort stays sparse; the decision is
+  per input shape (another batch size has no plan: cost model)."""
+  from escort_jax import ops, plans
+  from escort_jax.convert import dense_fallback, probe_calls
+  from escort_jax.report import geometry_of
+  model = _Mixed()
+  x = _x((2, 9, 7, 3))
+  monkeypatch.setattr(ops, "on_gpu", lambda: True)
+  shapes = {p: c[0].input_shape for p, c in probe_calls(model, x).items()}
+  assert list(shapes) == ["a", "b", "c"]
+  for name, method in (("a", "escort"), ("b", "dense")):
+    layer = getattr(model, name)
+    key = plans.plan_key(layer.structure.digest,
+                         geometry_of(layer, shapes[name]), jnp.float32,
+                         "highest")
+    plans.record(key, {"method": method, "config": None},
+                 slug=plans.device_slug())
+  calls = probe_calls(model, x)
+  assert [(p, c[0].choices[0].method, c[0].choices[0].source)
+          for p, c in calls.items()] == [("a", "escort", "plan"),
+                                         ("b", "dense", "plan"),
+                                         ("c", "escort", "caller")]
+  other_batch = probe_calls(model, _x((4, 9, 7, 3)))
+  assert [c[0].choices[0].source for c in other_batch.values()] == [
+      "cost-model", "cost-model", "caller"]
+  fast = dense_fallback(model, x)
+  assert isinstance(fast.a, SparseConv) and isinstance(fast.c, SparseConv)
+  assert type(fast.b) is nnx.Conv
+  monkeypatch.undo()
+  assert_close(fast(x), model(x), F32_BOUND)

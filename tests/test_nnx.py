@@ -82,6 +82,26 @@ def test_from_conv_matches_nnx_conv(kw):
     assert_close(sc(x), conv(x), F32_BOUND, f"input {shape}")
 
 
+@pytest.mark.parametrize("kw", CONV_CASES)
+def test_to_conv_round_trips(kw):
+  """SparseConv.to_conv: the nnx.Conv with the same hyper-parameters and
+  the pruned kernel; with a fused relu, followed by nnx.relu."""
+  kw = dict(kw)
+  ks = kw.pop("kernel_size", (3, 3))
+  conv = nnx.Conv(4, 6, ks, precision=HIGHEST, kernel_init=np_init,
+                  rngs=nnx.Rngs(0), **kw)
+  if kw.get("use_bias", True):
+    _set_value(conv.bias, _x((6,), seed=5))
+  _prune_conv(conv, 0.6)
+  back = SparseConv.from_conv(conv).to_conv()
+  assert type(back) is nnx.Conv
+  chex.assert_trees_all_equal(nnx.state(back), nnx.state(conv))
+  x = _x()
+  chex.assert_trees_all_equal(back(x), conv(x))
+  relu = SparseConv.from_conv(conv, activation="relu", method="dense")
+  assert_close(relu.to_conv()(x), relu(x), F32_BOUND)
+
+
 def test_fresh_layer_matches_masked_nnx_conv():
   """Same rngs -> same initial kernel and bias as nnx.Conv; mask= keeps
   exactly the masked entries (zeros included)."""

@@ -16,7 +16,7 @@ import pytest
 from escort_jax.convert import sparsify
 from escort_jax.nnx import SparseConv, _get_value, _set_value
 from escort_jax.prune import magnitude_mask
-from tests.conftest import assert_close, np_init
+from tests.conftest import ON_GPU, assert_close, np_init
 
 HIGHEST = lax.Precision.HIGHEST
 F32_BOUND = 1e-5
@@ -248,6 +248,7 @@ def _count(fn, x, primitive):
   return text.count(f" {primitive}[")
 
 
+@pytest.mark.skipif(ON_GPU, reason='"auto" is always dense off the GPU only')
 def test_dense_fallback_on_cpu_makes_auto_layers_dense_convs():
   """Off the GPU "auto" runs dense: those layers become nnx.Convs (no
   per-call scatter of the values), the escort one stays, the output does

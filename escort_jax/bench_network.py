@@ -78,9 +78,12 @@ def apply_fn(model, precision: str | None):
 
 
 def forward(model, precision: str | None):
-  """Jitted inference x -> model(x) at `precision` (as apply_fn)."""
+  """Jitted inference x -> model(x) at `precision` (as apply_fn). The
+  parameters are arguments of the compiled program, as under nnx.jit, not
+  constants that XLA could fold (a sparse layer's dense kernel, say)."""
   apply, state = apply_fn(model, precision)
-  return jax.jit(lambda x: apply(state, x))
+  jitted = jax.jit(apply)
+  return lambda x: jitted(state, x)
 
 
 def run_network(name: str, batch: int, *, precisions: Sequence[str] = (

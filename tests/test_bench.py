@@ -431,7 +431,9 @@ def test_auto_fallback_rows_say_which_path_they_timed(tmp_path):
   assert fallback["method"] == "auto_fallback" and "error" not in fallback
   assert fallback["chosen"] in ("dense", "escort")
   assert "chosen" not in auto
-  assert fallback["rel_err"] < 1e-5 and fallback["time_us"] > 0
+  # (On a GPU the dense path runs at default precision: TF32.)
+  bound = 2e-3 if jax.default_backend() == "gpu" else 1e-5
+  assert fallback["rel_err"] < bound and fallback["time_us"] > 0
   layer = wl.get_layer("googlenet/inception_3a/5x5")
   sk = bench.SparseKernel.from_dense(wl.make_kernel(layer))
   x = jnp.ones((1, 6, 6, layer.in_channels), jnp.float32)

@@ -72,7 +72,12 @@ class KernelConfig:
   q_major: output blocks on the fastest grid axis; unmasked: lay a run of
   zeros after the input and point padding entries at it, so that the kernel
   loads without masks; nhwc_out: the forward kernel writes the NHWC output
-  itself instead of wide rows and a transpose pass.
+  itself instead of wide rows and a transpose pass; split: the forward
+  kernel runs each output row's nonzeros as this many contiguous parts, in
+  separate programs, into float32 partial outputs that one XLA pass sums in
+  a fixed order (so results stay bitwise reproducible) before the bias and
+  activation. It shortens the serial loop of each program where rows are
+  long and the grid is small (batch 1).
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100
@@ -88,6 +93,7 @@ class KernelConfig:
   # Unmasked loads were 2-8% faster on the H100 (tile sweep d, 2026-11-24).
   unmasked: bool = True
   nhwc_out: bool = False
+  split: int = 1
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -305,6 +311,9 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
                 config: KernelConfig = DEFAULT_CONFIG) -> EscortPlan:
   """Packs the forward and transposed problems (cached per structure,
   geometry and config)."""
+  if not (isinstance(config.split, int) and config.split >= 1):
+    raise ValueError(f"KernelConfig.split must be a positive int, got "
+                     f"{config.split!r}")
   problem = cg.stretched_problem(structure, geometry)
   g = geometry
   if min(g.num_planes, g.out_channels) < 4:
@@ -312,8 +321,9 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
     # planes (or rows) it would grow the input (or dy) by a quarter or more.
     config = dataclasses.replace(config, unmasked=False)
   forward = pack_row_groups(
-      problem.rows, problem.offsets, g.out_channels, config.rows_per_program,
-      config.unroll,
+      split_rows(problem.rows, g.out_channels, config.split),
+      problem.offsets, g.out_channels * config.split,
+      config.rows_per_program, config.unroll,
       zeros_offset=g.num_planes * g.plane_len if config.unmasked else None)
   # dx[plane, p] = sum w * dy[k, p - shift]: read dy padded in front by
   # max_shift, at offset k * dy_row_len + (max_shift - shift).
@@ -325,6 +335,22 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
       zeros_offset=g.out_channels * dy_row_len if config.unmasked else None)
   return EscortPlan(geometry=geometry, problem=problem, forward=forward,
                     transposed=transposed, config=config)
+
+
+def split_rows(rows: np.ndarray, num_rows: int, split: int) -> np.ndarray:
+  """Row ids of the split forward problem: nonzero i of row k (CSR order,
+  rows ascending), the j-th of its row's n, goes to partial row
+  k * split + (j * split) // n, so each row's nonzeros form `split`
+  contiguous parts of near-equal length, rows stay ascending (the kernel
+  still reads the values in CSR order), and the partial outputs of row k are
+  channels k * split ... k * split + split - 1."""
+  rows = np.asarray(rows, np.int64)
+  if split == 1:
+    return rows
+  lengths = np.bincount(rows, minlength=num_rows)
+  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+  rank = np.arange(rows.size) - starts[rows]
+  return rows * split + (rank * split) // lengths[rows]
 
 
 def _launch(c: KernelConfig) -> dict:
@@ -441,17 +467,32 @@ class _SparseCall:
     else:
       plan = escort_plan(self.structure, g, self._forward_config(g))
       x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
+      split = plan.config.split
       # The forward nonzeros are in CSR order, so the kernel reads the
       # values as they are (no gather pass).
       nhwc = g.nhwc_output() if plan.config.nhwc_out else None
+      if split == 1:
+        y = sharding.kernel_call(
+            direct_sparse_conv, x_flat, values, plan.forward,
+            out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
+            values_by_row=True, nhwc=nhwc, interpret=not on_gpu(),
+            **bias_kw, **_launch(plan.config))
+        return (), (y if nhwc is not None else cg.from_wide_output(y, g),)
+      # Partial outputs in the accumulator dtype; bias and activation after
+      # their sum.
+      acc = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
       y = sharding.kernel_call(
           direct_sparse_conv, x_flat, values, plan.forward,
-          out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
-          values_by_row=True, nhwc=nhwc, interpret=not on_gpu(), **bias_kw,
-          **_launch(plan.config))
-      if nhwc is not None:
-        return (), (y,)
-    return (), (cg.from_wide_output(y, g),)
+          out_len=g.out_len, out_dtype=acc, values_by_row=True, nhwc=nhwc,
+          interpret=not on_gpu(), **_launch(plan.config))
+      if nhwc is None:
+        y = cg.from_wide_output(y, g)
+      y = y.reshape(y.shape[:3] + (g.out_channels, split)).sum(-1)
+      if bias is not None:
+        y = y + bias.astype(acc)
+      if self.relu:
+        y = jnp.where(y < 0, jnp.zeros((), acc), y)
+      return (), (y.astype(self.out_dtype),)
 
   def backward(self, values, bias, x_nhwc, y_nhwc, dy_nhwc):
     """-> ((dvalues, dbias), (dx,)): the values and bias gradients summed

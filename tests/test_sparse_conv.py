@@ -92,6 +92,20 @@ CONV_CASES = [
          sparsity=0.6, bias=True,
          config=KernelConfig(rows_per_program=2, block_q=16, unroll=3,
                              groups_per_program=3, q_major=True)),
+    # Split rows: partial outputs summed after the kernel, then bias/relu.
+    dict(testcase_name="nhwc_split3_nhwc_store_bias_relu", n=2, hw=(7, 9),
+         c=5, o=6, kernel_hw=(3, 3), strides=(1, 1), padding="SAME",
+         sparsity=0.4, bias=True, activation="relu",
+         config=KernelConfig(rows_per_program=1, nhwc_out=True, split=3)),
+    dict(testcase_name="nchw_split2_wide_groups_stride", layout="NCHW", n=3,
+         hw=(8, 7), c=4, o=6, kernel_hw=(3, 2), strides=(2, 1),
+         padding="VALID", groups=2, bias=True,
+         config=KernelConfig(rows_per_program=2, block_q=16, split=2,
+                             unmasked=False)),
+    dict(testcase_name="nhwc_split_beyond_row_length", n=1, hw=(5, 6), c=2,
+         o=3, kernel_hw=(2, 2), strides=(1, 1), padding="SAME",
+         sparsity=0.7, activation="relu",
+         config=KernelConfig(rows_per_program=4, block_q=32, split=8)),
 ]
 
 
@@ -549,9 +563,13 @@ def test_sampled_dense_dense_kernel_nnz0_and_bf16():
 
 @pytest.mark.parametrize("config", [KernelConfig(nhwc_out=True),
                                     KernelConfig(2, 32, nhwc_out=True,
-                                                 unmasked=False)])
+                                                 unmasked=False),
+                                    KernelConfig(1, 32, nhwc_out=True,
+                                                 split=4)])
 def test_escort_nhwc_store_matches_lax(config):
-  """KernelConfig(nhwc_out=True): the forward kernel writes NHWC itself."""
+  """KernelConfig(nhwc_out=True): the forward kernel writes NHWC itself
+  (with split=4, float32 partial outputs summed by XLA); gradients are
+  those of the default config."""
   rng = np.random.default_rng(77)
   for kw in (dict(n=2, hw=(7, 9), c=5, o=6, strides=(1, 1)),
              dict(n=3, hw=(9, 8), c=4, o=8, strides=(2, 1), groups=2)):
@@ -576,3 +594,33 @@ def test_escort_nhwc_store_matches_lax(config):
         method="escort", **conv)), (0, 1))(sk.values, x)
     for got, exp in zip(grads, want):
       assert_close(got, exp, F32_BOUND, "gradient")
+
+
+def test_split_rows_parts_and_low_precision():
+  """split_rows keeps rows ascending and cuts each row into near-equal
+  contiguous parts; split partial sums are float32, so a bf16 call stays
+  within the bf16 bound and keeps bf16 output."""
+  from escort_jax.ops import split_rows
+  rows = np.repeat(np.arange(5), [7, 0, 1, 4, 9])
+  parts = split_rows(rows, 5, 3)
+  assert np.all(np.diff(parts) >= 0)
+  np.testing.assert_array_equal(parts // 3, rows)
+  sizes = np.bincount(parts, minlength=15).reshape(5, 3)
+  np.testing.assert_array_equal(sizes.sum(1), [7, 0, 1, 4, 9])
+  assert np.all(sizes.max(1) - sizes.min(1) <= 1)
+  rng = np.random.default_rng(78)
+  x, kernel, sk, b, _ = make_problem(rng, n=2, hw=(7, 8), c=6, o=5,
+                                     bias=True)
+  xb = x.astype(jnp.bfloat16)
+  skb = sk.with_values(sk.values.astype(jnp.bfloat16))
+  y = sparse_conv(xb, skb, (1, 1), "SAME", bias=b.astype(jnp.bfloat16),
+                  method="escort",
+                  config=KernelConfig(1, 32, nhwc_out=True, split=2))
+  chex.assert_type(y, jnp.bfloat16)
+  ref = reference_conv(xb.astype(jnp.float32),
+                       jnp.asarray(kernel).astype(jnp.bfloat16).astype(
+                           jnp.float32), (1, 1), "SAME",
+                       bias=b.astype(jnp.bfloat16).astype(jnp.float32))
+  assert_close(y.astype(jnp.float32), ref, LOW_BOUND)
+  with pytest.raises(ValueError, match="split must be a positive int"):
+    sparse_conv(x, sk, method="escort", config=KernelConfig(split=0))

@@ -101,8 +101,13 @@ DEFAULT_CONFIG = KernelConfig()
 # the GPU is short of work: one output channel per program then ran
 # 1.1-1.6x faster on every layer timed at batch 1, and writing NHWC from the
 # kernel 5-15 % faster again; with thousands of programs (batch 32) both were
-# 1.3-2x slower (tile sweeps e and f, 2026-11-24, H100).
+# 1.3-2x slower (tile sweeps e and f, 2026-11-24, H100). Splitting rows
+# until that many programs run (at most MAX_DEFAULT_SPLIT parts) was 1.1-1.4x
+# faster again on the 7x7 and 14x14 layers at batch 1, and slower on the
+# larger maps, which this rule leaves unsplit (benchmarks/results/
+# 2026-11-24T0740-*-split-*.json).
 SMALL_GRID_PROGRAMS = 1024
+MAX_DEFAULT_SPLIT = 8
 
 
 def default_kernel_config(num_rows: int, out_len: int) -> KernelConfig:
@@ -113,7 +118,13 @@ def default_kernel_config(num_rows: int, out_len: int) -> KernelConfig:
               -(-out_len // c.block_q))
   if programs >= SMALL_GRID_PROGRAMS:
     return c
-  return dataclasses.replace(c, rows_per_program=1, nhwc_out=True)
+  split = 1
+  one_row_programs = num_rows * -(-out_len // c.block_q)
+  while (split < MAX_DEFAULT_SPLIT and
+         one_row_programs * split * 2 <= SMALL_GRID_PROGRAMS):
+    split *= 2
+  return dataclasses.replace(c, rows_per_program=1, nhwc_out=True,
+                             split=split)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,11 @@ DEFAULT_CANDIDATES = (
     KernelConfig(8, 256, 4, 1, 1),
     # Writing NHWC from the kernel won at batch 1 (tile sweep e).
     KernelConfig(4, 128, 4, 1, 4, nhwc_out=True),
+    # Small grids (batch 1): one row per program, rows split in 1-8 parts
+    # (benchmarks/results/*split*).
+    KernelConfig(1, 128, 4, 1, 4, nhwc_out=True),
+    KernelConfig(1, 128, 4, 1, 4, nhwc_out=True, split=2),
+    KernelConfig(1, 128, 4, 1, 4, nhwc_out=True, split=8),
 )
 
 # Vector-kernel candidates (block_q, block_k, num_warps, num_stages), tried

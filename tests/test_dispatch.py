@@ -122,3 +122,15 @@ def test_auto_keeps_a_callers_config_only_for_the_path_it_fits(plan_dir):
                       on_gpu=True, slug="fake-gpu")
   assert c.source == "cost-model"
   assert c.config == (mine if c.method == "escort" else None)
+
+
+def test_default_config_splits_rows_only_on_small_grids():
+  """Under SMALL_GRID_PROGRAMS programs: one row per program, NHWC store,
+  and rows split until about that many programs run (at most 8 parts);
+  large grids keep the batch-32 default, unsplit."""
+  c = ops.default_kernel_config(512, 63)   # res5 at batch 1: 512 programs
+  assert (c.rows_per_program, c.nhwc_out, c.split) == (1, True, 2)
+  assert ops.default_kernel_config(64, 200).split == 8  # 128 programs
+  assert ops.default_kernel_config(128, 840).split == 1  # 896 programs
+  big = ops.default_kernel_config(256, 28 * 30 * 32)
+  assert big == ops.DEFAULT_CONFIG and big.split == 1

@@ -327,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "the SkimCaffe-pruned NET (caffenet, googlenet, "
                      "resnet50), sparse against dense, at fp32 HIGHEST and "
                      "default precision")
+  bench.add_argument("--precision", choices=PRECISIONS, default="default",
+                     help="with --tune: the precision of the dense "
+                     "alternative and of the plans' keys (highest: plans "
+                     "for jax.default_matmul_precision('highest') or "
+                     "precision=HIGHEST calls)")
   bench.add_argument("--candidates", choices=("all", "vector", "escort"),
                      default="all",
                      help="with --tune: which kernel configs to time "
@@ -823,6 +828,9 @@ def _cmd_bench(args) -> int:
     return _bench_sharded(args, batches, max_hw, repeats, usage)
   if args.candidates != "all" and not args.tune:
     return usage("--candidates goes with --tune")
+  if args.precision != "default" and not args.tune:
+    return usage("--precision goes with --tune (--network times both "
+                 "precisions)")
   if args.network:
     from escort_jax import bench_network
     methods = _split_list(args.method) or ["auto"]
@@ -953,6 +961,7 @@ def _tune(layers, batches, dtypes, args, console, *, vector_widths=(None,),
               conv["padding"],
               feature_group_count=conv["feature_group_count"],
               dtype=dtype, candidates=candidates,
+              precision=None if args.precision == "default" else "highest",
               vector_candidates=vector_candidates,
               num_inputs=num_inputs or 10, directory=directory)
           best = tune.best_times(entry)

@@ -633,6 +633,34 @@ def test_bench_tune_candidates(name, tmp_path, capsys, monkeypatch):
   assert "escort 2.0 us, dense 1.0 us" in err
 
 
+@pytest.mark.parametrize("flag, want", [(None, None),
+                                        ("default", None),
+                                        ("highest", "highest")])
+def test_bench_tune_precision(flag, want, tmp_path, capsys, monkeypatch):
+  """`bench --tune --precision highest` tunes against fp32 HIGHEST dense
+  and keys the plans by it; without --tune the flag is refused."""
+  from escort_jax import tune  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def fake(*args, precision, **kwargs):
+    del args, kwargs
+    seen.append(precision)
+    return {"method": "dense", "config": {}, "config_method": "escort",
+            "best_configs": {}, "times_us": {"dense": 1.0}}
+
+  monkeypatch.setattr(tune, "tune_layer", fake)
+  extra = [] if flag is None else ["--precision", flag]
+  code = cli.main(["bench", "--tune", "--layers", "res3a_branch2b",
+                   "--batch", "1", "--dtype", "f32", "--plan-dir",
+                   str(tmp_path)] + extra)
+  assert code == 0, capsys.readouterr().err[-3000:]
+  assert seen == [want]
+  if flag == "highest":
+    assert cli.main(["bench", "--precision", "highest", "--layers",
+                     "res3a_branch2b"]) == cli.EXIT_USAGE
+    assert "--precision goes with --tune" in capsys.readouterr().err
+
+
 def test_spread_indices():
   assert demo.spread_indices(16, 4) == [0, 5, 10, 15]
   assert demo.spread_indices(3, None) == [0, 1, 2]

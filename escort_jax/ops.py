@@ -267,6 +267,7 @@ def _from_nhwc(y, spec: str):
 
 
 def _apply_activation(y, activation):
+  # (XLA's maximum keeps NaN, as the kernels' select does.)
   return jnp.maximum(y, jnp.zeros((), y.dtype)) if activation == "relu" else y
 
 
@@ -501,8 +502,7 @@ class _SparseCall:
       y = y.reshape(y.shape[:3] + (g.out_channels, split)).sum(-1)
       if bias is not None:
         y = y + bias.astype(acc)
-      if self.relu:
-        y = jnp.where(y < 0, jnp.zeros((), acc), y)
+      y = _apply_activation(y, "relu" if self.relu else None)
       return (), (y.astype(self.out_dtype),)
 
   def backward(self, values, bias, x_nhwc, y_nhwc, dy_nhwc):

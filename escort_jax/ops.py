@@ -449,7 +449,13 @@ class _SparseCall:
       return self.config
     if self.method == "vector":
       return DEFAULT_VECTOR_CONFIG
-    return default_kernel_config(g.out_channels, g.out_len)
+    # The tiles suit the batch this device runs; the split, which sets the
+    # order of the sums, follows the call's own shape, so that sharding or
+    # vmapping the batch leaves the result bitwise unchanged.
+    here = default_kernel_config(g.out_channels, g.out_len)
+    whole = default_kernel_config(self.geometry.out_channels,
+                                  self.geometry.out_len)
+    return dataclasses.replace(here, split=whole.split)
 
   def _backward_config(self, g: cg.ConvGeometry) -> KernelConfig:
     """The escort kernels' config for the gradients: the forward's for the
@@ -499,7 +505,12 @@ class _SparseCall:
           interpret=not on_gpu(), **_launch(plan.config))
       if nhwc is None:
         y = cg.from_wide_output(y, g)
-      y = y.reshape(y.shape[:3] + (g.out_channels, split)).sum(-1)
+      parts = y.reshape(y.shape[:3] + (g.out_channels, split))
+      # Added one part after another, not by a reduction whose association
+      # XLA may choose by shape: the same result for any batch size.
+      y = parts[..., 0]
+      for i in range(1, split):
+        y = y + parts[..., i]
       if bias is not None:
         y = y + bias.astype(acc)
       y = _apply_activation(y, "relu" if self.relu else None)

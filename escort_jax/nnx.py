@@ -209,7 +209,15 @@ def _conv_nhwc(x, values, bias, *, structure, strides, padding, dilation,
 
 
 _PLAIN_ATTRIBUTES_KEPT = ("caffe_name",)
+# nnx.Conv arguments that older flax versions do not have.
+_OPTIONAL_CONV_ARGS = ("promote_dtype", "preferred_element_type")
 _CONV_PARAMETERS = frozenset(inspect.signature(nnx.Conv.__init__).parameters)
+
+
+def _optional_args(layer, accepted) -> dict:
+  """The _OPTIONAL_CONV_ARGS that `layer` has and `accepted` names."""
+  return {name: getattr(layer, name) for name in _OPTIONAL_CONV_ARGS
+          if hasattr(layer, name) and name in accepted}
 
 
 class SparseConv(nnx.Module):
@@ -410,10 +418,7 @@ class SparseConv(nnx.Module):
             method: str, activation, config) -> SparseConv:
     """A SparseConv with `layer`'s hyper-parameters (an nnx.Conv or a
     SparseConv, possibly abstract) and this kernel; bias zero."""
-    kwargs = {}
-    for name in ("promote_dtype", "preferred_element_type"):
-      if hasattr(layer, name):  # absent on older flax versions' nnx.Conv
-        kwargs[name] = getattr(layer, name)
+    kwargs = _optional_args(layer, _OPTIONAL_CONV_ARGS)
     new = cls(
         layer.in_features, layer.out_features, tuple(layer.kernel_size),
         layer.strides, padding=layer.padding,
@@ -462,10 +467,7 @@ class SparseConv(nnx.Module):
     where dense is the faster path); its pruned weights are no longer held
     at zero by structure.
     """
-    kwargs = {}
-    for name in ("promote_dtype", "preferred_element_type"):
-      if name in _CONV_PARAMETERS:  # absent on older flax versions
-        kwargs[name] = getattr(self, name)
+    kwargs = _optional_args(self, _CONV_PARAMETERS)
     conv = nnx.Conv(
         self.in_features, self.out_features, self.kernel_size, self.strides,
         padding=self.padding, kernel_dilation=self.kernel_dilation,

@@ -449,13 +449,11 @@ class _SparseCall:
       return self.config
     if self.method == "vector":
       return DEFAULT_VECTOR_CONFIG
-    # The tiles suit the batch this device runs; the split, which sets the
-    # order of the sums, follows the call's own shape, so that sharding or
-    # vmapping the batch leaves the result bitwise unchanged.
-    here = default_kernel_config(g.out_channels, g.out_len)
-    whole = default_kernel_config(self.geometry.out_channels,
-                                  self.geometry.out_len)
-    return dataclasses.replace(here, split=whole.split)
+    # For the batch this device runs, so that each device computes what
+    # one device would on its share, bit for bit. (The split sets the order
+    # of the sums: where the default split differs between the share and
+    # the whole batch, those two results agree to rounding only.)
+    return default_kernel_config(g.out_channels, g.out_len)
 
   def _backward_config(self, g: cg.ConvGeometry) -> KernelConfig:
     """The escort kernels' config for the gradients: the forward's for the

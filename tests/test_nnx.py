@@ -62,15 +62,21 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kw", CONV_CASES)
-def test_from_conv_matches_nnx_conv(kw):
+def _pruned_case_conv(kw) -> tuple[nnx.Conv, np.ndarray]:
+  """A 4 -> 6 channel nnx.Conv of a CONV_CASES entry, with a random bias
+  (where it has one), pruned to 60 %; and its kept-mask."""
   kw = dict(kw)
   ks = kw.pop("kernel_size", (3, 3))
   conv = nnx.Conv(4, 6, ks, precision=HIGHEST, kernel_init=np_init,
                   rngs=nnx.Rngs(0), **kw)
   if kw.get("use_bias", True):
     _set_value(conv.bias, _x((6,), seed=5))
-  keep = _prune_conv(conv, 0.6)
+  return conv, _prune_conv(conv, 0.6)
+
+
+@pytest.mark.parametrize("kw", CONV_CASES)
+def test_from_conv_matches_nnx_conv(kw):
+  conv, keep = _pruned_case_conv(kw)
   sc = SparseConv.from_conv(conv, method="dense")
   assert sc.nnz == keep.sum()
   chex.assert_trees_all_equal(sc.dense_kernel(), _get_value(conv.kernel))
@@ -86,13 +92,7 @@ def test_from_conv_matches_nnx_conv(kw):
 def test_to_conv_round_trips(kw):
   """SparseConv.to_conv: the nnx.Conv with the same hyper-parameters and
   the pruned kernel; with a fused relu, followed by nnx.relu."""
-  kw = dict(kw)
-  ks = kw.pop("kernel_size", (3, 3))
-  conv = nnx.Conv(4, 6, ks, precision=HIGHEST, kernel_init=np_init,
-                  rngs=nnx.Rngs(0), **kw)
-  if kw.get("use_bias", True):
-    _set_value(conv.bias, _x((6,), seed=5))
-  _prune_conv(conv, 0.6)
+  conv, _ = _pruned_case_conv(kw)
   back = SparseConv.from_conv(conv).to_conv()
   assert type(back) is nnx.Conv
   chex.assert_trees_all_equal(nnx.state(back), nnx.state(conv))

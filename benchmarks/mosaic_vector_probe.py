@@ -1,0 +1,258 @@
+"""Probe: can a Mosaic GPU (TMA + wgmma) kernel run the vector-sparse
+convolution, and how fast is it against the Triton-lowered one?
+
+  PYTHONPATH=. python benchmarks/mosaic_vector_probe.py [--variant NAME]
+      [--layers NAME ...] [--v 16] [--sparsity published|0.9] [--out DIR]
+
+The kernel under test (one warpgroup per program, grid (blocks, q tiles)):
+
+    acc (64, BQ) += Wt (64, BK) @ S (BK, BQ)
+
+  Wt: block b's weights transposed, V rows (zero rows up to wgmma's M = 64),
+      packed once per call by XLA from the CSR values.
+  S:  row j is the strip x_flat[offset_j + q0 : offset_j + q0 + BQ], one
+      TMA copy of BQ = 64 bf16 (128 bytes) per kept column, into a
+      128-byte-swizzled shared-memory tile that wgmma reads as its B operand.
+
+Two stages of (Wt, S) tiles, one barrier each (BK + 1 copies arrive on it).
+Variants differ only in how a strip's copy names its destination row:
+  tile8  the (BK, BQ) tile with wgmma's own (8, 64) tiling, sliced to a row;
+  union  a second view of the same shared memory (plgpu.RefUnion) tiled
+         (1, 64), whose rows are whole tiles (the bytes lie where the (8, 64)
+         view expects them; the swizzle is the hardware's, by address).
+Each variant runs in its own process (a bad TMA can kill the process) and is
+checked against the plain-JAX reference before it is timed (CUPTI, as
+benchmarks/kernel_sweep.py). Results go to OUT/mosaic_probe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+BQ = 64   # 128 bytes of bf16: one swizzle row
+BK = 64   # kept columns per step (128 bytes of Wt per row)
+M = 64    # wgmma's M per warpgroup
+
+
+def prepare(layer_name, batch, v, sparsity_name):
+  """The layer's vector-sparse case, packed for the probe kernel."""
+  from kernel_sweep import LAYERS, make_case
+  import escort_jax as ej
+  from escort_jax import conv_geometry as cg
+  from pallas_kernels.vector_sparse_conv import pack_vector_blocks
+  layer = next(l for l in LAYERS if l["layer"] == layer_name)
+  sparsity = (layer["sparsity"] or 0.9) if sparsity_name == "published" \
+      else float(sparsity_name)
+  x, w, args = make_case(layer, batch, jnp.bfloat16, sparsity=sparsity,
+                         vector_width=v)
+  sk = ej.SparseKernel.from_dense(np.asarray(w.astype(jnp.float32)))
+  values = sk.values.astype(jnp.bfloat16)
+  g = cg.make_geometry(x.shape, sk.structure, args["window_strides"],
+                       args["padding"], 1, args.get("feature_group_count", 1))
+  problem = cg.stretched_problem(sk.structure, g)
+  blocks = pack_vector_blocks(problem.rows, problem.offsets, g.out_channels,
+                              v, BK, zeros_offset=g.num_planes * g.plane_len)
+  q_tiles = -(-g.out_len // BQ)
+  tail = q_tiles * BQ + g.max_shift
+  x_flat = cg.to_flat_input(x, g, tail)
+  x_flat = jnp.pad(x_flat, (0, -x_flat.shape[0] % 8))
+  nb, cols = blocks.num_blocks, blocks.padded_cols
+  offsets = (blocks.offsets.astype(np.int64) * blocks.offset_unit).astype(
+      np.int32)
+  tiles = blocks.gather_values(values).reshape(nb, cols, blocks.lanes)[:, :, :v]
+  wt = jnp.zeros((nb, M, cols), jnp.bfloat16).at[:, :v, :].set(
+      tiles.transpose(0, 2, 1))
+  return dict(x=x, w=w, args=args, sk=sk, values=values, g=g, blocks=blocks,
+              x_flat=x_flat, offsets=jnp.asarray(offsets),
+              steps=jnp.asarray(blocks.steps), wt=wt, q_tiles=q_tiles,
+              sparsity=sparsity)
+
+
+def mosaic_vector_conv(x_flat, wt, offsets, steps, *, q_tiles, variant):
+  """-> (nb, 64, q_tiles * BQ) float32: rows v < V of block b are output
+  channels b * V + v at the wide positions."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  nb, _, cols = wt.shape
+  read_len = q_tiles * BQ
+  swz = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  x2 = x_flat.reshape(1, -1)
+
+  def body(steps_g, offs_g, wt_g, x_g, y_g, a_smem, b_views, bar, out_smem):
+    b = lax.axis_index("b")
+    q0 = lax.axis_index("q") * BQ
+    n = steps_g[b]
+    if variant == "union":
+      b_rows, b_mma = b_views
+    else:
+      b_rows = b_mma = b_views
+
+    def issue(t, slot):
+      plgpu.copy_gmem_to_smem(wt_g.at[b, :, pl.ds(t * BK, BK)],
+                              a_smem.at[slot], bar.at[slot])
+      for j in range(BK):
+        off = offs_g[b, t * BK + j]
+        plgpu.copy_gmem_to_smem(
+            x_g.at[pl.ds(0, 1), pl.ds(off + q0, BQ)],
+            b_rows.at[slot, pl.ds(j, 1)], bar.at[slot])
+
+    def scope(acc):
+      @pl.when(n > 0)
+      def _():
+        issue(0, 0)
+
+      def step(t, carry):
+        slot = t % 2
+
+        @pl.when(t + 1 < n)
+        def _():
+          issue(t + 1, 1 - slot)
+
+        plgpu.barrier_wait(bar.at[slot])
+        plgpu.wgmma(acc, a_smem.at[slot], b_mma.at[slot])
+        plgpu.wgmma_wait(0)
+        return carry
+
+      lax.fori_loop(0, n, step, 0)
+      return acc[...]
+
+    res = pl.run_scoped(scope, plgpu.ACC((M, BQ), jnp.float32))
+    out_smem[...] = res
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, y_g.at[b, :, pl.ds(q0, BQ)])
+    plgpu.wait_smem_to_gmem(0)
+
+  if variant == "union":
+    b_views = plgpu.RefUnion(
+        plgpu.SMEM((2, BK, BQ), jnp.bfloat16,
+                   transforms=(plgpu.TilingTransform((1, 64)),
+                               plgpu.SwizzleTransform(128))),
+        plgpu.SMEM((2, BK, BQ), jnp.bfloat16, transforms=swz))
+  else:
+    b_views = plgpu.SMEM((2, BK, BQ), jnp.bfloat16, transforms=swz)
+  kernel = plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((nb, M, read_len), jnp.float32),
+      scratch_types=[
+          plgpu.SMEM((2, M, BK), jnp.bfloat16, transforms=swz),
+          b_views,
+          plgpu.Barrier(num_arrivals=BK + 1, num_barriers=2),
+          plgpu.SMEM((M, BQ), jnp.float32),
+      ],
+      grid=(nb, q_tiles), grid_names=("b", "q"))
+  return kernel(steps, offsets, wt, x2)
+
+
+def run_variant(variant, layer, batch, v, sparsity_name):
+  from kernel_sweep import cupti_us
+  from pallas_kernels.vector_sparse_conv import (
+      vector_sparse_conv, vector_sparse_conv_reference)
+  c = prepare(layer, batch, v, sparsity_name)
+  g, blocks = c["g"], c["blocks"]
+  row = dict(variant=variant, layer=layer, batch=batch, v=v,
+             sparsity=c["sparsity"], blocks=blocks.num_blocks,
+             kept_columns=blocks.kept_columns, q_tiles=c["q_tiles"],
+             steps=int(np.asarray(c["steps"]).sum()))
+  ref = vector_sparse_conv_reference(c["x_flat"], c["values"], blocks,
+                                     out_len=g.out_len,
+                                     out_dtype=jnp.float32)
+  f = jax.jit(lambda x, wt, o, s: mosaic_vector_conv(
+      x, wt, o, s, q_tiles=c["q_tiles"], variant=variant))
+  t0 = time.time()
+  y = f(c["x_flat"], c["wt"], c["offsets"], c["steps"])
+  y = np.asarray(jax.block_until_ready(y))
+  row["compile_s"] = time.time() - t0
+  got = y[:, :v, :g.out_len].reshape(-1, g.out_len)
+  ref = np.asarray(ref, np.float32)
+  err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+  row["rel_err"] = err
+  row["finite"] = bool(np.isfinite(got).all())
+  print(f"{variant}: rel err {err:.2e}", flush=True)
+  if not (err < 1e-2):
+    row["status"] = "wrong"
+    return row
+  row["status"] = "ok"
+  row["mosaic_us"], row["mosaic_spread"] = cupti_us(
+      f, c["x_flat"], c["wt"], c["offsets"], c["steps"])
+  triton = jax.jit(lambda x, vals: vector_sparse_conv(
+      x, vals, blocks, out_len=g.out_len, block_q=128))
+  row["triton_wide_us"], _ = cupti_us(triton, c["x_flat"], c["values"])
+  dn = ("NHWC", "HWIO", "NHWC")
+  lax_bf16 = jax.jit(lambda x, w: lax.conv_general_dilated(
+      x, w, dimension_numbers=dn, **c["args"]))
+  row["lax_bf16_us"], _ = cupti_us(lax_bf16, c["x"],
+                                   c["w"].astype(jnp.bfloat16))
+  useful = 2.0 * blocks.kept_columns * v * g.batch * g.out_h * g.out_w
+  row["mosaic_tflops"] = useful / row["mosaic_us"] / 1e6
+  row["triton_tflops"] = useful / row["triton_wide_us"] / 1e6
+  print(f"{variant} {layer}: mosaic {row['mosaic_us']:.1f} us, triton (wide "
+        f"out) {row['triton_wide_us']:.1f} us, lax bf16 "
+        f"{row['lax_bf16_us']:.1f} us", flush=True)
+  return row
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--variant", nargs="+", default=["tile8", "union"])
+  p.add_argument("--layers", nargs="+", default=["res3a_branch2b"])
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--v", type=int, default=16)
+  p.add_argument("--sparsity", default="published")
+  p.add_argument("--out", default=os.environ.get("OUT", "."))
+  p.add_argument("--child", action="store_true")
+  a = p.parse_args()
+  if a.child:
+    row = dict(variant=a.variant[0], layer=a.layers[0])
+    try:
+      row = run_variant(a.variant[0], a.layers[0], a.batch, a.v, a.sparsity)
+    except Exception as e:  # recorded: the probe's point is what fails
+      row.update(status="error", error=f"{type(e).__name__}: {e}"[:3000],
+                 trace=traceback.format_exc()[-4000:])
+      print(row["error"][:1500], flush=True)
+    print("ROW " + json.dumps(row), flush=True)
+    return
+  os.makedirs(a.out, exist_ok=True)
+  rows = []
+  for layer in a.layers:
+    for variant in a.variant:
+      cmd = [sys.executable, __file__, "--child", "--variant", variant,
+             "--layers", layer, "--batch", str(a.batch), "--v", str(a.v),
+             "--sparsity", a.sparsity]
+      try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        out = r.stdout + r.stderr
+      except subprocess.TimeoutExpired as e:
+        out = f"timeout: {e}"
+        r = None
+      found = [l for l in out.splitlines() if l.startswith("ROW ")]
+      row = json.loads(found[-1][4:]) if found else dict(
+          variant=variant, layer=layer, status="crashed",
+          rc=None if r is None else r.returncode, tail=out[-3000:])
+      rows.append(row)
+      print(variant, layer, row.get("status"), row.get("error", "")[:300],
+            row.get("tail", "")[-800:], flush=True)
+      with open(os.path.join(a.out, "mosaic_probe.json"), "w") as f:
+        json.dump(dict(jax_version=jax.__version__,
+                       device=str(jax.devices()[0].device_kind), rows=rows),
+                  f, indent=1)
+  for r in rows:
+    print({k: r.get(k) for k in ("variant", "layer", "status", "rel_err",
+                                 "mosaic_us", "triton_wide_us",
+                                 "lax_bf16_us")})
+
+
+if __name__ == "__main__":
+  main()

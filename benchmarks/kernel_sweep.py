@@ -120,15 +120,16 @@ def breakdown(configs, batch, names=("res3a_branch2b", "res5a_branch2b"),
                            vector_width=vector_width)
     sk = ej.SparseKernel.from_dense(np.asarray(w.astype(jnp.float32)))
     sk = sk.with_values(sk.values.astype(dtype))
-    for cfg in configs[:2]:
+    for cfg in configs:
       f = jax.jit(lambda x, sk, cfg=cfg: ej.sparse_conv(
           x, sk, method=method, config=cfg, **args))
       print_breakdown(f"{name} {cfg}", f, x, sk)
 
 
-def time_configs(out, configs, batch):
+def time_configs(out, configs, batch, names=TIMED, dtypes=("float32",
+                                                         "bfloat16")):
   rows = []
-  for name in TIMED:
+  for name in names:
     layer = next(l for l in LAYERS if l["layer"] == name)
     x32, w32, args = make_case(layer, batch, jnp.float32)
     sk = ej.SparseKernel.from_dense(np.asarray(w32))
@@ -143,7 +144,7 @@ def time_configs(out, configs, batch):
     ho = workload_layer(layer).out_hw
     useful = 2 * sk.nnz * ho * ho * batch
     floor_us = useful / 67e12 * 1e6
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype in (jnp.dtype(d) for d in dtypes):
       for cfg in configs:
         if dtype == jnp.bfloat16 and cfg not in configs[:3]:
           continue
@@ -176,19 +177,22 @@ def main():
   ap.add_argument("--breakdown", action="store_true")
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--configs", default="8,256,4,1;4,256,4,1;16,256,4,1")
+  ap.add_argument("--layers", nargs="+", default=TIMED)
+  ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   a = ap.parse_args()
   print(jax.devices(), jax.__version__, flush=True)
   if a.check:
     check_all(a.out)
-  configs = [KernelConfig(*map(int, c.split(",")))
+  # Fields in KernelConfig's order; 0/1 for its booleans.
+  configs = [KernelConfig(*(f(int(v)) for f, v in zip(
+      [type(getattr(KernelConfig(), k)) for k in KernelConfig().__dict__],
+      c.split(","))))
              for c in a.configs.split(";")]
   if a.breakdown:
-    breakdown(configs, a.batch)
+    breakdown(configs, a.batch, names=a.layers)
   if a.time:
-    configs = [KernelConfig(*map(int, c.split(",")))
-               for c in a.configs.split(";")]
-    time_configs(a.out, configs, a.batch)
+    time_configs(a.out, configs, a.batch, a.layers, a.dtypes)
 
 
 if __name__ == "__main__":

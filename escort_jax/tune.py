@@ -42,6 +42,14 @@ DEFAULT_CANDIDATES = (
     KernelConfig(1, 128, 4, 1, 4, nhwc_out=True),
     KernelConfig(1, 128, 4, 1, 4, nhwc_out=True, split=2),
     KernelConfig(1, 128, 4, 1, 4, nhwc_out=True, split=8),
+    # Batch 1 again: 8 loads in flight, and 256 or 64 positions per program
+    # (1.1-1.25x faster than the above on 6 of 8 ResNet-50 layers in
+    # float32; benchmarks/results/2026-11-24T1049-*-b1-unroll-sweep.json).
+    KernelConfig(1, 128, 4, 1, 8, nhwc_out=True),
+    KernelConfig(1, 256, 4, 1, 8, nhwc_out=True),
+    KernelConfig(1, 64, 2, 1, 8, nhwc_out=True),
+    KernelConfig(1, 128, 4, 1, 8, nhwc_out=True, split=2),
+    KernelConfig(1, 64, 2, 1, 4, nhwc_out=True, split=2),
 )
 
 # Vector-kernel candidates (block_q, block_k, num_warps, num_stages), tried

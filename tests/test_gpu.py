@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from escort_jax import SparseKernel, sparse_conv
+from escort_jax import SparseKernel, sparse_conv, tune
 from tests.conftest import (enable_x64, random_array, random_pruned_kernel,
                             random_vector_kernel, rel_err, requires_gpu)
 
@@ -183,6 +183,35 @@ def test_layer_forward_vector(layer):
   print(f"\n[vector-gpu] {name:28s} V=16 sparsity={_sparsity(layer):.3f} "
         f"f32_err={errors['float32']:.2e} bf16_err={errors['bfloat16']:.2e}")
   _assert_within_bounds(name + "[vector]", errors)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", ["resnet50/res2a_branch2b",
+                                  "resnet50/res5a_branch2b",
+                                  "caffenet/conv2"])
+@pytest.mark.parametrize("index", range(len(tune.DEFAULT_CANDIDATES)))
+def test_every_tune_candidate(index, name, batch):
+  """Every escort config that tuning may record into a plan computes the
+  convolution (with bias and relu, which the split configs apply after the
+  parts' sum), at batch 1 and an odd batch."""
+  cfg = tune.DEFAULT_CANDIDATES[index]
+  layer = next(l for l in LAYERS if _name(l) == name)
+  _, x, kernel, bias, conv = _layer_problem(layer, [606, index, batch])
+  x = x[:1] if batch == 1 else jnp.concatenate([x, x[:1] * -0.5])
+  for dtype in (jnp.float32, jnp.bfloat16):
+    xd, kd, bd = x.astype(dtype), jnp.asarray(kernel, dtype), bias.astype(
+        dtype)
+    sk = SparseKernel.from_dense(np.asarray(kd))
+    y = jax.jit(lambda x, sk, b: sparse_conv(
+        x, sk, bias=b, activation="relu", method="escort", config=cfg,
+        **conv))(xd, sk, bd)
+    ref = jnp.maximum(_lax_conv(xd, kd, bd, conv), 0)
+    chex.assert_shape(y, ref.shape)
+    chex.assert_type(y, dtype)
+    assert bool(jnp.all(jnp.isfinite(y))), f"{name} {cfg}: non-finite output"
+    err = rel_err(y, ref)
+    bound = BOUNDS[jnp.dtype(dtype).name]
+    assert err <= bound, f"{name} batch {batch} {dtype} {cfg}: {err:.3e}"
 
 
 @pytest.mark.parametrize("method", ["escort", "vector"])

@@ -326,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="whole-network rows instead: jitted inference of "
                      "the SkimCaffe-pruned NET (caffenet, googlenet, "
                      "resnet50), sparse against dense, at fp32 HIGHEST and "
-                     "default precision")
+                     "default precision; with --tune, tune that network's "
+                     "own sparse layers instead (their structures are not "
+                     "the per-layer workload's)")
   bench.add_argument("--precision", choices=PRECISIONS, default="default",
                      help="with --tune: the precision of the dense "
                      "alternative and of the plans' keys (highest: plans "
@@ -831,6 +833,15 @@ def _cmd_bench(args) -> int:
   if args.precision != "default" and not args.tune:
     return usage("--precision goes with --tune (--network times both "
                  "precisions)")
+  if args.network and args.tune:
+    try:
+      dtypes = [bench.parse_dtype(d)
+                for d in _split_list(args.dtype) or ["float32"]]
+    except bench.UsageError as e:
+      return usage(str(e))
+    return _tune_networks(_split_list(args.network),
+                          batches or wl.batch_sizes(), dtypes, args, console,
+                          max_hw=max_hw, num_inputs=inputs)
   if args.network:
     from escort_jax import bench_network
     methods = _split_list(args.method) or ["auto"]
@@ -975,6 +986,43 @@ def _tune(layers, batches, dtypes, args, console, *, vector_widths=(None,),
                              in_hw=small.in_hw, requested_vector_width=vw,
                              sparsity=round(1.0 - sk.nnz / layer.size, 6),
                              **entry))
+  if args.json:
+    print(json.dumps(report, indent=1))
+  return EXIT_OK
+
+
+def _tune_networks(nets, batches, dtypes, args, console, *, max_hw=None,
+                   num_inputs=None) -> int:
+  """`bench --tune --network NET`: records a plan for every sparse layer of
+  the pruned network that `bench --network` runs (the same seeded model), at
+  each batch and dtype and at --precision, so that its "auto" layers follow
+  tuned plans (escort_jax.tune.tune_model)."""
+  import pathlib
+  import jax
+  import jax.numpy as jnp
+  from escort_jax import bench_network, tune
+  directory = pathlib.Path(args.plan_dir) if args.plan_dir else None
+  candidates, vector_candidates = tune.CANDIDATE_SETS[args.candidates]
+  precision = None if args.precision == "default" else "highest"
+  report = []
+  for name in nets:
+    for dtype in dtypes:
+      _, sparse = bench_network.build_networks(name, dtype=jnp.dtype(dtype))
+      h, w, c = bench_network.input_hwc(name, max_hw)
+      for batch in batches:
+        def show(path, shape, entry, name=name, batch=batch, dtype=dtype):
+          best = tune.best_times(entry)
+          console.print(
+              f"{name} b={batch} {dtype} {path} {shape}: {entry['method']} "
+              f"(escort {best['escort']:.1f} us, dense {best['dense']:.1f} "
+              f"us)", highlight=False)
+          report.append(dict(net=name, layer=path, batch=batch, dtype=dtype,
+                             input_shape=list(shape), **entry))
+        tune.tune_model(
+            sparse, jax.ShapeDtypeStruct((batch, h, w, c), jnp.dtype(dtype)),
+            precision=precision, candidates=candidates,
+            vector_candidates=vector_candidates,
+            num_inputs=num_inputs or 10, directory=directory, on_layer=show)
   if args.json:
     print(json.dumps(report, indent=1))
   return EXIT_OK

@@ -200,3 +200,71 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
                          dispatch.precision_name(precision))
     plans.record(key, entry, directory=directory)
   return entry
+
+
+def tune_model(model, example_input, *, call=None, precision=None,
+               candidates: Sequence[KernelConfig] = DEFAULT_CANDIDATES,
+               vector_candidates: Sequence[VectorConfig] = (
+                   DEFAULT_VECTOR_CANDIDATES),
+               num_inputs: int = 10, seed: int = 0, save: bool = True,
+               directory=None, on_layer=None) -> dict[str, list[dict]]:
+  """Tunes every SparseConv of an NNX model for the inputs it gets.
+
+  One forward pass of `example_input` is traced abstractly
+  (escort_jax.convert.probe_calls) to find each SparseConv's input shapes;
+  each (layer, input shape) is then tuned as tune_layer does, under the
+  layer's own precision (or, if it has none, `precision`, as the model's
+  calls resolve it: jax.default_matmul_precision inside), with its
+  structure, strides, padding, dilation and groups, in the dtype the layer
+  computes in. The plans land under the keys the model's calls look up, so
+  that its "auto" layers (and escort or vector layers with no config)
+  follow them.
+
+  Args:
+    model: an NNX module with SparseConv layers.
+    example_input: the model's input (an array, or a jax.ShapeDtypeStruct).
+    call: (model, x) -> output, if the model is not called as model(x).
+    precision: a jax.default_matmul_precision value ("highest", ...) under
+      which the model will run; None leaves the current one.
+    candidates, vector_candidates, num_inputs, seed, save, directory: as
+      for tune_layer.
+    on_layer: called as on_layer(path, input_shape, entry) after each.
+
+  Returns:
+    Dotted layer path -> the plan entries of its distinct input shapes.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from escort_jax import convert  # convert imports the modules tuned here
+  from escort_jax.nnx import SparseConv, _get_value
+  results: dict[str, list[dict]] = {}
+  with jax.default_matmul_precision(precision):
+    calls = convert.probe_calls(model, example_input, call=call)
+    for path, node in nnx.iter_graph(model):
+      if not isinstance(node, SparseConv):
+        continue
+      name = convert.path_str(path)
+      sk = node.sparse_kernel
+      bias = None if node.bias is None else _get_value(node.bias)
+      seen = set()
+      for c in calls.get(name, ()):
+        # The module flattens leading batch dimensions into one (none: one
+        # image) and promotes its operands before sparse_conv.
+        shape = (int(np.prod(c.input_shape[:-3])),) + tuple(
+            c.input_shape[-3:])
+        dtype = jnp.dtype(node.promote_dtype(
+            (jnp.zeros((), c.input_dtype), sk.values, bias),
+            dtype=node.dtype)[0].dtype)
+        if (shape, dtype) in seen:
+          continue
+        seen.add((shape, dtype))
+        entry = tune_layer(
+            shape, sk, node.strides, node.padding,
+            rhs_dilation=node.kernel_dilation,
+            feature_group_count=node.feature_group_count, dtype=dtype,
+            precision=node.precision, candidates=candidates,
+            vector_candidates=vector_candidates, num_inputs=num_inputs,
+            seed=seed, save=save, directory=directory)
+        results.setdefault(name, []).append(entry)
+        if on_layer is not None:
+          on_layer(name, shape, entry)
+  return results

@@ -661,6 +661,38 @@ def test_bench_tune_precision(flag, want, tmp_path, capsys, monkeypatch):
     assert "--precision goes with --tune" in capsys.readouterr().err
 
 
+def test_bench_tune_network(tmp_path, capsys, monkeypatch):
+  """`bench --tune --network resnet50` tunes the 16 sparse layers of the
+  network that `bench --network` runs, with the shapes they get there, under
+  the precision asked for."""
+  from escort_jax import tune  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def fake(x_shape, sk, window_strides, padding, **kwargs):
+    seen.append((tuple(x_shape), sk.shape, window_strides, kwargs["dtype"],
+                 jax.config.jax_default_matmul_precision))
+    return {"method": "escort", "config": {}, "config_method": "escort",
+            "best_configs": {}, "times_us": {"dense": 2.0, "x": 1.0}}
+
+  monkeypatch.setattr(tune, "tune_layer", fake)
+  code = cli.main(["bench", "--tune", "--network", "resnet50", "--max-hw",
+                   "32", "--batch", "2", "--precision", "highest",
+                   "--plan-dir", str(tmp_path), "--json"])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err[-3000:]
+  assert len(seen) == 16  # the pruned 3x3 layers, once each
+  # res2a: 32 -> 16 (stem, stride 2) -> 8 (max pool); res5c: 1.
+  assert seen[0][:2] == ((2, 8, 8, 64), (3, 3, 64, 64))
+  assert seen[-1][:2] == ((2, 1, 1, 512), (3, 3, 512, 512))
+  assert {s[3] for s in seen} == {jnp.dtype(jnp.float32)}
+  assert {s[4] for s in seen} == {"highest"}
+  report = json.loads(captured.out)
+  assert [r["layer"] for r in report][:2] == ["res2a.branch2b",
+                                              "res2b.branch2b"]
+  assert "resnet50 b=2 float32 res2a.branch2b (2, 8, 8, 64): escort" in (
+      captured.err)
+
+
 def test_spread_indices():
   assert demo.spread_indices(16, 4) == [0, 5, 10, 15]
   assert demo.spread_indices(3, None) == [0, 1, 2]

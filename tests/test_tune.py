@@ -2,12 +2,14 @@
 timed beside the escort kernel's and dense, and the plan it records says
 which kernel its config belongs to (on the CPU)."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import escort_jax as ej
-from escort_jax import bench, dispatch, ops, plans, tune
+from escort_jax import bench, convert, dispatch, ops, plans, tune
+from escort_jax.nnx import SparseConv
 from escort_jax.conv_geometry import make_geometry
 from escort_jax.ops import KernelConfig, VectorConfig
 from tests.conftest import random_vector_kernel
@@ -160,3 +162,64 @@ def test_candidate_sets():
   assert tune.CANDIDATE_SETS["vector"] == ((KernelConfig(),),
                                            tune.DEFAULT_VECTOR_CANDIDATES)
   assert tune.CANDIDATE_SETS["escort"] == (tune.DEFAULT_CANDIDATES, ())
+
+
+class _TwoLayers(nnx.Module):
+  """A 3x3 escort layer called twice (one shape), then a strided one."""
+
+  def __init__(self, rngs):
+    self.a = SparseConv(4, 4, (3, 3), sparsity=0.6, method="escort",
+                        rngs=rngs)
+    self.b = SparseConv(4, 8, (3, 3), strides=2, padding="VALID",
+                        sparsity=0.7, method="escort", rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(self.a(self.a(x)))
+
+
+def _probe_sources(model, x, precision=None):
+  with jax.default_matmul_precision(precision):
+    calls = convert.probe_calls(model, x)
+  return {path: [(ch.source, ch.config) for c in cs for ch in c.choices]
+          for path, cs in calls.items()}
+
+
+def test_tune_model_plans_are_the_ones_its_calls_look_up(plan_dir,
+                                                         monkeypatch):
+  model = _TwoLayers(nnx.Rngs(0))
+  x = jax.ShapeDtypeStruct((2, 9, 9, 4), jnp.float32)
+  # Per tuned (layer, shape): dense, then the candidates; the second wins.
+  queue = _fake_times(monkeypatch, [100.0, 50.0, 20.0] * 2)
+  seen = []
+  result = tune.tune_model(model, x, precision="highest", candidates=ESCORT,
+                           num_inputs=1, directory=plan_dir,
+                           on_layer=lambda *a: seen.append(a[:2]))
+  assert not queue  # layer a was tuned once, for its one input shape
+  assert seen == [("a", (2, 9, 9, 4)), ("b", (2, 9, 9, 4))]
+  assert set(result) == {"a", "b"}
+  assert all(len(v) == 1 and v[0]["method"] == "escort"
+             for v in result.values())
+  # Run as tuned (HIGHEST), every call finds its plan and the winning
+  # config; at the default precision the keys differ and none is found.
+  assert _probe_sources(model, x, "highest") == {
+      "a": [("plan", ESCORT[1])] * 2, "b": [("plan", ESCORT[1])]}
+  assert _probe_sources(model, x) == {"a": [("caller", None)] * 2,
+                                      "b": [("caller", None)]}
+
+
+def test_tune_model_tunes_in_the_dtype_the_layer_computes_in(plan_dir,
+                                                              monkeypatch):
+  # bfloat16 params and a float32 input: the layer promotes to float32.
+  model = nnx.Sequential(SparseConv(4, 4, (3, 3), sparsity=0.5,
+                                    method="escort",
+                                    param_dtype=jnp.bfloat16,
+                                    rngs=nnx.Rngs(1)))
+  x = jax.ShapeDtypeStruct((1, 7, 7, 4), jnp.float32)
+  _fake_times(monkeypatch, [100.0, 50.0, 20.0])
+  (entry,), = tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
+                              directory=plan_dir).values()
+  g = make_geometry((1, 7, 7, 4), model.layers[0].structure, (1, 1),
+                    "SAME", (1, 1), 1)
+  key = plans.plan_key(model.layers[0].structure.digest, g, jnp.float32,
+                       None)
+  assert plans.lookup(key) == entry

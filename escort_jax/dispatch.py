@@ -7,13 +7,12 @@ Order of authority:
      (escort_jax.plans, written by escort_jax.tune);
   3. the cost model below.
 
-The cost model is fitted to H100 measurements of 2026-11-24
-(benchmarks/results/*tile-sweep*): the escort kernels sustain about 4.5
-TFLOP/s of useful work, dense cuDNN about 42 (fp32 HIGHEST), 130 (TF32) and
-400 (bf16) TFLOP/s. The vector kernel's model (tensor cores) is fitted to
-the H100 rows of benchmarks/results/*vector16*. On other backends "auto" is
-always "dense": XLA's CPU convolution is far faster than the Pallas
-interpreter.
+The cost model is fitted to H100 measurements of 2026-11-24 (below): a
+time per path of a throughput term and latency terms, so that it holds at
+batch 1, where a layer is a few microseconds of serial work, as at batch
+32. The vector kernel's model (tensor cores) is fitted to the H100 rows of
+benchmarks/results/*vector16*. On other backends "auto" is always "dense":
+XLA's CPU convolution is far faster than the Pallas interpreter.
 """
 
 from __future__ import annotations
@@ -30,11 +29,33 @@ from escort_jax.conv_geometry import (ConvGeometry,
                                       structure_vector_width)
 from pallas_kernels.vector_sparse_conv import MIN_DOT, MIN_VECTOR_WIDTH
 
-# Useful FLOP/s of each path, by input dtype (escort) or dtype and precision
-# (dense), and the fixed cost of the layout passes of the escort path.
-ESCORT_FLOPS = {"float32": 4.5e12, "bfloat16": 5.0e12, "float16": 5.0e12}
-DENSE_FLOPS = {("float32", "highest"): 42e12, ("float32", None): 130e12,
-               ("bfloat16", None): 400e12, ("float16", None): 400e12}
+# Both models below are least-squares fits (relative error) to the 156 escort
+# rows of the 39 pruned layers at batch 1 (benchmarks/results/
+# 2026-11-24T0755-*-b1-retuned.json) and batch 32 (2026-11-24T0545-*.json)
+# and to the dense baselines timed beside them; fitted on two networks,
+# they predict the third with a median error of 8-16 %.
+#
+# Dense lax.conv (cuDNN): flops / rate + k * per_k + fixed, where k is the
+# reduction length (input channels per group x kernel height x width): a
+# small grid runs each output tile's k-long product serially. Median error
+# 7-11 % (the one-rate model it replaces, 52-65 %: at batch 1 it made fp32
+# HIGHEST cuDNN 10-20x too fast, and picked dense on 27 of 39 layers where
+# escort was faster).
+DENSE_MODEL = {  # (dtype, precision): (FLOP/s, s per k, s)
+    ("float32", "highest"): (53.8e12, 24.9e-9, 7.5e-6),
+    ("float32", None): (310e12, 2.27e-9, 6.4e-6),
+    ("bfloat16", None): (585e12, 1.09e-9, 6.5e-6),
+    ("float16", None): (585e12, 1.09e-9, 6.5e-6),
+}
+# Escort path (input pass, kernel, output): useful FLOPs / rate + the
+# layout passes' bytes / bandwidth + the longest serial loop (nonzeros per
+# output channel) x latency + fixed. Median error 9 % (float32), 5 %
+# (bfloat16).
+ESCORT_MODEL = {  # dtype: (FLOP/s, bytes/s, s per row nonzero, s)
+    "float32": (7.46e12, 1.60e12, 75e-9, 3.6e-6),
+    "bfloat16": (7.78e12, 1.47e12, 81e-9, 4.1e-6),
+    "float16": (7.78e12, 1.47e12, 81e-9, 4.1e-6),
+}
 # The vector path's time, input pass included, fitted to the 117 bf16 rows
 # of benchmarks/results/2026-11-24T0455-*-vector16-*.json (39 layers at 3
 # sparsities, batch 32, V=16; median error 5.5 %): useful FLOPs at 85 TFLOP/s
@@ -45,8 +66,6 @@ DENSE_FLOPS = {("float32", "highest"): 42e12, ("float32", None): 130e12,
 VECTOR_FLOPS = {"float32": 9.6e12, "bfloat16": 85e12, "float16": 85e12}
 VECTOR_BYTES_PER_S = 1.78e12
 VECTOR_FIXED_S = 6.4e-6
-LAYOUT_BYTES_PER_S = 1.5e12  # the escort path: a pass in, one out
-LAUNCH_S = 3e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +118,20 @@ def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
   itemsize = jnp.dtype(dtype).itemsize
   layout_bytes = 2 * itemsize * (g.batch * g.in_h * g.in_w * g.in_channels +
                                  g.batch * g.out_h * g.out_w * g.out_channels)
-  layout = layout_bytes / LAYOUT_BYTES_PER_S + 2 * LAUNCH_S
-  times = {"escort": useful / ESCORT_FLOPS.get(name, 4.5e12) + layout}
+  rate, bandwidth, per_nonzero, fixed = ESCORT_MODEL.get(
+      name, ESCORT_MODEL["float32"])
+  times = {"escort": (useful / rate + layout_bytes / bandwidth +
+                      nnz / g.out_channels * per_nonzero + fixed)}
   if vector_width >= MIN_VECTOR_WIDTH:
     # Widths below the product's minimum width still pay for all of it.
     waste = max(1.0, MIN_DOT / vector_width)
     times["vector"] = (useful * waste / VECTOR_FLOPS.get(name, 8e12) +
                        layout_bytes / 2 / VECTOR_BYTES_PER_S + VECTOR_FIXED_S)
-  dense_rate = DENSE_FLOPS.get((name, precision_name(precision)),
-                               DENSE_FLOPS.get((name, None), 42e12))
-  times["dense"] = g.flops / dense_rate + LAUNCH_S
+  rate, per_k, fixed = DENSE_MODEL.get(
+      (name, precision_name(precision)),
+      DENSE_MODEL.get((name, None), DENSE_MODEL[("float32", "highest")]))
+  k = g.in_channels // g.groups * g.kernel_h * g.kernel_w
+  times["dense"] = g.flops / rate + k * per_k + fixed
   return times
 
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import escort_jax as ej
 from escort_jax import dispatch, ops, plans, tune
@@ -68,6 +69,24 @@ def test_cost_model_prefers_dense_when_dense_and_escort_when_very_sparse():
   t_sparse = dispatch.predicted_seconds(g, full // 100, jnp.float32,
                                         "highest")
   assert t_sparse["escort"] < t_sparse["dense"]
+
+
+@pytest.mark.parametrize("batch, precision, want", [
+    # Measured on the H100 (benchmarks/results/2026-11-24T0755-*, T0545-*):
+    # res5a_branch2b at its 97.8 % sparsity, float32 input.
+    (1, "highest", "escort"),   # escort 12.0 us, cuDNN HIGHEST 136.7 us
+    (1, None, "escort"),        # escort 12.0 us, TF32 20.4 us
+    (32, "highest", "escort"),  # escort 46.8 us, cuDNN HIGHEST 354.6 us
+    (32, None, "dense"),        # escort 46.8 us, TF32 39.7 us
+])
+def test_cost_model_on_a_measured_layer(batch, precision, want):
+  """The latency terms: at batch 1 cuDNN's fp32 convolutions are far
+  slower than their FLOPs suggest (the one-rate model picked dense here)."""
+  sk = _layer(7, (3, 3, 512, 512), density=0.022)
+  g = make_geometry((batch, 7, 7, 512), sk.structure, (1, 1), "SAME",
+                    (1, 1), 1)
+  t = dispatch.predicted_seconds(g, sk.nnz, jnp.float32, precision)
+  assert min(t, key=t.get) == want, t
 
 
 def test_tune_records_a_plan_that_dispatch_finds(plan_dir):

@@ -942,19 +942,39 @@ def _bench_sharded(args, batches, max_hw, repeats, usage) -> int:
   return EXIT_OK if results["outputs_equal"] else EXIT_CHECK_FAILED
 
 
+def _tune_options(args):
+  """(plan directory or None, escort candidates, vector candidates,
+  precision) of `bench --tune`'s arguments."""
+  import pathlib
+  from escort_jax import tune
+  directory = pathlib.Path(args.plan_dir) if args.plan_dir else None
+  candidates, vector_candidates = tune.CANDIDATE_SETS[args.candidates]
+  precision = None if args.precision == "default" else "highest"
+  return directory, candidates, vector_candidates, precision
+
+
+def _plan_text(entry) -> str:
+  """'escort (escort 9.1 us, dense 12.0 us)': a plan's method and the best
+  time of each kernel it timed."""
+  from escort_jax import tune
+  best = tune.best_times(entry)
+  parts = [f"{kernel} {best[kernel]:.1f} us"
+           for kernel in ("escort", "vector", "dense")
+           if kernel != "vector" or "vector" in entry["best_configs"]]
+  return f"{entry['method']} ({', '.join(parts)})"
+
+
 def _tune(layers, batches, dtypes, args, console, *, vector_widths=(None,),
           sparsities=None, max_hw=None, num_inputs=None) -> int:
   """`bench --tune`: records a plan per (layer, vector width, sparsity,
   batch, dtype), on the kernel the benchmark would time (vector-sparse with
   --vector-width, so the vector kernel's candidates are tried too), timing
   the candidate set args.candidates (tune.CANDIDATE_SETS)."""
-  import pathlib
   from escort_jax import tune
   from escort_jax import workload as wl
   from escort_jax.bench import vector_text
   from escort_jax.structure import SparseKernel
-  directory = pathlib.Path(args.plan_dir) if args.plan_dir else None
-  candidates, vector_candidates = tune.CANDIDATE_SETS[args.candidates]
+  directory, candidates, vector_candidates, precision = _tune_options(args)
   report = []
   skip = lambda _, v, e: console.print(  # noqa: E731
       f"[yellow]skipped: {e}[/]", highlight=False)
@@ -971,17 +991,11 @@ def _tune(layers, batches, dtypes, args, console, *, vector_widths=(None,),
               small.input_shape(batch), sk, conv["window_strides"],
               conv["padding"],
               feature_group_count=conv["feature_group_count"],
-              dtype=dtype, candidates=candidates,
-              precision=None if args.precision == "default" else "highest",
+              dtype=dtype, candidates=candidates, precision=precision,
               vector_candidates=vector_candidates,
               num_inputs=num_inputs or 10, directory=directory)
-          best = tune.best_times(entry)
-          parts = [f"{kernel} {best[kernel]:.1f} us"
-                   for kernel in ("escort", "vector", "dense")
-                   if kernel != "vector" or "vector" in entry["best_configs"]]
           console.print(f"{layer.name}{vector_text(vw)}{sp_text} b={batch} "
-                        f"{dtype}: {entry['method']} "
-                        f"({', '.join(parts)})", highlight=False)
+                        f"{dtype}: {_plan_text(entry)}", highlight=False)
           report.append(dict(layer=layer.name, batch=batch, dtype=dtype,
                              in_hw=small.in_hw, requested_vector_width=vw,
                              sparsity=round(1.0 - sk.nnz / layer.size, 6),
@@ -997,13 +1011,10 @@ def _tune_networks(nets, batches, dtypes, args, console, *, max_hw=None,
   the pruned network that `bench --network` runs (the same seeded model), at
   each batch and dtype and at --precision, so that its "auto" layers follow
   tuned plans (escort_jax.tune.tune_model)."""
-  import pathlib
   import jax
   import jax.numpy as jnp
   from escort_jax import bench_network, tune
-  directory = pathlib.Path(args.plan_dir) if args.plan_dir else None
-  candidates, vector_candidates = tune.CANDIDATE_SETS[args.candidates]
-  precision = None if args.precision == "default" else "highest"
+  directory, candidates, vector_candidates, precision = _tune_options(args)
   report = []
   for name in nets:
     for dtype in dtypes:
@@ -1011,11 +1022,8 @@ def _tune_networks(nets, batches, dtypes, args, console, *, max_hw=None,
       h, w, c = bench_network.input_hwc(name, max_hw)
       for batch in batches:
         def show(path, shape, entry, name=name, batch=batch, dtype=dtype):
-          best = tune.best_times(entry)
-          console.print(
-              f"{name} b={batch} {dtype} {path} {shape}: {entry['method']} "
-              f"(escort {best['escort']:.1f} us, dense {best['dense']:.1f} "
-              f"us)", highlight=False)
+          console.print(f"{name} b={batch} {dtype} {path} {shape}: "
+                        f"{_plan_text(entry)}", highlight=False)
           report.append(dict(net=name, layer=path, batch=batch, dtype=dtype,
                              input_shape=list(shape), **entry))
         tune.tune_model(

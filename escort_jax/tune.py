@@ -14,6 +14,7 @@ times (escort_jax.bench.device_time_us), layout passes included.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -237,7 +238,10 @@ def tune_model(model, example_input, *, call=None, precision=None,
   from escort_jax import convert  # convert imports the modules tuned here
   from escort_jax.nnx import SparseConv, _get_value
   results: dict[str, list[dict]] = {}
-  with jax.default_matmul_precision(precision):
+  # (jax.default_matmul_precision(None) would reset an enclosing one.)
+  scope = (contextlib.nullcontext() if precision is None else
+           jax.default_matmul_precision(precision))
+  with scope:
     calls = convert.probe_calls(model, example_input, call=call)
     for path, node in nnx.iter_graph(model):
       if not isinstance(node, SparseConv):

@@ -207,6 +207,17 @@ def test_tune_model_plans_are_the_ones_its_calls_look_up(plan_dir,
                                       "b": [("caller", None)]}
 
 
+def test_tune_model_keeps_an_enclosing_precision(plan_dir, monkeypatch):
+  model = _TwoLayers(nnx.Rngs(0))
+  x = jax.ShapeDtypeStruct((1, 9, 9, 4), jnp.float32)
+  _fake_times(monkeypatch, [100.0, 50.0, 20.0] * 2)
+  with jax.default_matmul_precision("highest"):
+    tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
+                    directory=plan_dir)
+  assert _probe_sources(model, x, "highest") == {
+      "a": [("plan", ESCORT[1])] * 2, "b": [("plan", ESCORT[1])]}
+
+
 def test_tune_model_tunes_in_the_dtype_the_layer_computes_in(plan_dir,
                                                               monkeypatch):
   # bfloat16 params and a float32 input: the layer promotes to float32.

@@ -14,12 +14,10 @@ The kernel under test (one warpgroup per program, grid (blocks, q tiles)):
       TMA copy of BQ = 64 bf16 (128 bytes) per kept column, into a
       128-byte-swizzled shared-memory tile that wgmma reads as its B operand.
 
-Two stages of (Wt, S) tiles, one barrier each (BK + 1 copies arrive on it).
-Variants differ only in how a strip's copy names its destination row:
-  tile8  the (BK, BQ) tile with wgmma's own (8, 64) tiling, sliced to a row;
-  union  a second view of the same shared memory (plgpu.RefUnion) tiled
-         (1, 64), whose rows are whole tiles (the bytes lie where the (8, 64)
-         view expects them; the swizzle is the hardware's, by address).
+Two stages of (Wt, S) tiles; the weight tile and the strips complete on
+barriers of their own. Variants ("+"-joined options: mosaic_vector_conv's
+docstring) differ in how the strip copies name their rows and are issued;
+"swz+nb+warps" is the one that works best (benchmarks/NOTES.md).
 Each variant runs in its own process (a bad TMA can kill the process) and is
 checked against the plain-JAX reference before it is timed (CUPTI, as
 benchmarks/kernel_sweep.py). Results go to OUT/mosaic_probe.json.
@@ -284,7 +282,7 @@ def run_variant(variant, layer, batch, v, sparsity_name, semantics):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--variant", nargs="+", default=["swz"])
+  p.add_argument("--variant", nargs="+", default=["swz+nb+warps"])
   p.add_argument("--layers", nargs="+", default=["res3a_branch2b"])
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--v", type=int, default=16)

@@ -214,8 +214,9 @@ _OPTIONAL_CONV_ARGS = ("promote_dtype", "preferred_element_type")
 _CONV_PARAMETERS = frozenset(inspect.signature(nnx.Conv.__init__).parameters)
 
 
-def _optional_args(layer, accepted) -> dict:
-  """The _OPTIONAL_CONV_ARGS that `layer` has and `accepted` names."""
+def _optional_args(layer, accepted=_OPTIONAL_CONV_ARGS) -> dict:
+  """The _OPTIONAL_CONV_ARGS that `layer` has and `accepted` names (by
+  default all: SparseConv takes each of them)."""
   return {name: getattr(layer, name) for name in _OPTIONAL_CONV_ARGS
           if hasattr(layer, name) and name in accepted}
 
@@ -418,7 +419,7 @@ class SparseConv(nnx.Module):
             method: str, activation, config) -> SparseConv:
     """A SparseConv with `layer`'s hyper-parameters (an nnx.Conv or a
     SparseConv, possibly abstract) and this kernel; bias zero."""
-    kwargs = _optional_args(layer, _OPTIONAL_CONV_ARGS)
+    kwargs = _optional_args(layer)
     new = cls(
         layer.in_features, layer.out_features, tuple(layer.kernel_size),
         layer.strides, padding=layer.padding,

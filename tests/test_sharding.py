@@ -11,9 +11,10 @@ forward outputs must match bitwise, gradients to 1e-6 (the batch reduction
 is summed in another order). (Bitwise holds here because this problem is so
 small that every batch size gets the same default KernelConfig.split; in
 general each device matches the one-device program on its own share bitwise,
-which `bench --sharded` checks, and the whole-batch result to rounding.) On GPUs the dense path's forward is held to
-1e-6 instead: cuDNN may choose another algorithm for the smaller per-device
-batch, which is lax's business; the Pallas paths must still match bitwise.
+which `bench --sharded` checks, and the whole-batch result to rounding.) On
+GPUs the dense path's forward is held to 1e-6 instead: cuDNN may choose
+another algorithm for the smaller per-device batch, which is lax's business;
+the Pallas paths must still match bitwise.
 
 What is checked, for method="dense", method="escort" and method="vector" (the
 Pallas kernels in interpret mode on the CPU; "vector" on a kernel whose blocks

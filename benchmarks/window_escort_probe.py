@@ -29,8 +29,9 @@ kernel itself needs an H100). Each variant runs in its own process on the
 device (a bad copy can kill the process), is checked against the plain-JAX
 reference, then timed with CUPTI (as benchmarks/kernel_sweep.py).
 
-Variants: "G<rows>.Q<positions>.C<planes per chunk>.V<vector width>", e.g.
-"G8.Q1024.C4.V4".
+Variants: "G<rows>.Q<positions>.C<planes per chunk>.V<vector width>";
+"G8.Q1024.C2.V1" is the best measured (equal to the Triton kernel on
+res3a_branch2b, slower on the other layers timed: benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -64,15 +65,13 @@ class Variant:
   block_q: int       # TQ, positions per program (a multiple of 128 * vec)
   planes: int        # CC, planes per shared-memory chunk
   vec: int           # elements per thread per shared-memory load
-  warpgroups: int = 1  # W, independent programs per thread block
 
   @classmethod
   def parse(cls, name: str) -> "Variant":
-    m = re.fullmatch(r"G(\d+)\.Q(\d+)\.C(\d+)\.V(\d+)(?:\.W(\d+))?", name)
+    m = re.fullmatch(r"G(\d+)\.Q(\d+)\.C(\d+)\.V(\d+)", name)
     if not m:
-      raise ValueError(f"bad variant {name!r}: expected "
-                       "G<n>.Q<n>.C<n>.V<n>[.W<n>]")
-    return cls(*(int(v) for v in m.groups() if v is not None))
+      raise ValueError(f"bad variant {name!r}: expected G<n>.Q<n>.C<n>.V<n>")
+    return cls(*(int(v) for v in m.groups()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +129,7 @@ def pack_windows(problem, g, v: Variant) -> WindowPack:
     raise ValueError(f"block_q {TQ} is not a multiple of {THREADS} x {v.vec}")
   if TQ % TMA_ROW:
     raise ValueError(f"block_q {TQ} is not a multiple of {TMA_ROW}")
-  W = v.warpgroups
-  num_groups = -(-g.out_channels // (G * W)) * W
+  num_groups = -(-g.out_channels // G)
   q_tiles = -(-g.out_len // TQ)
   chunks = -(-g.num_planes // CC)
   window_len = -(-(TQ + g.max_shift) // TMA_ROW) * TMA_ROW
@@ -154,7 +152,7 @@ def pack_windows(problem, g, v: Variant) -> WindowPack:
   slot = G + 1 + np.arange(order.size) - meta_start[sorted_m]
   meta[sorted_m, slot] = (ci * window_len + shifts)[order]
   src[sorted_m, slot] = order
-  smem_bytes = (max(2 * CC * window_len, G * TQ) + 4 * meta_len) * 4 * W
+  smem_bytes = (max(2 * CC * window_len, G * TQ) + 4 * meta_len) * 4
   if smem_bytes > 227 * 1024:
     raise ValueError(f"variant {v} needs {smem_bytes} bytes of shared memory")
   return WindowPack(num_groups=num_groups, q_tiles=q_tiles, chunks=chunks,
@@ -201,14 +199,8 @@ def valid_positions(g, length: int) -> np.ndarray:
   return (q < g.out_len) & (q % g.valid_period < g.valid_len)
 
 
-def window_escort_conv(xw, meta_values, pk: WindowPack, vec: int,
-                       warpgroups: int = 1):
-  """-> (num_groups * G, q_tiles * TQ) float32 wide output rows.
-
-  With W warpgroups per thread block, each runs its own program (its own
-  group of rows, windows and barriers) and they only share the block's
-  scheduling slot: more warps per SM than shared memory would otherwise
-  allow blocks."""
+def window_escort_conv(xw, meta_values, pk: WindowPack, vec: int):
+  """-> (num_groups * G, q_tiles * TQ) float32 wide output rows."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
   G, TQ, CC, WL, PL = (pk.rows, pk.block_q, pk.planes, pk.window_len,
@@ -216,20 +208,18 @@ def window_escort_conv(xw, meta_values, pk: WindowPack, vec: int,
   chunks, ML = pk.chunks, pk.meta_len
   R, MR = TMA_ROW, META_ROW
   nr = WL // R
-  W = warpgroups
   layout = plgpu.Layout.WG_STRIDED((TQ,), vec_size=vec)
 
   def body(x_g, mi_g, mv_g, y_g, smem, mi_views, mv_views, bars):
-    wg = lax.axis_index("wg") if W > 1 else 0
-    grp = lax.axis_index("g") * W + wg
+    grp = lax.axis_index("g")
     qt = lax.axis_index("q")
-    win_rows, win, out_smem, out_rows = (r.at[wg] for r in smem)
-    mi_rows, mi = (r.at[wg] for r in mi_views)
-    mv_rows, mv = (r.at[wg] for r in mv_views)
+    win_rows, win, out_smem, out_rows = smem
+    mi_rows, mi = mi_views
+    mv_rows, mv = mv_views
 
     def issue(k, slot):
       m = grp * chunks + k
-      b = bars.at[wg * 2 + slot]
+      b = bars.at[slot]
       plgpu.copy_gmem_to_smem(mi_g.at[m], mi_rows.at[slot], b)
       plgpu.copy_gmem_to_smem(mv_g.at[m], mv_rows.at[slot], b)
       for ci in range(CC):
@@ -249,7 +239,7 @@ def window_escort_conv(xw, meta_values, pk: WindowPack, vec: int,
         plgpu.commit_smem()
         issue(k + 1, 1 - slot)
 
-      plgpu.barrier_wait(bars.at[wg * 2 + slot])
+      plgpu.barrier_wait(bars.at[slot])
       bounds = [mi[slot, r] for r in range(G + 1)]
       out = []
       for r in range(G):
@@ -278,18 +268,17 @@ def window_escort_conv(xw, meta_values, pk: WindowPack, vec: int,
       out_type=jax.ShapeDtypeStruct(
           (pk.num_groups * G, pk.q_tiles * TQ // R, R), jnp.float32),
       scratch_types=[
-          plgpu.RefUnion(plgpu.SMEM((W, 2, CC, nr, R), jnp.float32),
-                         plgpu.SMEM((W, 2, CC * WL), jnp.float32),
-                         plgpu.SMEM((W, G, TQ), jnp.float32),
-                         plgpu.SMEM((W, G, TQ // R, R), jnp.float32)),
-          plgpu.RefUnion(plgpu.SMEM((W, 2, ML // MR, MR), jnp.int32),
-                         plgpu.SMEM((W, 2, ML), jnp.int32)),
-          plgpu.RefUnion(plgpu.SMEM((W, 2, ML // MR, MR), jnp.float32),
-                         plgpu.SMEM((W, 2, ML), jnp.float32)),
-          plgpu.Barrier(num_arrivals=CC + 2, num_barriers=2 * W),
+          plgpu.RefUnion(plgpu.SMEM((2, CC, nr, R), jnp.float32),
+                         plgpu.SMEM((2, CC * WL), jnp.float32),
+                         plgpu.SMEM((G, TQ), jnp.float32),
+                         plgpu.SMEM((G, TQ // R, R), jnp.float32)),
+          plgpu.RefUnion(plgpu.SMEM((2, ML // MR, MR), jnp.int32),
+                         plgpu.SMEM((2, ML), jnp.int32)),
+          plgpu.RefUnion(plgpu.SMEM((2, ML // MR, MR), jnp.float32),
+                         plgpu.SMEM((2, ML), jnp.float32)),
+          plgpu.Barrier(num_arrivals=CC + 2, num_barriers=2),
       ],
-      grid=(pk.num_groups // W, pk.q_tiles), grid_names=("g", "q"),
-      **(dict(num_threads=W, thread_name="wg") if W > 1 else {}),
+      grid=(pk.num_groups, pk.q_tiles), grid_names=("g", "q"),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Lane))
   n = pk.num_groups * chunks
@@ -324,10 +313,13 @@ def run_twin():
   import escort_jax as ej
   from pallas_kernels.direct_sparse_conv import direct_sparse_conv_reference
   jax.config.update("jax_enable_x64", True)
+  # (caffenet/conv1: stride 4, 12 phase planes; inception_3a/5x5 at G = 5:
+  # a partial last row group; caffenet/conv4: two feature groups.)
   cases = [("resnet50/res5a_branch2b", 2, Variant(8, 256, 4, 2)),
-           ("googlenet/inception_3a/5x5", 1, Variant(4, 768, 3, 1)),
+           ("googlenet/inception_3a/5x5", 1, Variant(5, 768, 3, 1)),
+           ("caffenet/conv1", 1, Variant(8, 1024, 4, 1)),
            ("caffenet/conv4", 2, Variant(8, 256, 8, 2)),
-           ("resnet50/res4a_branch2b", 1, Variant(8, 256, 2, 1, 3))]
+           ("resnet50/res4a_branch2b", 1, Variant(8, 256, 2, 1))]
   for name, batch, v in cases:
     l = wl.get_layer(name)
     w = jnp.asarray(wl.make_kernel(l, None, dtype=jnp.float64))
@@ -372,7 +364,7 @@ def run_variant(name, layer, batch):
   ref = np.asarray(direct_sparse_conv_reference(
       c["x_flat"], c["sk"].values, c["problem"].rows, c["problem"].offsets,
       num_rows=g.out_channels, out_len=g.out_len, out_dtype=jnp.float32))
-  f = jax.jit(lambda xw, mv: window_escort_conv(xw, mv, pk, v.vec, v.warpgroups))
+  f = jax.jit(lambda xw, mv: window_escort_conv(xw, mv, pk, v.vec))
   t0 = time.time()
   y = np.asarray(jax.block_until_ready(f(c["xw"], c["meta_values"])))
   row["compile_s"] = time.time() - t0
@@ -411,7 +403,7 @@ def run_variant(name, layer, batch):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--variant", nargs="+", default=["G8.Q1024.C4.V4"])
+  p.add_argument("--variant", nargs="+", default=["G8.Q1024.C2.V1"])
   p.add_argument("--layers", nargs="+", default=["res3a_branch2b"])
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--out", default=os.environ.get("OUT", "."))

@@ -8,8 +8,10 @@ Which path runs where (`method`):
             (pallas_kernels/vector_sparse_conv.py), for structures whose
             blocks of V = 8, 16, 32 or 64 consecutive output channels share
             their kept positions (SparseStructure.vector_width; prune with
-            escort_jax.prune.vector_mask). Its gradients run the escort
-            kernels, which handle any structure.
+            escort_jax.prune.vector_mask). Its weight gradient runs on
+            the same blocks and tensor cores
+            (pallas_kernels/vector_weight_grad.py); its input gradient
+            runs the escort kernel, which handles any structure.
   "dense"   lax.conv_general_dilated of the densified kernel, at `precision`.
   "auto"    on GPUs, the tuned plan for this layer if one is recorded, else
             the fastest path by a cost model (escort_jax.dispatch);
@@ -18,7 +20,9 @@ Which path runs where (`method`):
 
 Gradients (jax.custom_vjp around the kernels):
   input   the same direct sparse kernel, run with the transposed structure;
-  values  a sampled dense-dense product at the nonzero positions only;
+  values  a sampled dense-dense product at the nonzero positions only (for
+          "vector", per block a tensor-core product of the cotangent rows
+          and the gathered input columns);
   bias    a sum over positions.
 Pruned positions have no value, so they get no gradient and stay zero.
 
@@ -48,6 +52,7 @@ from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
                                                direct_sparse_conv)
 from pallas_kernels.row_groups import RowGroups, pack_row_groups
 from pallas_kernels.sampled_dense_dense import sampled_dense_dense
+from pallas_kernels.vector_weight_grad import vector_weight_grad
 from pallas_kernels.vector_sparse_conv import (MIN_VECTOR_WIDTH,
                                                VECTOR_WIDTHS, VectorBlocks,
                                                pack_vector_blocks,
@@ -378,7 +383,8 @@ def _launch(c: KernelConfig) -> dict:
 @dataclasses.dataclass(frozen=True, eq=False)
 class VectorPlan:
   """Everything static about one vector forward call: the packed blocks and
-  the launch parameters. (Its gradients run the escort kernels.)"""
+  the launch parameters. (The weight gradient runs on the same blocks; the
+  input gradient runs the escort kernels.)"""
 
   geometry: cg.ConvGeometry
   blocks: VectorBlocks
@@ -426,9 +432,10 @@ class _SparseCall:
 
   Its methods take any batch and use the geometry and plans of the batch
   they are given, so that under data parallelism (escort_jax.sharding) each
-  device runs them on its own images. Gradients (both methods): the escort
-  kernels of the transposed structure for the input, a sampled dense-dense
-  product for the values.
+  device runs them on its own images. Gradients: the escort kernels of the
+  transposed structure for the input (both methods); for the values, a
+  sampled dense-dense product (escort) or the vector blocks' weight-gradient
+  product on tensor cores (vector).
   """
 
   structure: Any
@@ -528,14 +535,23 @@ class _SparseCall:
         jnp.sum(dy, axis=(0, 1, 2), dtype=accumulator_dtype(dy.dtype)),)
     # The wide (K, out_len) cotangent, zero in the cropped columns.
     dy = cg.to_wide_output(dy, g)
+    vplan = (vector_plan(self.structure, g, self._forward_config(g))
+             if self.method == "vector" else None)
+    tail = plan.x_tail if vplan is None else max(plan.x_tail, vplan.x_tail)
     # x_flat, and the transpose of the layout that takes its cotangent back
     # to (N, H, W, C).
     x_flat, flat_to_nhwc = jax.vjp(
-        functools.partial(cg.to_flat_input, g=g, tail=plan.x_tail), x_nhwc)
-    dvalues = sharding.kernel_call(
-        sampled_dense_dense, dy, x_flat, plan.problem.rows,
-        plan.problem.offsets, valid_period=g.valid_period,
-        valid_len=g.valid_len, interpret=interpret)
+        functools.partial(cg.to_flat_input, g=g, tail=tail), x_nhwc)
+    if vplan is None:
+      dvalues = sharding.kernel_call(
+          sampled_dense_dense, dy, x_flat, plan.problem.rows,
+          plan.problem.offsets, valid_period=g.valid_period,
+          valid_len=g.valid_len, interpret=interpret)
+    else:
+      dvalues = sharding.kernel_call(
+          vector_weight_grad, dy, x_flat, vplan.blocks,
+          valid_period=g.valid_period, valid_len=g.valid_len,
+          interpret=interpret)
     # Each row padded in front by max_shift, then the tail as whole zero
     # rows: one pad (a flat pad after it would copy dy once more).
     tail_rows = -(-plan.dy_tail // plan.dy_row_len)

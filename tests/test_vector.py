@@ -20,10 +20,13 @@ from escort_jax import dispatch
 from escort_jax.conv_geometry import make_geometry
 from escort_jax.ops import KernelConfig, VectorConfig, structure_vector_width
 from pallas_kernels.direct_sparse_conv import direct_sparse_conv_reference
+from pallas_kernels.sampled_dense_dense import sampled_dense_dense_reference
 from pallas_kernels.vector_sparse_conv import (pack_vector_blocks,
                                                vector_sparse_conv,
                                                vector_sparse_conv_reference,
                                                vector_width_of)
+from pallas_kernels.vector_weight_grad import (vector_weight_grad,
+                                               vector_weight_grad_reference)
 from tests.conftest import (assert_close, enable_x64, random_array,
                             random_vector_kernel, reference_conv)
 
@@ -192,6 +195,66 @@ def test_vector_kernel_input_checks():
   with pytest.raises(ValueError, match="block_q must be a power of two"):
     vector_sparse_conv(jnp.zeros(200), values, blocks, out_len=8,
                        block_q=24, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "v,num_blocks,out_len,max_cols,period,valid,block_q,block_k,splits",
+    [
+        (16, 3, 37, 40, 10, 7, 16, 16, None),
+        (8, 4, 50, 20, 25, 25, 32, 32, 2),
+        (32, 2, 19, 60, 19, 19, 16, 32, 1),
+        (16, 2, 45, 9, 9, 6, 16, 16, 3),
+    ])
+def test_vector_weight_grad_matches_references(v, num_blocks, out_len,
+                                               max_cols, period, valid,
+                                               block_q, block_k, splits):
+  rng = np.random.default_rng([v, out_len, period])
+  rows, offsets = vector_row_problem(rng, num_blocks, v, out_len, max_cols)
+  num_rows = num_blocks * v
+  zeros_at = 5 * out_len
+  x = rng.standard_normal(zeros_at + out_len).astype(np.float32)
+  # Inputs that only cropped (q % period >= valid) or no positions read are
+  # NaN: they must not reach dw.
+  q = np.arange(out_len)
+  read = np.zeros(x.shape[0], bool)
+  for off in offsets:
+    read[off + q[q % period < valid]] = True
+  x_poisoned = np.where(read, x, np.nan).astype(np.float32)
+  if valid < period:
+    assert np.isnan(x_poisoned[:zeros_at]).any()
+  dy = rng.standard_normal((num_rows, out_len)).astype(np.float32)
+  blocks = pack_vector_blocks(rows, offsets, num_rows, v, block_k, zeros_at)
+  dw = vector_weight_grad(jnp.asarray(dy), jnp.asarray(x_poisoned), blocks,
+                          valid_period=period, valid_len=valid,
+                          block_q=block_q, splits=splits, interpret=True)
+  chex.assert_shape(dw, (rows.shape[0],))
+  chex.assert_type(dw, jnp.float32)
+  chex.assert_tree_all_finite(dw)
+  csr = sampled_dense_dense_reference(jnp.asarray(dy), jnp.asarray(x), rows,
+                                      offsets, valid_period=period,
+                                      valid_len=valid)
+  twin = vector_weight_grad_reference(jnp.asarray(dy), jnp.asarray(x),
+                                      blocks, valid_period=period,
+                                      valid_len=valid)
+  assert_close(dw, csr, F32_BOUND)
+  np.testing.assert_allclose(np.asarray(twin), np.asarray(csr), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_vector_weight_grad_input_checks():
+  rows, offsets = vector_row_problem(np.random.default_rng(0), 1, 16, 8, 3,
+                                     empty=False)
+  blocks = pack_vector_blocks(rows, offsets, 16, 16, 16, zeros_offset=64)
+  dy = jnp.ones((16, 8))
+  kw = dict(valid_period=8, valid_len=8, interpret=True)
+  with pytest.raises(ValueError, match="too short for its offsets"):
+    vector_weight_grad(dy, jnp.zeros(40), blocks, **kw)
+  with pytest.raises(ValueError, match="dy must have shape"):
+    vector_weight_grad(dy[:8], jnp.zeros(200), blocks, **kw)
+  with pytest.raises(ValueError, match="block_q must be a power of two"):
+    vector_weight_grad(dy, jnp.zeros(200), blocks, block_q=24, **kw)
+  with pytest.raises(ValueError, match="splits must be"):
+    vector_weight_grad(dy, jnp.zeros(200), blocks, splits=0, **kw)
 
 
 # ---------------------------------------------------------------------------

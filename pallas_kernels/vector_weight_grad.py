@@ -104,7 +104,7 @@ def default_splits(blocks: VectorBlocks, steps: int,
 
 def vector_weight_grad(dy: jax.Array, x_flat: jax.Array,
                        blocks: VectorBlocks, *, valid_period: int,
-                       valid_len: int, block_q: int = 64,
+                       valid_len: int, block_q: int = 128,
                        splits: int | None = None, num_warps: int = 4,
                        num_stages: int = 2,
                        interpret: bool = False) -> jax.Array:

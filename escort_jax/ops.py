@@ -50,13 +50,14 @@ from escort_jax import sharding
 from escort_jax.structure import SparseKernel
 from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
                                                direct_sparse_conv)
+from pallas_kernels.output_layout import sum_in_order
 from pallas_kernels.row_groups import RowGroups, pack_row_groups
 from pallas_kernels.sampled_dense_dense import sampled_dense_dense
-from pallas_kernels.vector_weight_grad import vector_weight_grad
 from pallas_kernels.vector_sparse_conv import (MIN_VECTOR_WIDTH,
                                                VECTOR_WIDTHS, VectorBlocks,
                                                pack_vector_blocks,
                                                vector_sparse_conv)
+from pallas_kernels.vector_weight_grad import vector_weight_grad
 
 METHODS = ("auto", "escort", "vector", "dense")
 ACTIVATIONS = (None, "relu")
@@ -510,12 +511,8 @@ class _SparseCall:
           interpret=not on_gpu(), **_launch(plan.config))
       if nhwc is None:
         y = cg.from_wide_output(y, g)
-      parts = y.reshape(y.shape[:3] + (g.out_channels, split))
-      # Added one part after another, not by a reduction whose association
-      # XLA may choose by shape: the same result for any batch size.
-      y = parts[..., 0]
-      for i in range(1, split):
-        y = y + parts[..., i]
+      y = sum_in_order(y.reshape(y.shape[:3] + (g.out_channels, split)),
+                       axis=-1)
       if bias is not None:
         y = y + bias.astype(acc)
       y = _apply_activation(y, "relu" if self.relu else None)

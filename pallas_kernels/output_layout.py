@@ -14,6 +14,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import triton as plgpu
@@ -92,6 +93,16 @@ def store(y_ref, out_idx: jax.Array, value: jax.Array, ok: jax.Array, *,
   spare = (spare_base + jnp.arange(rows, dtype=jnp.int32)[:, None] * cols
            + jnp.arange(cols, dtype=jnp.int32)[None, :])
   plgpu.store(y_ref.at[jnp.where(ok, out_idx, spare)], value)
+
+
+def sum_in_order(parts: jax.Array, axis: int) -> jax.Array:
+  """Sums `parts` over `axis` one slice after another: a fixed association,
+  where a reduction's would be XLA's choice by shape, so that kernels whose
+  partial results are summed give the same bits for any launch or batch."""
+  total = lax.index_in_dim(parts, 0, axis, keepdims=False)
+  for i in range(1, parts.shape[axis]):
+    total = total + lax.index_in_dim(parts, i, axis, keepdims=False)
+  return total
 
 
 def check_int32(**sizes: int) -> None:

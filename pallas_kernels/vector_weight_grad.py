@@ -43,7 +43,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.direct_sparse_conv import accumulator_dtype
-from pallas_kernels.output_layout import MAX_GRID_AXIS, check_int32
+from pallas_kernels.output_layout import (MAX_GRID_AXIS, check_int32,
+                                          sum_in_order)
 from pallas_kernels.vector_sparse_conv import MIN_DOT, VectorBlocks
 
 
@@ -176,11 +177,7 @@ def vector_weight_grad(dy: jax.Array, x_flat: jax.Array,
       name="escort_vector_weight_grad",
   )(jnp.asarray(blocks.offsets.reshape(-1)),
     dy.astype(in_dtype).reshape(-1), x_flat.astype(in_dtype))
-  parts = parts.reshape(splits, -1)
-  # Added one span after another: the same sum for any launch.
-  dw = parts[0]
-  for i in range(1, splits):
-    dw = dw + parts[i]
+  dw = sum_in_order(parts.reshape(splits, -1), axis=0)
   return dw[jnp.asarray(csr_positions(blocks))]
 
 

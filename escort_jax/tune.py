@@ -56,12 +56,16 @@ DEFAULT_CANDIDATES = (
 # Vector-kernel candidates (block_q, block_k, num_warps, num_stages), tried
 # on vector-sparse layers only.
 # The three best of six vector configs over 8 workload layers at batch 32 in
-# bf16 on the H100 (benchmarks/vector_sweep.py, 2026-11-24); block_k 64 and
-# block_q 64 lost on every layer.
+# bf16 on the H100 (benchmarks/vector_sweep.py, 2026-11-24), where block_k
+# 64 and block_q 64 lost on every layer at V = 16; and the best of eight at
+# V = 64 (7 layers at 90 % and 75 %, results/*T1405*-vector64-configs.json),
+# block_k 64 on 8 warps: its 64 output channels then take 32 accumulators
+# per thread.
 DEFAULT_VECTOR_CANDIDATES = (
     VectorConfig(128, 32, 4, 3),
     VectorConfig(256, 32, 8, 3),
     VectorConfig(128, 32, 4, 2),
+    VectorConfig(128, 64, 8, 3),
 )
 
 VECTOR_PREFIX = "vector:"

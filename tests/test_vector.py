@@ -338,6 +338,22 @@ def test_vector_conv_float64_and_gradients():
       assert_close(got, exp, F64_BOUND, what)
 
 
+@pytest.mark.parametrize("v", [16, 64])
+def test_default_vector_config_follows_the_width(v):
+  """With no config or plan, V = 64 kernels get the wide config (block_k
+  64 on 8 warps, measured faster there) and narrower ones the default."""
+  from escort_jax import ops
+  rng = np.random.default_rng(v)
+  kernel = random_vector_kernel(rng, (3, 3, 8, 128), 0.75, v, "float32")
+  sk = SparseKernel.from_dense(kernel, vector_width=v)
+  g = make_geometry((2, 6, 6, 8), sk.structure, (1, 1), "SAME", (1, 1), 1)
+  call = ops._SparseCall(structure=sk.structure, geometry=g, method="vector",
+                         config=None, relu=False, out_dtype=jnp.float32)
+  want = ops.WIDE_VECTOR_CONFIG if v == 64 else ops.DEFAULT_VECTOR_CONFIG
+  assert call._forward_config(g) == want
+  assert ops.default_vector_config(v) == want
+
+
 def test_vector_method_errors():
   rng = np.random.default_rng(5)
   k = rng.standard_normal((3, 3, 4, 16)) * (rng.random((3, 3, 4, 16)) < .3)

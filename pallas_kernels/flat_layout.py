@@ -1,0 +1,114 @@
+"""The stretched flat input layout of a stride-1 convolution as one Pallas
+kernel, and its reference.
+
+escort_jax.conv_geometry.to_flat_input lays an NHWC input out as
+
+    x_flat[((c * Hp + a) * Wp + b) * N + n] = x_padded[n, a, b, c]
+
+(for stride 1 each channel is one phase plane of the padded Hp x Wp input,
+the batch innermost), followed by whole zero planes. That is a transpose
+which swaps the outermost and innermost axes, plus padding; XLA runs it as
+one fusion. This kernel does the same per (padded row a, block of
+channels): it loads the (N, W, C-block) slab of input row a - top (zeros
+outside the input), transposes it in registers, and stores (C-block, Wp, N)
+runs of the output.
+
+Layout:
+  x: (N, H, W, C) any dtype.
+  Returns (num_planes_total * Hp * Wp * N,) in x's dtype, where
+  num_planes_total = C + extra_planes.
+
+Lowering: a pallas_call with Triton compiler params, compiled on NVIDIA
+GPUs and run by the interpreter on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.output_layout import check_int32
+
+# Elements of one program's slab (registers across its warps).
+SLAB = 16384
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _flat_layout_kernel(x_ref, y_ref, *, n, h, w, c, hp, wp, top, left,
+                        planes, nb, wb, cb):
+  a = pl.program_id(0)
+  c0 = pl.program_id(1) * cb
+  ni = jnp.arange(nb, dtype=jnp.int32)
+  bi = jnp.arange(wb, dtype=jnp.int32)
+  ci = c0 + jnp.arange(cb, dtype=jnp.int32)
+  row = a - top
+  col = bi - left
+  inside = ((ni < n)[:, None, None] & ((col >= 0) & (col < w))[None, :, None]
+            & (ci < c)[None, None, :] & (row >= 0) & (row < h))
+  src = (((ni[:, None, None] * h + row) * w + col[None, :, None]) * c
+         + ci[None, None, :])
+  slab = plgpu.load(x_ref.at[src], mask=inside, other=0)  # (nb, wb, cb)
+  out = jnp.transpose(slab, (2, 1, 0))  # (cb, wb, nb)
+  dst = (((ci[:, None, None] * hp + a) * wp + bi[None, :, None]) * n
+         + ni[None, None, :])
+  live = ((ci < planes)[:, None, None] & (bi < wp)[None, :, None]
+          & (ni < n)[None, None, :])
+  plgpu.store(y_ref.at[dst], out, mask=live)
+
+
+def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
+                num_warps: int = 4, slab: int = SLAB,
+                interpret: bool = False) -> jax.Array:
+  """(N, H, W, C) -> the stride-1 stretched flat layout (module docstring).
+
+  Args:
+    x: (N, H, W, C).
+    padding: ((top, bottom), (left, right)), each >= 0.
+    extra_planes: whole zero planes after the C channel planes.
+    num_warps: Triton launch parameter.
+    slab: elements per program (N and Wp rounded up to powers of two, times
+      the channels of a block).
+    interpret: run through the Pallas interpreter (CPU).
+  """
+  if x.ndim != 4:
+    raise ValueError(f"x must be (N, H, W, C), got shape {x.shape}")
+  (top, bottom), (left, right) = padding
+  if min(top, bottom, left, right) < 0 or extra_planes < 0:
+    raise ValueError(f"padding {padding} and extra_planes {extra_planes} "
+                     "must be non-negative")
+  n, h, w, c = x.shape
+  hp, wp = h + top + bottom, w + left + right
+  planes = c + extra_planes
+  nb, wb = _pow2(n), _pow2(wp)
+  cb = max(1, min(_pow2(planes), slab // (nb * wb)))
+  size = planes * hp * wp * n
+  check_int32(input=x.size + nb * wb * cb, output=size + nb * wb * cb)
+  kernel = functools.partial(
+      _flat_layout_kernel, n=n, h=h, w=w, c=c, hp=hp, wp=wp, top=top,
+      left=left, planes=planes, nb=nb, wb=wb, cb=cb)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((size,), x.dtype),
+      grid=(hp, pl.cdiv(planes, cb)),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps,
+                                           num_stages=1),
+      interpret=interpret,
+      name="escort_flat_layout",
+  )(x.reshape(-1))
+
+
+def flat_layout_reference(x: jax.Array, padding,
+                          extra_planes: int = 0) -> jax.Array:
+  """Plain-JAX reference: pad, transpose, zero planes."""
+  (top, bottom), (left, right) = padding
+  y = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  y = jnp.transpose(y, (3, 1, 2, 0))
+  y = jnp.pad(y, ((0, extra_planes), (0, 0), (0, 0), (0, 0)))
+  return y.reshape(-1)

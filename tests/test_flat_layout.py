@@ -1,0 +1,48 @@
+"""pallas_kernels/flat_layout.py (interpreted on the CPU) against its
+reference and against conv_geometry.to_flat_input, bit for bit."""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from escort_jax import conv_geometry as cg
+from escort_jax.structure import SparseStructure
+from pallas_kernels.flat_layout import flat_layout, flat_layout_reference
+
+
+@pytest.mark.parametrize("shape,padding,extra,slab", [
+    ((2, 5, 7, 3), ((1, 1), (1, 1)), 2, 16384),
+    ((3, 6, 6, 17), ((2, 0), (0, 1)), 0, 256),
+    ((1, 4, 9, 40), ((0, 0), (0, 0)), 1, 64),
+])
+def test_flat_layout_matches_reference(shape, padding, extra, slab):
+  rng = np.random.default_rng(list(shape))
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  y = flat_layout(x, padding, extra, slab=slab, interpret=True)
+  want = flat_layout_reference(x, padding, extra)
+  chex.assert_shape(y, want.shape)
+  chex.assert_type(y, x.dtype)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flat_layout_is_to_flat_input_at_stride_one(dtype):
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 7, 6, 5)),
+                  dtype)
+  st = SparseStructure.from_mask(np.ones((3, 5, 5, 4), bool))
+  g = cg.make_geometry(x.shape, st, (1, 1), "SAME", (1, 1), 1)
+  tail = 3 * g.plane_len + 7
+  want = cg.to_flat_input(x, g, tail)
+  got = flat_layout(x, g.padding, -(-tail // g.plane_len), interpret=True)
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+
+
+def test_flat_layout_input_checks():
+  with pytest.raises(ValueError, match="must be non-negative"):
+    flat_layout(jnp.zeros((1, 2, 2, 1)), ((-1, 0), (0, 0)), interpret=True)
+  with pytest.raises(ValueError, match=r"must be \(N, H, W, C\)"):
+    flat_layout(jnp.zeros((2, 2, 1)), ((0, 0), (0, 0)), interpret=True)

@@ -50,6 +50,7 @@ from escort_jax import sharding
 from escort_jax.structure import SparseKernel
 from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
                                                direct_sparse_conv)
+from pallas_kernels.flat_layout import flat_layout
 from pallas_kernels.output_layout import sum_in_order
 from pallas_kernels.row_groups import RowGroups, pack_row_groups
 from pallas_kernels.sampled_dense_dense import sampled_dense_dense
@@ -434,6 +435,47 @@ def vector_plan(structure, geometry: cg.ConvGeometry,
 
 
 # --------------------------------------------------------------------------
+# The input's layout pass.
+
+
+def flat_input(x_nhwc, g: cg.ConvGeometry, tail: int) -> jax.Array:
+  """conv_geometry.to_flat_input(x_nhwc, g, tail), by the layout kernel
+  (pallas_kernels/flat_layout.py) where it was measured faster than XLA's
+  fusion on the H100 (2-byte inputs at batch 32, and batch 1: 1.2-1.9x;
+  float32 at batch 32 is mixed, so it stays with XLA;
+  benchmarks/results/*T1450*-flat-layout.json), else XLA's. The kernel
+  covers stride 1 without cropping."""
+  if (on_gpu() and g.strides == (1, 1)
+      and min(min(p) for p in g.padding) >= 0
+      and (jnp.dtype(x_nhwc.dtype).itemsize <= 2 or g.batch == 1)):
+    return flat_input_kernel(x_nhwc, g, tail)
+  return cg.to_flat_input(x_nhwc, g, tail)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def flat_input_kernel(x_nhwc, g: cg.ConvGeometry, tail: int) -> jax.Array:
+  """to_flat_input by the layout kernel (stride 1, padding >= 0); its
+  transpose, for gradients, is XLA's."""
+  return sharding.kernel_call(flat_layout, x_nhwc, g.padding,
+                              -(-tail // g.plane_len),
+                              interpret=not on_gpu())
+
+
+def _flat_input_kernel_fwd(x_nhwc, g, tail):
+  return flat_input_kernel(x_nhwc, g, tail), None
+
+
+def _flat_input_kernel_bwd(g, tail, _, ct):
+  x = jax.ShapeDtypeStruct((g.batch, g.in_h, g.in_w, g.in_channels),
+                           ct.dtype)
+  return jax.linear_transpose(
+      functools.partial(cg.to_flat_input, g=g, tail=tail), x)(ct)
+
+
+flat_input_kernel.defvjp(_flat_input_kernel_fwd, _flat_input_kernel_bwd)
+
+
+# --------------------------------------------------------------------------
 # The escort and vector paths, per device.
 
 
@@ -490,7 +532,7 @@ class _SparseCall:
     if self.method == "vector":
       plan = vector_plan(self.structure, g, self._forward_config(g))
       c = plan.config
-      x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
+      x_flat = flat_input(x_nhwc, g, plan.x_tail)
       # The kernel reads its weight tiles straight from the CSR values and
       # writes NHWC itself: no gather or transpose pass around it.
       y = sharding.kernel_call(
@@ -501,7 +543,7 @@ class _SparseCall:
       return (), (y,)
     else:
       plan = escort_plan(self.structure, g, self._forward_config(g))
-      x_flat = cg.to_flat_input(x_nhwc, g, plan.x_tail)
+      x_flat = flat_input(x_nhwc, g, plan.x_tail)
       split = plan.config.split
       # The forward nonzeros are in CSR order, so the kernel reads the
       # values as they are (no gather pass).
@@ -549,7 +591,7 @@ class _SparseCall:
     # x_flat, and the transpose of the layout that takes its cotangent back
     # to (N, H, W, C).
     x_flat, flat_to_nhwc = jax.vjp(
-        functools.partial(cg.to_flat_input, g=g, tail=tail), x_nhwc)
+        functools.partial(flat_input, g=g, tail=tail), x_nhwc)
     if vplan is None:
       dvalues = sharding.kernel_call(
           sampled_dense_dense, dy, x_flat, plan.problem.rows,

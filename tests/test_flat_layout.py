@@ -46,3 +46,22 @@ def test_flat_layout_input_checks():
     flat_layout(jnp.zeros((1, 2, 2, 1)), ((-1, 0), (0, 0)), interpret=True)
   with pytest.raises(ValueError, match=r"must be \(N, H, W, C\)"):
     flat_layout(jnp.zeros((2, 2, 1)), ((0, 0), (0, 0)), interpret=True)
+
+
+def test_flat_input_kernel_value_and_transpose_match_xla():
+  """escort_jax.ops.flat_input_kernel (the kernel, interpreted here, with
+  XLA's transpose as its VJP) against conv_geometry.to_flat_input."""
+  import jax
+  from escort_jax import ops
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 6, 4)),
+                  jnp.float32)
+  st = SparseStructure.from_mask(np.ones((3, 3, 4, 2), bool))
+  g = cg.make_geometry(x.shape, st, (1, 1), "SAME", (1, 1), 1)
+  tail = g.plane_len + 3
+  y, vjp = jax.vjp(lambda x: ops.flat_input_kernel(x, g, tail), x)
+  want, want_vjp = jax.vjp(lambda x: cg.to_flat_input(x, g, tail), x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+  ct = jnp.asarray(np.random.default_rng(5).standard_normal(y.shape),
+                   jnp.float32)
+  np.testing.assert_array_equal(np.asarray(vjp(ct)[0]),
+                                np.asarray(want_vjp(ct)[0]))

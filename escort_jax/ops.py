@@ -443,7 +443,7 @@ def flat_input(x_nhwc, g: cg.ConvGeometry, tail: int) -> jax.Array:
   (pallas_kernels/flat_layout.py) where it was measured faster than XLA's
   fusion on the H100 (2-byte inputs at batch 32, and batch 1: 1.2-1.9x;
   float32 at batch 32 is mixed, so it stays with XLA;
-  benchmarks/results/*T1450*-flat-layout.json), else XLA's. The kernel
+  benchmarks/results/*T1450*-flat-layout.json, *T1455*), else XLA's. The kernel
   covers stride 1 without cropping."""
   if (on_gpu() and g.strides == (1, 1)
       and min(min(p) for p in g.padding) >= 0

@@ -33,8 +33,12 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.output_layout import check_int32
 
-# Elements of one program's slab (registers across its warps).
-SLAB = 16384
+# Most elements of one program's slab (registers across its 8 warps), and
+# the fewest programs to aim for (two per H100 SM): measured on 7 layers
+# (benchmarks/results/*T1450*-flat-layout.json), where too few programs
+# (few channels or rows) or too many small ones lost.
+MAX_SLAB = 32768
+MIN_PROGRAMS = 264
 
 
 def _pow2(n: int) -> int:
@@ -64,7 +68,7 @@ def _flat_layout_kernel(x_ref, y_ref, *, n, h, w, c, hp, wp, top, left,
 
 
 def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
-                num_warps: int = 4, slab: int = SLAB,
+                num_warps: int = 8, slab: int | None = None,
                 interpret: bool = False) -> jax.Array:
   """(N, H, W, C) -> the stride-1 stretched flat layout (module docstring).
 
@@ -74,7 +78,8 @@ def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
     extra_planes: whole zero planes after the C channel planes.
     num_warps: Triton launch parameter.
     slab: elements per program (N and Wp rounded up to powers of two, times
-      the channels of a block).
+      the channels of a block); default: up to MAX_SLAB, halved while there
+      are fewer than MIN_PROGRAMS programs.
     interpret: run through the Pallas interpreter (CPU).
   """
   if x.ndim != 4:
@@ -87,7 +92,10 @@ def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
   hp, wp = h + top + bottom, w + left + right
   planes = c + extra_planes
   nb, wb = _pow2(n), _pow2(wp)
-  cb = max(1, min(_pow2(planes), slab // (nb * wb)))
+  cb = max(1, min(_pow2(planes), (slab or MAX_SLAB) // (nb * wb)))
+  if slab is None:
+    while cb > 1 and hp * pl.cdiv(planes, cb) < MIN_PROGRAMS:
+      cb //= 2
   size = planes * hp * wp * n
   check_int32(input=x.size + nb * wb * cb, output=size + nb * wb * cb)
   kernel = functools.partial(

@@ -17,6 +17,7 @@ from pallas_kernels.flat_layout import flat_layout, flat_layout_reference
     ((2, 5, 7, 3), ((1, 1), (1, 1)), 2, 16384),
     ((3, 6, 6, 17), ((2, 0), (0, 1)), 0, 256),
     ((1, 4, 9, 40), ((0, 0), (0, 0)), 1, 64),
+    ((2, 6, 5, 9), ((1, 2), (2, 1)), 3, None),
 ])
 def test_flat_layout_matches_reference(shape, padding, extra, slab):
   rng = np.random.default_rng(list(shape))

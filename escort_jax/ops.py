@@ -441,10 +441,10 @@ def vector_plan(structure, geometry: cg.ConvGeometry,
 def flat_input(x_nhwc, g: cg.ConvGeometry, tail: int) -> jax.Array:
   """conv_geometry.to_flat_input(x_nhwc, g, tail), by the layout kernel
   (pallas_kernels/flat_layout.py) where it was measured faster than XLA's
-  fusion on the H100 (2-byte inputs at batch 32, and batch 1: 1.2-1.9x;
-  float32 at batch 32 is mixed, so it stays with XLA;
-  benchmarks/results/*T1450*-flat-layout.json, *T1455*), else XLA's. The kernel
-  covers stride 1 without cropping."""
+  fusion on the H100 (2-byte inputs at batch 32, 1.06-1.67x, and batch 1,
+  1.5-2.4x; float32 at batch 32 is mixed, so it stays with XLA;
+  benchmarks/results/*T1450*-flat-layout.json, *T1455*), else XLA's. The
+  kernel covers stride 1 without cropping."""
   if (on_gpu() and g.strides == (1, 1)
       and min(min(p) for p in g.padding) >= 0
       and (jnp.dtype(x_nhwc.dtype).itemsize <= 2 or g.batch == 1)):

@@ -382,6 +382,16 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   return y.reshape(blocks.num_rows + 1, read_len)[:blocks.num_rows, :out_len]
 
 
+def gathered_columns(x_flat: jax.Array, blocks: VectorBlocks,
+                     out_len: int) -> jax.Array:
+  """(num_blocks, out_len, padded_cols): A[b, q, j] = x_flat[offset[b, j] +
+  q], the operand that the kernels gather tile by tile, materialised (for
+  the references)."""
+  offs = blocks.offsets.astype(np.int64) * blocks.offset_unit
+  q = np.arange(out_len)
+  return x_flat[offs[:, None, :] + q[None, :, None]]
+
+
 def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
                                  blocks: VectorBlocks, *, out_len: int,
                                  bias: jax.Array | None = None,
@@ -401,9 +411,7 @@ def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
   in_dtype = jnp.result_type(x_flat.dtype, values.dtype)
   acc_dtype = accumulator_dtype(in_dtype)
   v = blocks.vector_width
-  offs = blocks.offsets.astype(np.int64) * blocks.offset_unit
-  q = np.arange(out_len)
-  a = x_flat.astype(acc_dtype)[offs[:, None, :] + q[None, :, None]]
+  a = gathered_columns(x_flat.astype(acc_dtype), blocks, out_len)
   # Padding columns are structural zeros, whatever lies at zeros_offset.
   real = (blocks.sources[:, :, 0] >= 0)[:, None, :]
   a = jnp.where(real, a, jnp.zeros((), acc_dtype))

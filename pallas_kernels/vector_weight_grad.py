@@ -45,7 +45,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.direct_sparse_conv import accumulator_dtype
 from pallas_kernels.output_layout import (MAX_GRID_AXIS, check_int32,
                                           sum_in_order)
-from pallas_kernels.vector_sparse_conv import MIN_DOT, VectorBlocks
+from pallas_kernels.vector_sparse_conv import (MIN_DOT, VectorBlocks,
+                                               gathered_columns)
 
 
 def _vector_weight_grad_kernel(offsets_ref, dy_ref, x_ref, dw_ref, *,
@@ -191,8 +192,7 @@ def vector_weight_grad_reference(dy: jax.Array, x_flat: jax.Array,
   out_len = dy.shape[1]
   q = np.arange(out_len)
   valid = (q % valid_period) < valid_len
-  offs = blocks.offsets.astype(np.int64) * blocks.offset_unit
-  a = x_flat.astype(acc_dtype)[offs[:, None, :] + q[None, :, None]]
+  a = gathered_columns(x_flat.astype(acc_dtype), blocks, out_len)
   a = jnp.where(valid[None, :, None], a, jnp.zeros((), acc_dtype))
   d = jnp.where(valid[None, :], dy.astype(acc_dtype),
                 jnp.zeros((), acc_dtype)).reshape(

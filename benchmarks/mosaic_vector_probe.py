@@ -26,12 +26,9 @@ benchmarks/kernel_sweep.py). Results go to OUT/mosaic_probe.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
-import traceback
 
 import jax
 from jax import lax
@@ -39,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import probe_runner  # noqa: E402
 
 BQ = 64   # 128 bytes of bf16: one swizzle row
 BK = 64   # kept columns per step (128 bytes of Wt per row)
@@ -292,40 +290,14 @@ def main():
   p.add_argument("--child", action="store_true")
   a = p.parse_args()
   if a.child:
-    row = dict(variant=a.variant[0], layer=a.layers[0])
-    try:
-      row = run_variant(a.variant[0], a.layers[0], a.batch, a.v, a.sparsity,
-                        a.semantics)
-    except Exception as e:  # recorded: the probe's point is what fails
-      row.update(status="error", error=f"{type(e).__name__}: {e}"[:3000],
-                 trace=traceback.format_exc()[-4000:])
-      print(row["error"][:1500], flush=True)
-    print("ROW " + json.dumps(row), flush=True)
+    probe_runner.child(a.variant[0], a.layers[0], lambda: run_variant(
+        a.variant[0], a.layers[0], a.batch, a.v, a.sparsity, a.semantics))
     return
-  os.makedirs(a.out, exist_ok=True)
-  rows = []
-  for layer in a.layers:
-    for variant in a.variant:
-      cmd = [sys.executable, __file__, "--child", "--variant", variant,
-             "--layers", layer, "--batch", str(a.batch), "--v", str(a.v),
-             "--sparsity", a.sparsity, "--semantics", a.semantics]
-      try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-        out = r.stdout + r.stderr
-      except subprocess.TimeoutExpired as e:
-        out = f"timeout: {e}"
-        r = None
-      found = [l for l in out.splitlines() if l.startswith("ROW ")]
-      row = json.loads(found[-1][4:]) if found else dict(
-          variant=variant, layer=layer, status="crashed",
-          rc=None if r is None else r.returncode, tail=out[-3000:])
-      rows.append(row)
-      print(variant, layer, row.get("status"), row.get("error", "")[:300],
-            row.get("tail", "")[-800:], flush=True)
-      with open(os.path.join(a.out, "mosaic_probe.json"), "w") as f:
-        json.dump(dict(jax_version=jax.__version__,
-                       device=str(jax.devices()[0].device_kind), rows=rows),
-                  f, indent=1)
+  rows = probe_runner.run_children(
+      __file__, a.layers, a.variant,
+      ["--batch", str(a.batch), "--v", str(a.v), "--sparsity", a.sparsity,
+       "--semantics", a.semantics],
+      os.path.join(a.out, "mosaic_probe.json"))
   for r in rows:
     print({k: r.get(k) for k in ("variant", "layer", "status", "rel_err",
                                  "mosaic_us", "triton_wide_us",

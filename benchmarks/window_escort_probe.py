@@ -38,13 +38,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
-import subprocess
 import sys
 import time
-import traceback
 
 import jax
 from jax import lax
@@ -52,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import probe_runner  # noqa: E402
 
 THREADS = 128  # one warpgroup per program
 # A TMA copy moves at most 256 elements along a dimension: windows and
@@ -415,38 +413,12 @@ def main():
     run_twin()
     return
   if a.child:
-    row = dict(variant=a.variant[0], layer=a.layers[0])
-    try:
-      row = run_variant(a.variant[0], a.layers[0], a.batch)
-    except Exception as e:  # recorded: the probe's point is what fails
-      row.update(status="error", error=f"{type(e).__name__}: {e}"[:3000],
-                 trace=traceback.format_exc()[-4000:])
-      print(row["error"][:1500], flush=True)
-    print("ROW " + json.dumps(row), flush=True)
+    probe_runner.child(a.variant[0], a.layers[0], lambda: run_variant(
+        a.variant[0], a.layers[0], a.batch))
     return
-  os.makedirs(a.out, exist_ok=True)
-  rows = []
-  for layer in a.layers:
-    for variant in a.variant:
-      cmd = [sys.executable, __file__, "--child", "--variant", variant,
-             "--layers", layer, "--batch", str(a.batch)]
-      try:
-        r = subprocess.run(cmd, capture_output=True, text=True,
-                           timeout=a.timeout)
-        out = r.stdout + r.stderr
-      except subprocess.TimeoutExpired as e:
-        out, r = f"timeout: {e}", None
-      found = [l for l in out.splitlines() if l.startswith("ROW ")]
-      row = json.loads(found[-1][4:]) if found else dict(
-          variant=variant, layer=layer, status="crashed",
-          rc=None if r is None else r.returncode, tail=out[-3000:])
-      rows.append(row)
-      print(variant, layer, row.get("status"), row.get("error", "")[:600],
-            row.get("tail", "")[-1500:], flush=True)
-      with open(os.path.join(a.out, "window_probe.json"), "w") as f:
-        json.dump(dict(jax_version=jax.__version__,
-                       device=str(jax.devices()[0].device_kind),
-                       batch=a.batch, rows=rows), f, indent=1)
+  rows = probe_runner.run_children(
+      __file__, a.layers, a.variant, ["--batch", str(a.batch)],
+      os.path.join(a.out, "window_probe.json"), a.timeout, batch=a.batch)
   for r in rows:
     print({k: r.get(k) for k in ("variant", "layer", "status", "rel_err",
                                  "window_us", "escort_kernel_us",

@@ -334,14 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "alternative and of the plans' keys (highest: plans "
                      "for jax.default_matmul_precision('highest') or "
                      "precision=HIGHEST calls)")
-  bench.add_argument("--candidates", choices=("all", "vector", "escort"),
+  bench.add_argument("--candidates",
+                     choices=("all", "vector", "escort", "escort-large"),
                      default="all",
                      help="with --tune: which kernel configs to time "
                      "(escort_jax.tune.CANDIDATE_SETS): all (default) every "
                      "escort candidate and, on vector-sparse layers, every "
                      "vector one; vector the vector candidates against the "
                      "escort kernel at its default config only; escort the "
-                     "escort candidates only")
+                     "escort candidates only; escort-large those for large "
+                     "grids (batch 32) only")
   bench.add_argument("--plan-dir", metavar="DIR",
                      help="with --tune: where to write plans (default: "
                      "$ESCORT_JAX_PLAN_DIR, else the package's plans/)")

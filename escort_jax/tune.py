@@ -31,11 +31,20 @@ from escort_jax.structure import SparseKernel
 
 # Candidates from the H100 tile sweeps of 2026-11-24
 # (benchmarks/results/*tile-sweep*): the configs that won on some layer.
-DEFAULT_CANDIDATES = (
+# Configs for large grids (thousands of programs: batch 32).
+LARGE_GRID_CANDIDATES = (
     KernelConfig(4, 128, 4, 1, 4),
     KernelConfig(4, 128, 4, 1, 4, q_major=True),
     KernelConfig(2, 256, 4, 1, 4),
     KernelConfig(8, 256, 4, 1, 1),
+    # bfloat16 at batch 32: 8 or 16 rows per program were 1.05-1.2x faster
+    # than the above on 4 layers (float32 kept (4, 128); results/
+    # 2026-11-24T1637-*-escort-rows-per-program.json).
+    KernelConfig(8, 128, 4, 1, 4),
+    KernelConfig(16, 128, 8, 1, 4),
+)
+
+DEFAULT_CANDIDATES = LARGE_GRID_CANDIDATES + (
     # Writing NHWC from the kernel won at batch 1 (tile sweep e).
     KernelConfig(4, 128, 4, 1, 4, nhwc_out=True),
     # Small grids (batch 1): one row per program, rows split in 1-8 parts
@@ -76,10 +85,13 @@ VECTOR_PREFIX = "vector:"
 #   vector  the vector candidates against the escort kernel at its default
 #           config only (a quick tuning of vector-sparse kernels)
 #   escort  the escort candidates only, no vector kernel
+#   escort-large  the escort candidates for large grids only (batch 32:
+#           the small-grid configs never win there), no vector kernel
 CANDIDATE_SETS = {
     "all": (DEFAULT_CANDIDATES, DEFAULT_VECTOR_CANDIDATES),
     "vector": ((KernelConfig(),), DEFAULT_VECTOR_CANDIDATES),
     "escort": (DEFAULT_CANDIDATES, ()),
+    "escort-large": (LARGE_GRID_CANDIDATES, ()),
 }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from escort_jax import checkpoint, cli, demo, prune, report
+from escort_jax import tune as tune_module
 from escort_jax.nnx import SparseConv, _get_value, _set_value
 
 REPO = Path(__file__).resolve().parent.parent
@@ -605,7 +606,7 @@ def test_bench_tune_vector(tmp_path, capsys, monkeypatch):
   assert (tmp_path / "cpu.json").exists()
 
 
-@pytest.mark.parametrize("name", ["all", "vector", "escort"])
+@pytest.mark.parametrize("name", sorted(tune_module.CANDIDATE_SETS))
 def test_bench_tune_candidates(name, tmp_path, capsys, monkeypatch):
   """`bench --tune --candidates NAME` times tune.CANDIDATE_SETS[NAME]; with
   "vector", the escort kernel only at its default config."""

@@ -128,7 +128,7 @@ def breakdown(configs, batch, names=("res3a_branch2b", "res5a_branch2b"),
 
 def time_configs(out, configs, batch, names=TIMED, dtypes=("float32",
                                                          "bfloat16"),
-                 bf16_configs=3):
+                 bf16_configs=3, variant=""):
   rows = []
   for name in names:
     layer = next(l for l in LAYERS if l["layer"] == name)
@@ -158,6 +158,7 @@ def time_configs(out, configs, batch, names=TIMED, dtypes=("float32",
           print("FAILED", name, cfg, repr(e)[:300], flush=True)
           continue
         row = dict(layer=name, batch=batch, dtype=jnp.dtype(dtype).name,
+                   variant=variant,
                    config=cfg.__dict__, time_us=t, spread_us=spread,
                    floor_us=floor_us, baselines_us=base,
                    tflops=useful / t / 1e6)
@@ -168,7 +169,8 @@ def time_configs(out, configs, batch, names=TIMED, dtypes=("float32",
               f"tf32 {base['lax_default']/t:5.2f}x  bf16 "
               f"{base['lax_bf16']/t:5.2f}x  floor {floor_us/t:5.1%} "
               f"{useful/t/1e6:6.1f} TF/s", flush=True)
-        json.dump(rows, open(os.path.join(out, "timing.json"), "w"), indent=1)
+        json.dump(rows, open(os.path.join(out, f"timing{variant}.json"), "w"),
+                  indent=1)
 
 
 def main():
@@ -183,7 +185,14 @@ def main():
   ap.add_argument("--bf16-configs", type=int, default=3,
                   help="bfloat16 runs only the first this many configs")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
+  ap.add_argument("--unfused", action="store_true",
+                  help="the escort kernel's multiply-adds as a multiply and "
+                  "an add (before the sixth session), for A/B timings")
   a = ap.parse_args()
+  if a.unfused:
+    from pallas_kernels import direct_sparse_conv as dsc
+    original = dsc.multiply_add
+    dsc.multiply_add = lambda x, y, z, fused: original(x, y, z, fused=False)
   print(jax.devices(), jax.__version__, flush=True)
   if a.check:
     check_all(a.out)
@@ -196,7 +205,7 @@ def main():
     breakdown(configs, a.batch, names=a.layers)
   if a.time:
     time_configs(a.out, configs, a.batch, a.layers, a.dtypes,
-                 a.bf16_configs)
+                 a.bf16_configs, "-unfused" if a.unfused else "")
 
 
 if __name__ == "__main__":

@@ -117,14 +117,23 @@ SMALL_GRID_PROGRAMS = 1024
 MAX_DEFAULT_SPLIT = 8
 
 
-def default_kernel_config(num_rows: int, out_len: int) -> KernelConfig:
+# 2-byte inputs on large grids: with fused multiply-adds, 8 positions per
+# thread (one 16-byte load per row and step) were 1.22-1.34x faster than the
+# float32 default's 4 on 6 layers at batch 32 (bfloat16; float32 stays L2
+# bound and keeps 4; benchmarks/results/2026-11-24T1650-*-fused-fma.json).
+HALF_CONFIG = KernelConfig(rows_per_program=4, block_q=256)
+
+
+def default_kernel_config(num_rows: int, out_len: int,
+                          itemsize: int = 4) -> KernelConfig:
   """The escort config of a row problem (num_rows rows of out_len wide
-  positions) with no tuned plan and no caller config."""
+  positions, inputs of `itemsize` bytes) with no tuned plan and no caller
+  config."""
   c = DEFAULT_CONFIG
   programs = (-(-num_rows // c.rows_per_program) *
               -(-out_len // c.block_q))
   if programs >= SMALL_GRID_PROGRAMS:
-    return c
+    return HALF_CONFIG if itemsize <= 2 else c
   split = 1
   one_row_programs = num_rows * -(-out_len // c.block_q)
   while (split < MAX_DEFAULT_SPLIT and
@@ -504,7 +513,9 @@ class _SparseCall:
     g = self.geometry
     return g if batch == g.batch else dataclasses.replace(g, batch=batch)
 
-  def _forward_config(self, g: cg.ConvGeometry):
+  def _forward_config(self, g: cg.ConvGeometry, itemsize: int):
+    """The forward kernel's config for geometry g and inputs of `itemsize`
+    bytes."""
     if self.config is not None:
       return self.config
     if self.method == "vector":
@@ -514,15 +525,16 @@ class _SparseCall:
     # one device would on its share, bit for bit. (The split sets the order
     # of the sums: where the default split differs between the share and
     # the whole batch, those two results agree to rounding only.)
-    return default_kernel_config(g.out_channels, g.out_len)
+    return default_kernel_config(g.out_channels, g.out_len, itemsize)
 
-  def _backward_config(self, g: cg.ConvGeometry) -> KernelConfig:
+  def _backward_config(self, g: cg.ConvGeometry,
+                       itemsize: int) -> KernelConfig:
     """The escort kernels' config for the gradients: the forward's for the
     escort path (as measured on the GPU); the plain default for the vector
     path. (A default tuned to the transposed problem's own grid is not
     measured yet.)"""
     if self.method == "escort":
-      return self._forward_config(g)
+      return self._forward_config(g, itemsize)
     return DEFAULT_CONFIG
 
   def forward(self, values, bias, x_nhwc):
@@ -530,7 +542,8 @@ class _SparseCall:
     g = self._geometry(x_nhwc.shape[0])
     bias_kw = {} if bias is None else {"bias": bias}
     if self.method == "vector":
-      plan = vector_plan(self.structure, g, self._forward_config(g))
+      plan = vector_plan(self.structure, g,
+                         self._forward_config(g, x_nhwc.dtype.itemsize))
       c = plan.config
       x_flat = flat_input(x_nhwc, g, plan.x_tail)
       # The kernel reads its weight tiles straight from the CSR values and
@@ -542,7 +555,8 @@ class _SparseCall:
           nhwc=g.nhwc_output(), interpret=not on_gpu(), **bias_kw)
       return (), (y,)
     else:
-      plan = escort_plan(self.structure, g, self._forward_config(g))
+      plan = escort_plan(self.structure, g,
+                         self._forward_config(g, x_nhwc.dtype.itemsize))
       x_flat = flat_input(x_nhwc, g, plan.x_tail)
       split = plan.config.split
       # The forward nonzeros are in CSR order, so the kernel reads the
@@ -576,7 +590,8 @@ class _SparseCall:
     over this batch in the accumulator dtype (no dbias without a bias), and
     the input gradient. y_nhwc (the output) is needed only with relu."""
     g = self._geometry(x_nhwc.shape[0])
-    plan = escort_plan(self.structure, g, self._backward_config(g))
+    plan = escort_plan(self.structure, g,
+                       self._backward_config(g, x_nhwc.dtype.itemsize))
     interpret = not on_gpu()
     dy = dy_nhwc
     if self.relu:
@@ -585,7 +600,8 @@ class _SparseCall:
         jnp.sum(dy, axis=(0, 1, 2), dtype=accumulator_dtype(dy.dtype)),)
     # The wide (K, out_len) cotangent, zero in the cropped columns.
     dy = cg.to_wide_output(dy, g)
-    vplan = (vector_plan(self.structure, g, self._forward_config(g))
+    vplan = (vector_plan(self.structure, g,
+                         self._forward_config(g, x_nhwc.dtype.itemsize))
              if self.method == "vector" else None)
     tail = plan.x_tail if vplan is None else max(plan.x_tail, vplan.x_tail)
     # x_flat, and the transpose of the layout that takes its cotangent back

@@ -37,11 +37,15 @@ LARGE_GRID_CANDIDATES = (
     KernelConfig(4, 128, 4, 1, 4, q_major=True),
     KernelConfig(2, 256, 4, 1, 4),
     KernelConfig(8, 256, 4, 1, 1),
-    # bfloat16 at batch 32: 8 or 16 rows per program were 1.05-1.2x faster
-    # than the above on 4 layers (float32 kept (4, 128); results/
-    # 2026-11-24T1637-*-escort-rows-per-program.json).
+    # bfloat16 at batch 32: with fused multiply-adds, 8 positions per thread
+    # (4 x 256 and 8 x 256 on 8 warps) were 1.22-1.34x faster than 4 x 128
+    # on 6 layers, and 16 per thread (8 x 256 on 4 warps) is the next step;
+    # 8 rows of 128 had won before the fusion (results/
+    # 2026-11-24T1637-*-escort-rows-per-program.json, T1650-*-fused-fma.json).
+    KernelConfig(4, 256, 4, 1, 4),
+    KernelConfig(8, 256, 8, 1, 4),
+    KernelConfig(8, 256, 4, 1, 4),
     KernelConfig(8, 128, 4, 1, 4),
-    KernelConfig(16, 128, 8, 1, 4),
 )
 
 DEFAULT_CANDIDATES = LARGE_GRID_CANDIDATES + (

@@ -46,13 +46,31 @@ def accumulator_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(jnp.float32, dtype)
 
 
+def multiply_add(a: jax.Array, b: jax.Array, c: jax.Array, *,
+                 fused: bool) -> jax.Array:
+  """a * b + c elementwise (a, b, c of one shape); with `fused`, one
+  fma.rn.f32 per element (float32 only, compiled kernels only).
+
+  XLA's Triton pipeline leaves a Pallas `a * b + c` as a multiply and an
+  add (FMUL + FADD in the SASS), a sixth of the escort kernel's instructions
+  (benchmarks/NOTES.md, sixth session); inline PTX asks for the fused
+  instruction, which also rounds once instead of twice.
+  """
+  if not fused:
+    return c + a * b
+  return plgpu.elementwise_inline_asm(
+      "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c],
+      constraints="=r,r,r,r", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, c.dtype)])[0]
+
+
 def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
                                group_steps_ref, lane_start_ref, lane_len_ref,
                                offsets_ref, values_ref, bias_ref, x_ref, y_ref,
                                *, block_q, out_len, row_len, num_rows,
                                offset_unit, unroll, groups_per_program,
                                q_major, masked, relu, acc_dtype, nhwc,
-                               spare_region):
+                               spare_region, fused_fma):
   group_axis, q_axis = (1, 0) if q_major else (0, 1)
   q_block = pl.program_id(q_axis)
   # Read outside the loop: the interpreter cannot lower program_id inside one.
@@ -97,7 +115,9 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
       # several gathers are in flight at once (the loop is latency bound).
       loaded = [load_step(u * unroll + j) for j in range(unroll)]
       for weights, xs in loaded:
-        acc = acc + weights.astype(acc_dtype)[:, None] * xs.astype(acc_dtype)
+        acc = multiply_add(
+            jnp.broadcast_to(weights.astype(acc_dtype)[:, None], acc.shape),
+            xs.astype(acc_dtype), acc, fused=fused_fma)
       return acc
 
     acc = lax.fori_loop(0, steps // unroll, unrolled_steps,
@@ -221,7 +241,8 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
       row_len=num_q_blocks * block_q, num_rows=groups.num_rows,
       offset_unit=groups.offset_unit, unroll=groups.step_multiple,
       groups_per_program=groups_per_program, q_major=q_major, masked=masked,
-      relu=relu, acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region)
+      relu=relu, acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region,
+      fused_fma=not interpret and acc_dtype == jnp.float32)
   lane_args = ()
   if values_by_row:
     lane_args = (jnp.asarray(np.pad(groups.lane_start,

@@ -153,3 +153,6 @@ def test_default_config_splits_rows_only_on_small_grids():
   assert ops.default_kernel_config(128, 840).split == 1  # 896 programs
   big = ops.default_kernel_config(256, 28 * 30 * 32)
   assert big == ops.DEFAULT_CONFIG and big.split == 1
+  # 2-byte inputs: 8 positions per thread on large grids only.
+  assert ops.default_kernel_config(256, 28 * 30 * 32, 2) == ops.HALF_CONFIG
+  assert ops.default_kernel_config(512, 63, 2) == c

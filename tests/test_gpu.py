@@ -294,3 +294,26 @@ def test_zz_summary():
     worst = max(np.nan_to_num(e, nan=np.inf)
                 for (n, d), e in _RESULTS.items() if d == dt)
     assert worst <= BOUNDS[dt], f"{dt}: max rel_err {worst:.3e}"
+
+
+def test_fused_multiply_add_rounds_once():
+  """The escort kernel's compiled multiply-add is one fma.rn.f32: equal, bit
+  for bit, to a * b + c computed in float64 and rounded once to float32
+  (a multiply and an add, each rounded, differ on a fraction of elements)."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.direct_sparse_conv import multiply_add
+  rng = np.random.default_rng(7)
+  a, b, c = (jnp.asarray(rng.standard_normal(1024), jnp.float32)
+             for _ in range(3))
+
+  def kernel(a_ref, b_ref, c_ref, o_ref):
+    o_ref[...] = multiply_add(a_ref[...], b_ref[...], c_ref[...], fused=True)
+
+  out = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((1024,), jnp.float32))(a, b, c)
+  a64, b64, c64 = (np.asarray(v, np.float64) for v in (a, b, c))
+  once = (a64 * b64 + c64).astype(np.float32)
+  twice = ((a64 * b64).astype(np.float32).astype(np.float64)
+           + c64).astype(np.float32)
+  assert np.any(once != twice), "inputs too tame to tell the two apart"
+  np.testing.assert_array_equal(np.asarray(out), once)

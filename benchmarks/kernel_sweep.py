@@ -188,11 +188,15 @@ def main():
   ap.add_argument("--unfused", action="store_true",
                   help="the escort kernel's multiply-adds as a multiply and "
                   "an add (before the sixth session), for A/B timings")
+  ap.add_argument("--unpacked", action="store_true",
+                  help="fused multiply-adds, but bfloat16 inputs converted by "
+                  "Triton rather than unpacked in the asm")
   a = ap.parse_args()
-  if a.unfused:
+  if a.unfused or a.unpacked:
     from pallas_kernels import direct_sparse_conv as dsc
     original = dsc.multiply_add
-    dsc.multiply_add = lambda x, y, z, fused: original(x, y, z, fused=False)
+    dsc.multiply_add = lambda x, y, z, fused, packed_bf16=False: original(
+        x, y, z, fused=fused and not a.unfused, packed_bf16=False)
   print(jax.devices(), jax.__version__, flush=True)
   if a.check:
     check_all(a.out)
@@ -205,7 +209,9 @@ def main():
     breakdown(configs, a.batch, names=a.layers)
   if a.time:
     time_configs(a.out, configs, a.batch, a.layers, a.dtypes,
-                 a.bf16_configs, "-unfused" if a.unfused else "")
+                 a.bf16_configs,
+                 "-unfused" if a.unfused else "-unpacked" if a.unpacked
+                 else "")
 
 
 if __name__ == "__main__":

@@ -46,22 +46,41 @@ def accumulator_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(jnp.float32, dtype)
 
 
-def multiply_add(a: jax.Array, b: jax.Array, c: jax.Array, *,
-                 fused: bool) -> jax.Array:
-  """a * b + c elementwise (a, b, c of one shape); with `fused`, one
-  fma.rn.f32 per element (float32 only, compiled kernels only).
+# Two bfloat16 inputs arrive packed in one 32-bit register ($4; element 0 in
+# the low half); a bfloat16's float32 value is its bits shifted up by 16, so
+# the unpacking is one shift or mask per element (Triton's own conversion
+# took about 1.75 instructions per element).
+_BF16X2_FMA = """{
+.reg .b32 lo, hi;
+shl.b32 lo, $4, 16;
+and.b32 hi, $4, 0xffff0000;
+fma.rn.f32 $0, $2, lo, $5;
+fma.rn.f32 $1, $3, hi, $6;
+}"""
 
-  XLA's Triton pipeline leaves a Pallas `a * b + c` as a multiply and an
-  add (FMUL + FADD in the SASS), a sixth of the escort kernel's instructions
-  (benchmarks/NOTES.md, sixth session); inline PTX asks for the fused
-  instruction, which also rounds once instead of twice.
+
+def multiply_add(a: jax.Array, b: jax.Array, c: jax.Array, *,
+                 fused: bool, packed_bf16: bool = False) -> jax.Array:
+  """a * b + c elementwise in c's dtype (a, b, c of one shape; b is cast).
+
+  With `fused` (float32 c, compiled kernels only): one fma.rn.f32 per
+  element. XLA's Triton pipeline leaves a Pallas `a * b + c` as a multiply
+  and an add (FMUL + FADD in the SASS), a sixth of the escort kernel's
+  instructions (benchmarks/NOTES.md, sixth session); inline PTX asks for the
+  fused instruction, which also rounds once instead of twice. With
+  `packed_bf16` too (b bfloat16, an even number of elements per thread), the
+  same asm also unpacks b, two elements at a time.
   """
   if not fused:
-    return c + a * b
+    return c + a * b.astype(c.dtype)
+  out = [jax.ShapeDtypeStruct(c.shape, c.dtype)]
+  if packed_bf16 and b.dtype == jnp.bfloat16:
+    return plgpu.elementwise_inline_asm(
+        _BF16X2_FMA, args=[a, b, c], constraints="=r,=r,r,r,r,r,r", pack=2,
+        result_shape_dtypes=out)[0]
   return plgpu.elementwise_inline_asm(
-      "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c],
-      constraints="=r,r,r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, c.dtype)])[0]
+      "fma.rn.f32 $0, $1, $2, $3;", args=[a, b.astype(c.dtype), c],
+      constraints="=r,r,r,r", pack=1, result_shape_dtypes=out)[0]
 
 
 def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
@@ -70,7 +89,7 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
                                *, block_q, out_len, row_len, num_rows,
                                offset_unit, unroll, groups_per_program,
                                q_major, masked, relu, acc_dtype, nhwc,
-                               spare_region, fused_fma):
+                               spare_region, fused_fma, packed_bf16):
   group_axis, q_axis = (1, 0) if q_major else (0, 1)
   q_block = pl.program_id(q_axis)
   # Read outside the loop: the interpreter cannot lower program_id inside one.
@@ -117,7 +136,7 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
       for weights, xs in loaded:
         acc = multiply_add(
             jnp.broadcast_to(weights.astype(acc_dtype)[:, None], acc.shape),
-            xs.astype(acc_dtype), acc, fused=fused_fma)
+            xs, acc, fused=fused_fma, packed_bf16=packed_bf16)
       return acc
 
     acc = lax.fori_loop(0, steps // unroll, unrolled_steps,
@@ -242,7 +261,9 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
       offset_unit=groups.offset_unit, unroll=groups.step_multiple,
       groups_per_program=groups_per_program, q_major=q_major, masked=masked,
       relu=relu, acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region,
-      fused_fma=not interpret and acc_dtype == jnp.float32)
+      fused_fma=not interpret and acc_dtype == jnp.float32,
+      # Pairs need an even number of positions in each thread.
+      packed_bf16=(groups.rows_per_program * block_q) % (64 * num_warps) == 0)
   lane_args = ()
   if values_by_row:
     lane_args = (jnp.asarray(np.pad(groups.lane_start,

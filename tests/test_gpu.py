@@ -296,22 +296,27 @@ def test_zz_summary():
     assert worst <= BOUNDS[dt], f"{dt}: max rel_err {worst:.3e}"
 
 
-def test_fused_multiply_add_rounds_once():
+@pytest.mark.parametrize("b_dtype", ["float32", "bfloat16"])
+def test_fused_multiply_add_rounds_once(b_dtype):
   """The escort kernel's compiled multiply-add is one fma.rn.f32: equal, bit
   for bit, to a * b + c computed in float64 and rounded once to float32
-  (a multiply and an add, each rounded, differ on a fraction of elements)."""
+  (a multiply and an add, each rounded, differ on a fraction of elements).
+  With bfloat16 b, the asm unpacks b two elements at a time."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from pallas_kernels.direct_sparse_conv import multiply_add
   rng = np.random.default_rng(7)
   a, b, c = (jnp.asarray(rng.standard_normal(1024), jnp.float32)
              for _ in range(3))
+  b = b.astype(b_dtype)
 
   def kernel(a_ref, b_ref, c_ref, o_ref):
-    o_ref[...] = multiply_add(a_ref[...], b_ref[...], c_ref[...], fused=True)
+    o_ref[...] = multiply_add(a_ref[...], b_ref[...], c_ref[...], fused=True,
+                              packed_bf16=True)
 
   out = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((1024,), jnp.float32))(a, b, c)
-  a64, b64, c64 = (np.asarray(v, np.float64) for v in (a, b, c))
+  a64, b64, c64 = (np.asarray(v.astype(jnp.float32), np.float64)
+                   for v in (a, b, c))
   once = (a64 * b64 + c64).astype(np.float32)
   twice = ((a64 * b64).astype(np.float32).astype(np.float64)
            + c64).astype(np.float32)

@@ -22,6 +22,8 @@ Layout:
 
 Lowering: a plain pallas_call with Triton compiler params, so that one
 definition runs compiled on NVIDIA GPUs and in interpret mode on the CPU.
+Compiled, the float32 multiply-adds are inline PTX fma instructions
+(`multiply_add`); interpreted, they are `c + a * b`.
 """
 
 from __future__ import annotations

@@ -350,7 +350,7 @@ def test_default_vector_config_follows_the_width(v):
   call = ops._SparseCall(structure=sk.structure, geometry=g, method="vector",
                          config=None, relu=False, out_dtype=jnp.float32)
   want = ops.WIDE_VECTOR_CONFIG if v == 64 else ops.DEFAULT_VECTOR_CONFIG
-  assert call._forward_config(g) == want
+  assert call._forward_config(g, 2) == want
   assert ops.default_vector_config(v) == want
 
 

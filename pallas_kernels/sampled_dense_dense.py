@@ -34,12 +34,13 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.direct_sparse_conv import accumulator_dtype, multiply_add
+from pallas_kernels.direct_sparse_conv import accumulator_dtype
 
 
 def _sddmm_kernel(rows_ref, offsets_ref, dy_ref, x_ref, dw_ref, *, block_j,
                   block_q, steps_per_split, nnz, padded_nnz, out_len,
-                  valid_period, valid_len, acc_dtype, fused_fma):
+                  valid_period,
+                  valid_len, acc_dtype):
   j_block = pl.program_id(0)
   split = pl.program_id(1)
   j = j_block * block_j + jnp.arange(block_j, dtype=jnp.int32)
@@ -56,14 +57,11 @@ def _sddmm_kernel(rows_ref, offsets_ref, dy_ref, x_ref, dw_ref, *, block_j,
                     mask=live, other=0.0)
     xs = plgpu.load(x_ref.at[offsets[:, None] + q[None, :]], mask=live,
                     other=0.0)
-    # Summed over positions once, after the loop: a sum per step costs a
-    # cross-lane reduction every step.
-    return multiply_add(dy.astype(acc_dtype), xs, acc, fused=fused_fma)
+    return acc + jnp.sum(dy.astype(acc_dtype) * xs.astype(acc_dtype), axis=1)
 
   acc = lax.fori_loop(0, steps_per_split, step,
-                      jnp.zeros((block_j, block_q), acc_dtype))
-  plgpu.store(dw_ref.at[split * padded_nnz + j], jnp.sum(acc, axis=1),
-              mask=j_ok)
+                      jnp.zeros((block_j,), acc_dtype))
+  plgpu.store(dw_ref.at[split * padded_nnz + j], acc, mask=j_ok)
 
 
 def sampled_dense_dense(dy: jax.Array, x_flat: jax.Array, rows: np.ndarray,
@@ -107,8 +105,7 @@ def sampled_dense_dense(dy: jax.Array, x_flat: jax.Array, rows: np.ndarray,
       _sddmm_kernel, block_j=block_j, block_q=block_q,
       steps_per_split=steps_per_split, nnz=nnz, padded_nnz=padded,
       out_len=out_len,
-      valid_period=valid_period, valid_len=valid_len, acc_dtype=acc_dtype,
-      fused_fma=not interpret and acc_dtype == jnp.float32)
+      valid_period=valid_period, valid_len=valid_len, acc_dtype=acc_dtype)
   partial_sums = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((splits * padded,), acc_dtype),

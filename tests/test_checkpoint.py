@@ -6,7 +6,6 @@ import warnings
 
 import chex
 from flax import nnx
-import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np

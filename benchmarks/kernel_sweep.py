@@ -52,6 +52,13 @@ def make_case(layer, batch, dtype, seed=0, sparsity=None, vector_width=None):
   return x, jnp.asarray(w), l.conv_kwargs()
 
 
+def parse_config(cls, text):
+  """A KernelConfig or VectorConfig from its fields' values in order, joined
+  by commas (0/1 for booleans; trailing fields keep their defaults)."""
+  types = [type(getattr(cls(), k)) for k in cls().__dict__]
+  return cls(*(t(int(v)) for t, v in zip(types, text.split(","))))
+
+
 def check_all(out, vector_width=None):
   """Every workload layer (at its published sparsity, 90% if dense) in
   float32 and bfloat16 against lax.conv at HIGHEST: the escort kernel, or
@@ -200,11 +207,7 @@ def main():
   print(jax.devices(), jax.__version__, flush=True)
   if a.check:
     check_all(a.out)
-  # Fields in KernelConfig's order; 0/1 for its booleans.
-  configs = [KernelConfig(*(f(int(v)) for f, v in zip(
-      [type(getattr(KernelConfig(), k)) for k in KernelConfig().__dict__],
-      c.split(","))))
-             for c in a.configs.split(";")]
+  configs = [parse_config(KernelConfig, c) for c in a.configs.split(";")]
   if a.breakdown:
     breakdown(configs, a.batch, names=a.layers)
   if a.time:

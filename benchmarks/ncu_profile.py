@@ -27,7 +27,7 @@ import escort_jax as ej
 from escort_jax.ops import KernelConfig, VectorConfig
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kernel_sweep import LAYERS, make_case  # noqa: E402
+from kernel_sweep import LAYERS, make_case, parse_config  # noqa: E402
 
 # The counters the table needs: time, where the bytes came from, how busy
 # each level was, and how many instructions each useful FMA cost.
@@ -67,9 +67,8 @@ def parse_case(text: str):
   v = int(parts[5]) if len(parts) > 5 and parts[5] else None
   config = None
   if len(parts) > 6 and parts[6]:
-    cls = VectorConfig if method == "vector" else KernelConfig
-    fields = [type(getattr(cls(), k)) for k in cls().__dict__]
-    config = cls(*(f(int(x)) for f, x in zip(fields, parts[6].split(","))))
+    config = parse_config(VectorConfig if method == "vector" else KernelConfig,
+                          parts[6])
   return method, layer, int(batch), jnp.dtype(dtype), sparsity, v, config
 
 

@@ -11,7 +11,6 @@ Rows go to OUT/flat_layout.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_sweep import LAYERS, cupti_us  # noqa: E402
+from kernel_sweep import LAYERS, cupti_us, write_results  # noqa: E402
 
 from escort_jax import conv_geometry as cg  # noqa: E402
 from escort_jax.structure import SparseStructure  # noqa: E402
@@ -72,10 +71,7 @@ def main():
             f"equal={all(v['equal'] for v in row['variants'])} "
             f"{row['bytes'] / best['us'] / 1e6:.2f} TB/s", flush=True)
       rows.append(row)
-      with open(os.path.join(a.out, "flat_layout.json"), "w") as fh:
-        json.dump(dict(jax_version=jax.__version__,
-                       device=str(jax.devices()[0].device_kind), rows=rows),
-                  fh, indent=1)
+      write_results(os.path.join(a.out, "flat_layout.json"), rows)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,14 @@ def make_case(layer, batch, dtype, seed=0, sparsity=None, vector_width=None):
   return x, jnp.asarray(w), l.conv_kwargs()
 
 
+def write_results(path, rows):
+  """Writes {"jax_version", "device", "rows"} as JSON to path."""
+  with open(path, "w") as fh:
+    json.dump(dict(jax_version=jax.__version__,
+                   device=str(jax.devices()[0].device_kind), rows=rows),
+              fh, indent=1)
+
+
 def parse_config(cls, text):
   """A KernelConfig or VectorConfig from its fields' values in order, joined
   by commas (0/1 for booleans; trailing fields keep their defaults)."""

@@ -17,6 +17,7 @@ benchmarks/NOTES.md quotes.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -83,6 +84,7 @@ def run_case(text: str):
                                            config=config, **args))
   f(x, sk).block_until_ready()
   # Marks the launch ncu should read: the one after compilation.
+  print(f"device {jax.devices()[0].device_kind}", flush=True)
   print(f"case {text} nnz={sk.nnz}", flush=True)
   f(x, sk).block_until_ready()
 
@@ -92,8 +94,13 @@ def summarize(paths, json_out=None):
   CSV; with json_out, writes those launches' metrics there too."""
   import csv
   import json
-  records = []
+  records, devices = [], set()
   for path in paths:
+    # ncu_run.sh keeps the profiled process's output beside each CSV.
+    if os.path.exists(path + ".stdout"):
+      with open(path + ".stdout") as fh:
+        devices.update(l[len("device "):].strip() for l in fh
+                       if l.startswith("device "))
     with open(path) as fh:
       lines = [l for l in fh if l.startswith('"')]
     rows = list(csv.reader(lines))
@@ -143,8 +150,8 @@ def summarize(paths, json_out=None):
             flush=True)
   if json_out:
     with open(json_out, "w") as fh:
-      json.dump(dict(device="NVIDIA H100 80GB HBM3", tool="ncu",
-                     records=records), fh, indent=1)
+      json.dump(dict(device=", ".join(sorted(devices)) or "unknown",
+                     tool="ncu", records=records), fh, indent=1)
 
 
 def main(argv):

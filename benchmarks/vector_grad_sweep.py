@@ -17,7 +17,6 @@ splits 0 in a variant means the default. Rows go to OUT/vector_grad.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_sweep import LAYERS, cupti_us, make_case  # noqa: E402
+from kernel_sweep import (LAYERS, cupti_us, make_case,  # noqa: E402
+                          write_results)
 
 import escort_jax as ej  # noqa: E402
 from escort_jax import conv_geometry as cg  # noqa: E402
@@ -103,10 +103,7 @@ def main():
   rows = []
   for name in a.layers:
     rows.append(run_layer(name, a.batch, a.v, variants))
-    with open(os.path.join(a.out, "vector_grad.json"), "w") as f:
-      json.dump(dict(jax_version=jax.__version__,
-                     device=str(jax.devices()[0].device_kind), rows=rows),
-                f, indent=1)
+    write_results(os.path.join(a.out, "vector_grad.json"), rows)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ layer, then CUPTI kernel times of tile configs against lax.conv bf16.
 
   PYTHONPATH=. python benchmarks/vector_sweep.py [--check] [--time]
       [--layers NAME ...] [--sparsity published|0.9|0.75 ...] [--v 16]
-      [--configs "bq,bk,nw,ns;..."] [--breakdown] [--out DIR]
+      [--configs "bq,bk,nw,ns[,tiles];..."] [--breakdown] [--out DIR]
 
 Kernels are the workload's vector-sparse ones (escort_jax.workload.make_kernel
 with vector_width=V): round(size * (1 - sparsity) / V) whole V-vectors at
@@ -39,9 +39,8 @@ DN = ("NHWC", "HWIO", "NHWC")
 def parse_configs(text):
   out = []
   for part in text.split(";"):
-    bq, bk, nw, ns = (int(t) for t in part.split(","))
-    out.append(VectorConfig(block_q=bq, block_k=bk, num_warps=nw,
-                            num_stages=ns))
+    fields = [int(t) for t in part.split(",")]
+    out.append(VectorConfig(*fields))
   return out
 
 
@@ -54,9 +53,8 @@ def sparsity_of(layer, name):
 def time_layers(out, names, sparsities, v, configs, batch):
   path = os.path.join(out, "vector_time.json")
   rows = json.load(open(path)) if os.path.exists(path) else []
-  done = {(r["layer"], r["sparsity_name"], r["config"]["block_q"],
-           r["config"]["block_k"], r["config"]["num_warps"],
-           r["config"]["num_stages"]) for r in rows}
+  done = {(r["layer"], r["sparsity_name"], VectorConfig(**r["config"]))
+          for r in rows}
   for name in names:
     layer = next(l for l in LAYERS if l["layer"] == name and l["sparsity"])
     for sp_name in sparsities:
@@ -67,8 +65,7 @@ def time_layers(out, names, sparsities, v, configs, batch):
       sk = ej.SparseKernel.from_dense(np.asarray(w.astype(jnp.float32)))
       sk = sk.with_values(sk.values.astype(jnp.bfloat16))
       for cfg in configs:
-        key = (name, sp_name, cfg.block_q, cfg.block_k, cfg.num_warps,
-               cfg.num_stages)
+        key = (name, sp_name, cfg)
         if key in done:
           continue
         if base is None:
@@ -98,7 +95,7 @@ def time_layers(out, names, sparsities, v, configs, batch):
   for sp_name in sparsities:
     for cfg in configs:
       sel = [r["speedup"] for r in rows if r["sparsity_name"] == sp_name
-             and r["config"] == cfg.__dict__]
+             and VectorConfig(**r["config"]) == cfg]
       if sel:
         print(f"geomean sp={sp_name} {cfg}: x{np.exp(np.mean(np.log(sel))):.2f}"
               f" over {len(sel)} layers")

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from escort_jax import SparseKernel, sparse_conv, tune
+from escort_jax.ops import VectorConfig
 from tests.conftest import (enable_x64, random_array, random_pruned_kernel,
                             random_vector_kernel, rel_err, requires_gpu)
 
@@ -121,6 +122,40 @@ def test_layer_forward(layer):
         f"out={tuple(y.shape)} f32_err={errors['float32']:.2e} "
         f"bf16_err={errors['bfloat16']:.2e}")
   _assert_within_bounds(name, errors)
+
+
+# Every vector config tuning may record, and configs with several position
+# tiles per program (with a spare tile in the last program at these shapes).
+VECTOR_CONFIGS = tune.DEFAULT_VECTOR_CANDIDATES + (
+    VectorConfig(128, 32, 4, 3, tiles_per_program=4),
+    VectorConfig(64, 32, 4, 3, tiles_per_program=3))
+
+
+@pytest.mark.parametrize("name", ["resnet50/res3a_branch2b",
+                                  "googlenet/inception_4a/3x3"])
+@pytest.mark.parametrize("index", range(len(VECTOR_CONFIGS)))
+def test_every_vector_config(index, name):
+  """The vector kernel compiled with each config computes the convolution
+  (bias and relu fused) at an odd batch, in bfloat16 and float32."""
+  cfg = VECTOR_CONFIGS[index]
+  layer = next(l for l in LAYERS if _name(l) == name)
+  rng, x, _, bias, conv = _layer_problem(layer, [607, index])
+  x = jnp.concatenate([x, x[:1] * -0.5])
+  kernel = _vector_kernel(rng, layer)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    xd, kd, bd = x.astype(dtype), jnp.asarray(kernel, dtype), bias.astype(
+        dtype)
+    sk = SparseKernel.from_dense(np.asarray(kd), vector_width=16)
+    y = jax.jit(lambda x, sk, b: sparse_conv(
+        x, sk, bias=b, activation="relu", method="vector", config=cfg,
+        **conv))(xd, sk, bd)
+    ref = jnp.maximum(_lax_conv(xd, kd, bd, conv), 0)
+    chex.assert_shape(y, ref.shape)
+    chex.assert_type(y, dtype)
+    assert bool(jnp.all(jnp.isfinite(y))), f"{name} {cfg}: non-finite output"
+    err = rel_err(y, ref)
+    bound = BOUNDS[jnp.dtype(dtype).name]
+    assert err <= bound, f"{name} {dtype} {cfg}: {err:.3e}"
 
 
 @pytest.mark.parametrize("method", ["escort", "vector"])

@@ -136,15 +136,21 @@ def test_pack_rejects_non_vector_rows():
 
 
 @pytest.mark.parametrize(
-    "v,num_blocks,out_len,max_cols,block_q,block_k,bias,relu",
+    "v,num_blocks,out_len,max_cols,block_q,block_k,bias,relu,tiles",
     [
-        (16, 3, 37, 40, 16, 16, True, True),
-        (8, 4, 50, 20, 32, 32, False, False),
-        (32, 2, 19, 70, 16, 32, True, False),
-        (16, 2, 1, 5, 16, 16, False, True),
+        (16, 3, 37, 40, 16, 16, True, True, 1),
+        (8, 4, 50, 20, 32, 32, False, False, 1),
+        (32, 2, 19, 70, 16, 32, True, False, 1),
+        (16, 2, 1, 5, 16, 16, False, True, 1),
+        # Several tiles per program; the last program's spare tiles redo
+        # the last one.
+        (16, 3, 37, 40, 16, 16, True, True, 2),
+        (8, 4, 50, 20, 16, 32, False, False, 4),
+        (32, 2, 19, 70, 16, 32, True, False, 3),
     ])
 def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
-                                          block_q, block_k, bias, relu):
+                                          block_q, block_k, bias, relu,
+                                          tiles):
   rng = np.random.default_rng([v, num_blocks, out_len])
   rows, offsets = vector_row_problem(rng, num_blocks, v, out_len, max_cols)
   num_rows = num_blocks * v
@@ -164,7 +170,7 @@ def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
   blocks = pack_vector_blocks(rows, offsets, num_rows, v, block_k, zeros_at)
   y = vector_sparse_conv(jnp.asarray(x_poisoned), values, blocks,
                          out_len=out_len, bias=b, relu=relu, block_q=block_q,
-                         interpret=True)
+                         tiles_per_program=tiles, interpret=True)
   chex.assert_shape(y, (num_rows, out_len))
   chex.assert_type(y, jnp.float32)
   csr = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
@@ -195,6 +201,9 @@ def test_vector_kernel_input_checks():
   with pytest.raises(ValueError, match="block_q must be a power of two"):
     vector_sparse_conv(jnp.zeros(200), values, blocks, out_len=8,
                        block_q=24, interpret=True)
+  with pytest.raises(ValueError, match="tiles_per_program must be >= 1"):
+    vector_sparse_conv(jnp.zeros(200), values, blocks, out_len=8,
+                       tiles_per_program=0, interpret=True)
 
 
 @pytest.mark.parametrize(
@@ -397,11 +406,11 @@ def test_vector_width_of_candidates():
   assert vector_width_of(rows, offsets2, 16) == 1
 
 
-@pytest.mark.parametrize("batch,out_h,row_width,out_w,v,block_q",
-                         [(2, 3, 5, 4, 16, 16), (3, 2, 4, 4, 8, 32),
-                          (1, 4, 7, 5, 32, 16)])
+@pytest.mark.parametrize("batch,out_h,row_width,out_w,v,block_q,tiles",
+                         [(2, 3, 5, 4, 16, 16, 1), (3, 2, 4, 4, 8, 32, 1),
+                          (1, 4, 7, 5, 32, 16, 1), (2, 3, 5, 4, 16, 16, 2)])
 def test_vector_kernel_writes_nhwc(batch, out_h, row_width, out_w, v,
-                                   block_q):
+                                   block_q, tiles):
   """The NHWC store (cropped columns dropped, no transpose pass) equals the
   wide rows cropped and transposed."""
   from pallas_kernels.output_layout import NhwcOutput
@@ -419,7 +428,8 @@ def test_vector_kernel_writes_nhwc(batch, out_h, row_width, out_w, v,
   blocks = pack_vector_blocks(rows, offsets, 3 * v, v, 16, zeros_at)
   kw = dict(out_len=out_len, bias=bias, relu=True)
   y = vector_sparse_conv(jnp.asarray(x), values, blocks, block_q=block_q,
-                         nhwc=nhwc, interpret=True, **kw)
+                         tiles_per_program=tiles, nhwc=nhwc, interpret=True,
+                         **kw)
   wide = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
                                       num_rows=3 * v, **kw)
   want = wide.reshape(3 * v, out_h, row_width, batch)[:, :, :out_w, :]

@@ -3,7 +3,8 @@ layer, then CUPTI kernel times of tile configs against lax.conv bf16.
 
   PYTHONPATH=. python benchmarks/vector_sweep.py [--check] [--time]
       [--layers NAME ...] [--sparsity published|0.9|0.75 ...] [--v 16]
-      [--configs "bq,bk,nw,ns[,tiles];..."] [--breakdown] [--out DIR]
+      [--configs "bq,bk,nw,ns[,tiles];..."] [--column-multiple M [--unaligned]]
+      [--breakdown] [--out DIR]
 
 Kernels are the workload's vector-sparse ones (escort_jax.workload.make_kernel
 with vector_width=V): round(size * (1 - sparsity) / V) whole V-vectors at
@@ -32,6 +33,7 @@ from kernel_sweep import (LAYERS, TIMED, breakdown, check_all,  # noqa: E402
 
 import escort_jax as ej  # noqa: E402
 from escort_jax.ops import VectorConfig  # noqa: E402
+from pallas_kernels.vector_sparse_conv import VectorBlocks  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -50,22 +52,40 @@ def sparsity_of(layer, name):
   return (layer["sparsity"] or 0.9) if name == "published" else float(name)
 
 
-def time_layers(out, names, sparsities, v, configs, batch):
+def round_block_columns(w, v, multiple):
+  """w (HWIO, vector-sparse with width v) with each block of v output
+  channels keeping only the first multiple * floor(n / multiple) of its n
+  kept positions (in (r, s, c) order): blocks whose weight rows start
+  aligned (VectorBlocks.value_alignment)."""
+  w = np.array(w.astype(jnp.float32))
+  flat = w.reshape(-1, w.shape[-1] // v, v)
+  for b in range(flat.shape[1]):
+    kept = np.flatnonzero(np.any(flat[:, b, :] != 0, axis=1))
+    flat[kept[len(kept) // multiple * multiple:], b, :] = 0
+  return flat.reshape(w.shape)
+
+
+def time_layers(out, names, sparsities, v, configs, batch,
+                column_multiple=1, align=True):
   path = os.path.join(out, "vector_time.json")
   rows = json.load(open(path)) if os.path.exists(path) else []
-  done = {(r["layer"], r["sparsity_name"], VectorConfig(**r["config"]))
-          for r in rows}
+  variant = f"m{column_multiple}" + ("" if align else "-unaligned")
+  done = {(r["layer"], r["sparsity_name"], r.get("variant", "m1"),
+           VectorConfig(**r["config"])) for r in rows}
   for name in names:
     layer = next(l for l in LAYERS if l["layer"] == name and l["sparsity"])
     for sp_name in sparsities:
       sp = sparsity_of(layer, sp_name)
       x, w, args = make_case(layer, batch, jnp.bfloat16, sparsity=sp,
                              vector_width=v)
+      if column_multiple > 1:
+        w = jnp.asarray(round_block_columns(w, v, column_multiple),
+                        jnp.bfloat16)
       base = None
       sk = ej.SparseKernel.from_dense(np.asarray(w.astype(jnp.float32)))
       sk = sk.with_values(sk.values.astype(jnp.bfloat16))
       for cfg in configs:
-        key = (name, sp_name, cfg)
+        key = (name, sp_name, variant, cfg)
         if key in done:
           continue
         if base is None:
@@ -83,11 +103,12 @@ def time_layers(out, names, sparsities, v, configs, batch):
         useful = 2 * sk.nnz * ho * ho * batch
         row = dict(layer=name, net=layer["net"], batch=batch, v=v,
                    sparsity_name=sp_name, sparsity=1 - sk.nnz / w.size,
+                   variant=variant,
                    config=cfg.__dict__, time_us=t, spread_us=spread,
                    lax_bf16_us=base, speedup=base / t,
                    tflops=useful / t / 1e6)
         rows.append(row)
-        print(f"{name:18s} sp={sp_name:9s} {cfg} {t:8.1f}us "
+        print(f"{name:18s} sp={sp_name:9s} {variant} {cfg} {t:8.1f}us "
               f"bf16={base:7.1f}us x{base / t:5.2f} "
               f"{useful / t / 1e6:6.1f} TFLOP/s", flush=True)
         json.dump(rows, open(path, "w"), indent=1)
@@ -95,10 +116,11 @@ def time_layers(out, names, sparsities, v, configs, batch):
   for sp_name in sparsities:
     for cfg in configs:
       sel = [r["speedup"] for r in rows if r["sparsity_name"] == sp_name
+             and r.get("variant", "m1") == variant
              and VectorConfig(**r["config"]) == cfg]
       if sel:
-        print(f"geomean sp={sp_name} {cfg}: x{np.exp(np.mean(np.log(sel))):.2f}"
-              f" over {len(sel)} layers")
+        print(f"geomean sp={sp_name} {variant} {cfg}: "
+              f"x{np.exp(np.mean(np.log(sel))):.2f} over {len(sel)} layers")
 
 
 def main():
@@ -112,6 +134,11 @@ def main():
   p.add_argument("--v", type=int, default=16)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--configs", default="128,32,4,2")
+  p.add_argument("--column-multiple", type=int, default=1,
+                 help="round each block's kept columns down to a multiple")
+  p.add_argument("--unaligned", action="store_true",
+                 help="do not promise Triton the weight rows' alignment "
+                 "(the control for --column-multiple)")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   a = p.parse_args()
   configs = parse_configs(a.configs)
@@ -126,7 +153,10 @@ def main():
     names = a.layers
     if a.all_layers:
       names = [l["layer"] for l in LAYERS if l["sparsity"]]
-    time_layers(a.out, names, a.sparsity, a.v, configs, a.batch)
+    if a.unaligned:
+      VectorBlocks.value_alignment = property(lambda self: 1)
+    time_layers(a.out, names, a.sparsity, a.v, configs, a.batch,
+                a.column_multiple, not a.unaligned)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,14 @@ LOW_BOUND = 1e-2
 F64_BOUND = 1e-12
 
 
-def vector_row_problem(rng, num_blocks, v, out_len, max_cols, empty=True):
-  """rows/offsets in CSR order for num_blocks blocks of v rows each."""
+def vector_row_problem(rng, num_blocks, v, out_len, max_cols, empty=True,
+                       col_multiple=1):
+  """rows/offsets in CSR order for num_blocks blocks of v rows each, each
+  block keeping a multiple of col_multiple columns."""
   rows, offsets = [], []
   for b in range(num_blocks):
-    n = 0 if (empty and b == 1) else int(rng.integers(1, max_cols + 1))
+    n = 0 if (empty and b == 1) else col_multiple * int(
+        rng.integers(1, max_cols // col_multiple + 1))
     offs = rng.choice(4 * out_len, size=n, replace=False)
     for r in range(v):
       rows.append(np.full(n, b * v + r))
@@ -120,6 +123,23 @@ def test_pack_vector_blocks_layout():
     np.testing.assert_array_equal(offsets[src] * 4, got[:, None] + 0 * src)
 
 
+@pytest.mark.parametrize("counts,want", [((16, 0, 24), 8), ((12, 4), 4),
+                                         ((8, 6), 2), ((8, 5), 1)])
+def test_value_alignment(counts, want):
+  """The alignment the kernel promises Triton divides every block's columns
+  and where its weights start."""
+  v = 8
+  rows = np.concatenate([np.full(n * v, b * v + np.repeat(np.arange(v), n))
+                         if n else np.zeros(0, int)
+                         for b, n in enumerate(counts)])
+  rows = np.sort(rows)
+  offsets = np.concatenate([np.tile(np.arange(n), v) for n in counts])
+  blocks = pack_vector_blocks(rows, offsets, v * len(counts), v, 16, 100)
+  assert blocks.value_alignment == want
+  assert np.all(blocks.block_cols % want == 0)
+  assert np.all(blocks.block_start % want == 0)
+
+
 def test_pack_rejects_non_vector_rows():
   rows = np.array([0, 0, 1, 1])
   with pytest.raises(ValueError, match="rows 0..1 keep different positions"):
@@ -136,23 +156,27 @@ def test_pack_rejects_non_vector_rows():
 
 
 @pytest.mark.parametrize(
-    "v,num_blocks,out_len,max_cols,block_q,block_k,bias,relu,tiles",
+    "v,num_blocks,out_len,max_cols,block_q,block_k,bias,relu,tiles,mult",
     [
-        (16, 3, 37, 40, 16, 16, True, True, 1),
-        (8, 4, 50, 20, 32, 32, False, False, 1),
-        (32, 2, 19, 70, 16, 32, True, False, 1),
-        (16, 2, 1, 5, 16, 16, False, True, 1),
+        (16, 3, 37, 40, 16, 16, True, True, 1, 1),
+        (8, 4, 50, 20, 32, 32, False, False, 1, 1),
+        (32, 2, 19, 70, 16, 32, True, False, 1, 1),
+        (16, 2, 1, 5, 16, 16, False, True, 1, 1),
         # Several tiles per program; the last program's spare tiles redo
         # the last one.
-        (16, 3, 37, 40, 16, 16, True, True, 2),
-        (8, 4, 50, 20, 16, 32, False, False, 4),
-        (32, 2, 19, 70, 16, 32, True, False, 3),
+        (16, 3, 37, 40, 16, 16, True, True, 2, 1),
+        (8, 4, 50, 20, 16, 32, False, False, 4, 1),
+        (32, 2, 19, 70, 16, 32, True, False, 3, 1),
+        # Blocks of a multiple of 8 (or 4) columns: aligned weight rows.
+        (16, 3, 37, 40, 16, 16, True, True, 1, 8),
+        (8, 4, 50, 36, 32, 32, False, False, 2, 4),
     ])
 def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
                                           block_q, block_k, bias, relu,
-                                          tiles):
+                                          tiles, mult):
   rng = np.random.default_rng([v, num_blocks, out_len])
-  rows, offsets = vector_row_problem(rng, num_blocks, v, out_len, max_cols)
+  rows, offsets = vector_row_problem(rng, num_blocks, v, out_len, max_cols,
+                                     col_multiple=mult)
   num_rows = num_blocks * v
   read_len = -(-out_len // block_q) * block_q
   zeros_at = 4 * out_len + read_len
@@ -168,6 +192,7 @@ def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
   values = jnp.asarray(rng.standard_normal(rows.shape[0]), jnp.float32)
   b = jnp.asarray(rng.standard_normal(num_rows), jnp.float32) if bias else None
   blocks = pack_vector_blocks(rows, offsets, num_rows, v, block_k, zeros_at)
+  assert blocks.value_alignment % mult == 0
   y = vector_sparse_conv(jnp.asarray(x_poisoned), values, blocks,
                          out_len=out_len, bias=b, relu=relu, block_q=block_q,
                          tiles_per_program=tiles, interpret=True)

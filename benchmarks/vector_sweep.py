@@ -3,7 +3,7 @@ layer, then CUPTI kernel times of tile configs against lax.conv bf16.
 
   PYTHONPATH=. python benchmarks/vector_sweep.py [--check] [--time]
       [--layers NAME ...] [--sparsity published|0.9|0.75 ...] [--v 16]
-      [--configs "bq,bk,nw,ns[,tiles];..."] [--column-multiple M [--unaligned]]
+      [--configs "bq,bk,nw,ns;..."] [--column-multiple M [--unaligned]]
       [--breakdown] [--out DIR]
 
 Kernels are the workload's vector-sparse ones (escort_jax.workload.make_kernel

@@ -149,8 +149,7 @@ class VectorConfig:
 
   block_q: output positions per program (a power of two, >= 16); block_k:
   kept columns per matrix-product step (a multiple of 16); num_warps,
-  num_stages: Triton's; tiles_per_program: consecutive position tiles that
-  one program runs in one pipelined loop.
+  num_stages: Triton's.
   """
 
   # (128, 32, 4, 3) had the best geometric mean over 8 workload layers at
@@ -159,7 +158,6 @@ class VectorConfig:
   block_k: int = 32
   num_warps: int = 4
   num_stages: int = 3
-  tiles_per_program: int = 1
 
 
 DEFAULT_VECTOR_CONFIG = VectorConfig()
@@ -554,7 +552,7 @@ class _SparseCall:
           vector_sparse_conv, x_flat, values, plan.blocks,
           out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
           block_q=c.block_q, num_warps=c.num_warps, num_stages=c.num_stages,
-          tiles_per_program=c.tiles_per_program, nhwc=g.nhwc_output(), interpret=not on_gpu(), **bias_kw)
+          nhwc=g.nhwc_output(), interpret=not on_gpu(), **bias_kw)
       return (), (y,)
     else:
       plan = escort_plan(self.structure, g,

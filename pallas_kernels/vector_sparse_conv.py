@@ -110,9 +110,9 @@ class VectorBlocks:
   @property
   def value_alignment(self) -> int:
     """The largest of 8, 4, 2, 1 that divides every block's kept columns
-    (and so, with V >= 8, every block_start): block b's weight tile row v
+    (and so, with V >= 8, every block_start): row v of a block's weight tile
     then starts at a multiple of it, and the kernel tells Triton so, which
-    lets it load up to 8 weights (16 bytes of bf16) at once."""
+    lets it load 8 weights (16 bytes of bf16) at once instead of one."""
     return int(np.gcd.reduce(np.concatenate([[8], self.block_cols]),
                              dtype=np.int64))
 
@@ -247,14 +247,12 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
 
 
 def _vector_sparse_conv_kernel(steps_ref, start_ref, cols_ref, offsets_ref,
-                               values_ref, bias_ref, x_ref, y_ref, *, block_q,
-                               block_k, lanes, vector_width, num_rows,
-                               padded_cols, row_len, num_q_blocks,
-                               tiles_per_program, value_alignment,
-                               offset_unit, relu, precision, acc_dtype, nhwc,
-                               spare_region):
+                               values_ref, bias_ref, x_ref, y_ref, *, block_q, block_k, lanes,
+                               vector_width, num_rows, padded_cols, row_len,
+                               offset_unit, value_alignment, relu,
+                               precision, acc_dtype, nhwc, spare_region):
   block = pl.program_id(0)
-  first_tile = pl.program_id(1) * tiles_per_program
+  q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
   first = block * padded_cols
   start, cols = start_ref[block], cols_ref[block]
   if value_alignment > 1:
@@ -262,14 +260,8 @@ def _vector_sparse_conv_kernel(steps_ref, start_ref, cols_ref, offsets_ref,
     cols = pl.multiple_of(cols, value_alignment)
   lane = jnp.arange(lanes, dtype=jnp.int32)
   lane_ok = (lane < vector_width)[None, :]
-  positions = jnp.arange(block_q, dtype=jnp.int32)
 
-  def positions_of(tile):
-    # The last program's spare tiles redo the last tile (same values, same
-    # addresses), so that every read stays inside the input.
-    return jnp.minimum(tile, num_q_blocks - 1) * block_q + positions
-
-  def product(t, q, acc):
+  def step(t, acc):
     col = first + t * block_k
     offsets = offsets_ref[pl.ds(col, block_k)] * offset_unit
     # (BQ, BK): column j is BQ contiguous inputs from offset j.
@@ -281,60 +273,33 @@ def _vector_sparse_conv_kernel(steps_ref, start_ref, cols_ref, offsets_ref,
         a, w, (((1,), (0,)), ((), ())), precision=precision,
         preferred_element_type=acc_dtype)
 
-  def store(q, acc):
-    if lanes == vector_width:
-      rows = block * vector_width + lane  # contiguous: vector stores
-    else:
-      rows = block * vector_width + jnp.minimum(lane, vector_width - 1)
-    if bias_ref is not None:
-      acc = acc + plgpu.load(bias_ref.at[rows]).astype(acc_dtype)[None, :]
-    if relu:
-      # Not jnp.maximum: Triton lowers it to a max that drops NaN.
-      acc = jnp.where(acc < 0, jnp.zeros((), acc_dtype), acc)
-    if nhwc is None:
-      # Every lane stores, unmasked: lanes past V (only when V < 16) write a
-      # spare row.
-      out_rows = jnp.where(lane_ok[0], rows, num_rows)
-      out_idx = q[:, None] + out_rows[None, :] * row_len
-      plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
-      return
-    pixel, q_ok = nhwc.pixel_of(q)
-    ok = q_ok[:, None]
-    if lanes != vector_width:
-      ok = ok & lane_ok
-    # Masked lanes keep their (unused) addresses: a select would hide from
-    # Triton that a pixel's V channels are contiguous.
-    output_layout.store(y_ref, pixel[:, None] * num_rows + rows[None, :], acc,
-                        ok, spare_base=nhwc.pixels * num_rows,
-                        spare_region=spare_region)
-
-  zeros = jnp.zeros((block_q, lanes), acc_dtype)
-  if tiles_per_program == 1:
-    q = positions_of(first_tile)
-    store(q, lax.fori_loop(0, steps_ref[block],
-                           lambda t, acc: product(t, q, acc), zeros))
+  acc = lax.fori_loop(0, steps_ref[block], step,
+                      jnp.zeros((block_q, lanes), acc_dtype))
+  if lanes == vector_width:
+    rows = block * vector_width + lane  # contiguous: vector stores
+  else:
+    rows = block * vector_width + jnp.minimum(lane, vector_width - 1)
+  if bias_ref is not None:
+    acc = acc + plgpu.load(bias_ref.at[rows]).astype(acc_dtype)[None, :]
+  if relu:
+    # Not jnp.maximum: Triton lowers it to a max that drops NaN.
+    acc = jnp.where(acc < 0, jnp.zeros((), acc_dtype), acc)
+  if nhwc is None:
+    # Every lane stores, unmasked: lanes past V (only when V < 16) write a
+    # spare row.
+    out_rows = jnp.where(lane_ok[0], rows, num_rows)
+    out_idx = q[:, None] + out_rows[None, :] * row_len
+    plgpu.store(y_ref.at[out_idx], acc.astype(y_ref.dtype))
     return
-
-  # Several position tiles in one loop, so that the software pipeline stays
-  # full across tiles (a block runs only a few steps per tile). A block with
-  # no columns runs one step of padding, which weighs zero.
-  steps = jnp.maximum(steps_ref[block], 1)
-
-  def step(i, carry):
-    acc, tile, t = carry
-    q = positions_of(tile)
-    acc = product(t, q, acc)
-    last = t == steps - 1
-
-    @pl.when(last)
-    def _():
-      store(q, acc)
-
-    acc = jnp.where(last, zeros, acc)
-    return (acc, jnp.where(last, tile + 1, tile), jnp.where(last, 0, t + 1))
-
-  lax.fori_loop(0, steps * tiles_per_program, step,
-                (zeros, first_tile, jnp.int32(0)))
+  pixel, q_ok = nhwc.pixel_of(q)
+  ok = q_ok[:, None]
+  if lanes != vector_width:
+    ok = ok & lane_ok
+  # Masked lanes keep their (unused) addresses: a select would hide from
+  # Triton that a pixel's V channels are contiguous.
+  output_layout.store(y_ref, pixel[:, None] * num_rows + rows[None, :], acc,
+                      ok, spare_base=nhwc.pixels * num_rows,
+                      spare_region=spare_region)
 
 
 def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
@@ -342,7 +307,6 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
                        bias: jax.Array | None = None, relu: bool = False,
                        out_dtype=None, block_q: int = 128,
                        num_warps: int = 4, num_stages: int = 2,
-                       tiles_per_program: int = 1,
                        nhwc: NhwcOutput | None = None,
                        interpret: bool = False) -> jax.Array:
   """Runs the vector-sparse convolution kernel.
@@ -360,8 +324,6 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     out_dtype: output dtype; defaults to x_flat's.
     block_q: output positions per program (a power of two, >= 16).
     num_warps, num_stages: Triton launch parameters.
-    tiles_per_program: consecutive tiles of block_q positions that one
-      program runs, in one pipelined loop.
     nhwc: write (N, Ho, Wo, num_rows) instead of wide rows; its out_len must
       equal `out_len`.
     interpret: run through the Pallas interpreter (CPU).
@@ -379,11 +341,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   if block_q & (block_q - 1) or block_q < MIN_DOT:
     raise ValueError(f"block_q must be a power of two >= {MIN_DOT}, got "
                      f"{block_q}")
-  if tiles_per_program < 1:
-    raise ValueError(f"tiles_per_program must be >= 1, got "
-                     f"{tiles_per_program}")
   num_q_blocks = pl.cdiv(out_len, block_q)
-  num_programs = pl.cdiv(num_q_blocks, tiles_per_program)
   read_len = num_q_blocks * block_q
   if max(blocks.max_offset, blocks.zeros_offset) + read_len > x_flat.shape[0]:
     raise ValueError(
@@ -399,10 +357,9 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     out_size = nhwc.buffer_size(
         blocks.num_rows, block_q * blocks.lanes if spare_region else 0)
   check_int32(flat_input=x_flat.shape[0], output=out_size)
-  if num_programs > MAX_GRID_AXIS:
-    raise ValueError(f"{num_programs} programs per block exceed Triton's "
-                     f"grid limit of {MAX_GRID_AXIS}; raise block_q or "
-                     "tiles_per_program")
+  if num_q_blocks > MAX_GRID_AXIS:
+    raise ValueError(f"{num_q_blocks} output blocks exceed Triton's grid "
+                     f"limit of {MAX_GRID_AXIS}; raise block_q")
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
   in_dtype = jnp.result_type(x_flat.dtype, values.dtype)
   acc_dtype = accumulator_dtype(in_dtype)
@@ -413,10 +370,9 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
       _vector_sparse_conv_kernel, block_q=block_q, block_k=blocks.block_k,
       lanes=blocks.lanes, vector_width=blocks.vector_width,
       num_rows=blocks.num_rows, padded_cols=blocks.padded_cols,
-      row_len=read_len, num_q_blocks=num_q_blocks,
-      tiles_per_program=tiles_per_program,
-      value_alignment=blocks.value_alignment, offset_unit=blocks.offset_unit,
-      relu=relu, precision=precision,
+      row_len=read_len,
+      offset_unit=blocks.offset_unit,
+      value_alignment=blocks.value_alignment, relu=relu, precision=precision,
       acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region)
   kernel = with_optional_refs(kernel, (True,) * 5 + (bias is not None,
                                                    True, True))
@@ -424,7 +380,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   y = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype),
-      grid=(blocks.num_blocks, num_programs),
+      grid=(blocks.num_blocks, num_q_blocks),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,

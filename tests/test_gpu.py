@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 from escort_jax import SparseKernel, sparse_conv, tune
-from escort_jax.ops import VectorConfig
 from tests.conftest import (enable_x64, random_array, random_pruned_kernel,
                             random_vector_kernel, rel_err, requires_gpu)
 
@@ -124,20 +123,13 @@ def test_layer_forward(layer):
   _assert_within_bounds(name, errors)
 
 
-# Every vector config tuning may record, and configs with several position
-# tiles per program (with a spare tile in the last program at these shapes).
-VECTOR_CONFIGS = tune.DEFAULT_VECTOR_CANDIDATES + (
-    VectorConfig(128, 32, 4, 3, tiles_per_program=4),
-    VectorConfig(64, 32, 4, 3, tiles_per_program=3))
-
-
 @pytest.mark.parametrize("name", ["resnet50/res3a_branch2b",
                                   "googlenet/inception_4a/3x3"])
-@pytest.mark.parametrize("index", range(len(VECTOR_CONFIGS)))
-def test_every_vector_config(index, name):
-  """The vector kernel compiled with each config computes the convolution
+@pytest.mark.parametrize("index", range(len(tune.DEFAULT_VECTOR_CANDIDATES)))
+def test_every_vector_tune_candidate(index, name):
+  """Every vector config that tuning may record computes the convolution
   (bias and relu fused) at an odd batch, in bfloat16 and float32."""
-  cfg = VECTOR_CONFIGS[index]
+  cfg = tune.DEFAULT_VECTOR_CANDIDATES[index]
   layer = next(l for l in LAYERS if _name(l) == name)
   rng, x, _, bias, conv = _layer_problem(layer, [607, index])
   x = jnp.concatenate([x, x[:1] * -0.5])

@@ -156,24 +156,19 @@ def test_pack_rejects_non_vector_rows():
 
 
 @pytest.mark.parametrize(
-    "v,num_blocks,out_len,max_cols,block_q,block_k,bias,relu,tiles,mult",
+    "v,num_blocks,out_len,max_cols,block_q,block_k,bias,relu,mult",
     [
-        (16, 3, 37, 40, 16, 16, True, True, 1, 1),
-        (8, 4, 50, 20, 32, 32, False, False, 1, 1),
-        (32, 2, 19, 70, 16, 32, True, False, 1, 1),
-        (16, 2, 1, 5, 16, 16, False, True, 1, 1),
-        # Several tiles per program; the last program's spare tiles redo
-        # the last one.
-        (16, 3, 37, 40, 16, 16, True, True, 2, 1),
-        (8, 4, 50, 20, 16, 32, False, False, 4, 1),
-        (32, 2, 19, 70, 16, 32, True, False, 3, 1),
+        (16, 3, 37, 40, 16, 16, True, True, 1),
+        (8, 4, 50, 20, 32, 32, False, False, 1),
+        (32, 2, 19, 70, 16, 32, True, False, 1),
+        (16, 2, 1, 5, 16, 16, False, True, 1),
         # Blocks of a multiple of 8 (or 4) columns: aligned weight rows.
-        (16, 3, 37, 40, 16, 16, True, True, 1, 8),
-        (8, 4, 50, 36, 32, 32, False, False, 2, 4),
+        (16, 3, 37, 40, 16, 16, True, True, 8),
+        (8, 4, 50, 36, 32, 32, False, False, 4),
     ])
 def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
                                           block_q, block_k, bias, relu,
-                                          tiles, mult):
+                                          mult):
   rng = np.random.default_rng([v, num_blocks, out_len])
   rows, offsets = vector_row_problem(rng, num_blocks, v, out_len, max_cols,
                                      col_multiple=mult)
@@ -195,7 +190,7 @@ def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
   assert blocks.value_alignment % mult == 0
   y = vector_sparse_conv(jnp.asarray(x_poisoned), values, blocks,
                          out_len=out_len, bias=b, relu=relu, block_q=block_q,
-                         tiles_per_program=tiles, interpret=True)
+                         interpret=True)
   chex.assert_shape(y, (num_rows, out_len))
   chex.assert_type(y, jnp.float32)
   csr = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
@@ -226,9 +221,6 @@ def test_vector_kernel_input_checks():
   with pytest.raises(ValueError, match="block_q must be a power of two"):
     vector_sparse_conv(jnp.zeros(200), values, blocks, out_len=8,
                        block_q=24, interpret=True)
-  with pytest.raises(ValueError, match="tiles_per_program must be >= 1"):
-    vector_sparse_conv(jnp.zeros(200), values, blocks, out_len=8,
-                       tiles_per_program=0, interpret=True)
 
 
 @pytest.mark.parametrize(
@@ -431,11 +423,11 @@ def test_vector_width_of_candidates():
   assert vector_width_of(rows, offsets2, 16) == 1
 
 
-@pytest.mark.parametrize("batch,out_h,row_width,out_w,v,block_q,tiles",
-                         [(2, 3, 5, 4, 16, 16, 1), (3, 2, 4, 4, 8, 32, 1),
-                          (1, 4, 7, 5, 32, 16, 1), (2, 3, 5, 4, 16, 16, 2)])
+@pytest.mark.parametrize("batch,out_h,row_width,out_w,v,block_q",
+                         [(2, 3, 5, 4, 16, 16), (3, 2, 4, 4, 8, 32),
+                          (1, 4, 7, 5, 32, 16)])
 def test_vector_kernel_writes_nhwc(batch, out_h, row_width, out_w, v,
-                                   block_q, tiles):
+                                   block_q):
   """The NHWC store (cropped columns dropped, no transpose pass) equals the
   wide rows cropped and transposed."""
   from pallas_kernels.output_layout import NhwcOutput
@@ -453,8 +445,7 @@ def test_vector_kernel_writes_nhwc(batch, out_h, row_width, out_w, v,
   blocks = pack_vector_blocks(rows, offsets, 3 * v, v, 16, zeros_at)
   kw = dict(out_len=out_len, bias=bias, relu=True)
   y = vector_sparse_conv(jnp.asarray(x), values, blocks, block_q=block_q,
-                         tiles_per_program=tiles, nhwc=nhwc, interpret=True,
-                         **kw)
+                         nhwc=nhwc, interpret=True, **kw)
   wide = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
                                       num_rows=3 * v, **kw)
   want = wide.reshape(3 * v, out_h, row_width, batch)[:, :, :out_w, :]

@@ -79,7 +79,7 @@ from escort_jax import KernelConfig, sparse_conv
 from escort_jax import baselines as bl
 from escort_jax import workload as wl
 from escort_jax.ops import VectorConfig, dispatch_choice
-from escort_jax.structure import VECTOR_WIDTHS, SparseKernel
+from escort_jax.structure import ALIGNED_COLUMNS, VECTOR_WIDTHS, SparseKernel
 
 # --------------------------------------------------------------------------
 # Constants.
@@ -712,18 +712,24 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 
 
 def _key(net: str, layer: str, batch: int, sparsity: float, dtype: str,
-         method: str, in_hw: int, vector_width: int | None) -> tuple:
+         method: str, in_hw: int, vector_width: int | None,
+         column_multiple: int) -> tuple:
+  if vector_width is None:
+    return (net, layer, int(batch), round(float(sparsity), 6), dtype, method,
+            int(in_hw), None, None)
   return (net, layer, int(batch), round(float(sparsity), 6), dtype, method,
-          int(in_hw), None if vector_width is None else int(vector_width))
+          int(in_hw), int(vector_width), int(column_multiple))
 
 
 def row_key(row: dict) -> tuple:
   """What identifies a row for --resume: layer, batch, (target) sparsity,
-  dtype, method, in_hw and vector_width (None: unstructured; rows written
-  before vector widths existed are unstructured)."""
+  dtype, method, in_hw, vector_width (None: unstructured; rows written
+  before vector widths existed are unstructured) and, for vector-sparse
+  rows, column_multiple (1 in rows written before it existed)."""
   return _key(row["net"], row["layer"], row["batch"],
               row.get("target_sparsity", row["sparsity"]), row["dtype"],
-              row["method"], row.get("in_hw", -1), row.get("vector_width"))
+              row["method"], row.get("in_hw", -1), row.get("vector_width"),
+              row.get("column_multiple", 1))
 
 
 def load_results(path: str | os.PathLike) -> dict:
@@ -792,6 +798,7 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
                   configs: Sequence[str] | None = None,
                   sparsities: Sequence[float] | None = None,
                   vector_widths: Sequence[int | None] | None = None,
+                  column_multiple: int = ALIGNED_COLUMNS,
                   baselines: Sequence[str] = BASELINES,
                   out: str | os.PathLike | None = None,
                   resume: str | os.PathLike | None = None,
@@ -818,6 +825,10 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
       unstructured ones (the default: [None]); every method runs on each
       (method "vector" on the vector-sparse ones only). Layers whose output
       channels V does not divide are skipped for that V.
+    column_multiple: each block of a vector-sparse kernel keeps a multiple
+      of this many positions (workload.make_kernel), default
+      structure.ALIGNED_COLUMNS, which the vector kernel loads fastest; 1
+      keeps exactly the rounded count. Vector rows record it.
     baselines: names from ALL_BASELINES.
     out: the results file (default benchmarks/results/<date>T<time>-<gpu>.json).
     resume: an earlier results file: its rows are kept and skipped, new rows
@@ -860,6 +871,8 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
       raise UsageError(f"sparsities must lie in [0, 1), got {sparsities}")
   if max_hw is not None and int(max_hw) <= 0:
     raise UsageError(f"max_hw must be positive, got {max_hw}")
+  if int(column_multiple) < 1:
+    raise UsageError(f"column_multiple must be >= 1, got {column_multiple}")
   timer = timer or default_timer()
   on_gpu = timer == TIMER_GPU
   num_inputs = int(num_inputs or (10 if on_gpu else 2))
@@ -882,6 +895,13 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
           f"{info['device']!r}: baselines must come from the same device; "
           "start a new file")
     path = Path(out or resume)
+    multiples = {r.get("column_multiple", 1) for r in results["rows"]
+                 if r.get("vector_width")}
+    if multiples - {int(column_multiple)} and widths != [None]:
+      raise UsageError(
+          f"{resume} has vector-sparse rows with column_multiple "
+          f"{sorted(multiples)}, this run uses {int(column_multiple)}: their "
+          "summaries would mix two structures; start a new file")
     # Rows that failed are retried.
     results["rows"] = [r for r in results["rows"] if not r.get("error")]
     results.setdefault("runs", []).append(run_info)
@@ -911,7 +931,7 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
             if spec.method == "vector" and vw is None:
               continue  # the vector kernel needs a vector-sparse kernel
             key = _key(layer.net, layer.layer, batch, sp, dtype,
-                       spec.label, small.in_hw, vw)
+                       spec.label, small.in_hw, vw, column_multiple)
             if key not in done:
               todo.append((dtype, spec))
         if todo:
@@ -963,9 +983,9 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
       timing = functools.partial(device_time_us, repeats=repeats,
                                  timer=timer,
                                  trace_per_repeat=trace_per_repeat)
-      _run_group(results, path, layer, small, vw, sp, batch, todo,
-                 baselines, sparsities is not None, num_inputs, timing,
-                 timer, say,
+      _run_group(results, path, layer, small, vw, column_multiple, sp,
+                 batch, todo, baselines, sparsities is not None, num_inputs,
+                 timing, timer, say,
                  lambda: progress.advance(task) if progress else None)
   say(f"[bold]wrote[/] {path}")
   if report:
@@ -979,12 +999,14 @@ def vector_text(vector_width: int | None) -> str:
   return "" if vector_width is None else f" V={vector_width}"
 
 
-def _run_group(results, path, layer, small, vector_width, sp, batch, todo,
-               baselines, sweep, num_inputs, timing, timer, say, advance):
+def _run_group(results, path, layer, small, vector_width, column_multiple,
+               sp, batch, todo, baselines, sweep, num_inputs, timing, timer,
+               say, advance):
   """Measures the baselines of one (layer, vector width, sparsity, batch),
   then its rows."""
   conv = small.conv_kwargs()
-  w32 = wl.make_kernel(layer, sparsity=sp, vector_width=vector_width)
+  w32 = wl.make_kernel(layer, sparsity=sp, vector_width=vector_width,
+                       column_multiple=column_multiple)
   sk32 = SparseKernel.from_dense(w32)
   nnz = sk32.nnz
   inputs32 = [wl.make_input(small, batch, seed=i)
@@ -1024,6 +1046,8 @@ def _run_group(results, path, layer, small, vector_width, sp, batch, todo,
         "method": spec.label, "vector_width": vector_width, "time_us": None,
         "baselines_us": dict(base_us),
     }
+    if vector_width is not None:
+      row["column_multiple"] = int(column_multiple)
     try:
       skd = sk32.with_values(sk32.values.astype(dtype))
       xs = inputs_as(dtype)

@@ -282,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "method runs on them, rows record vector_width; layers "
                      "whose output channels V does not divide are skipped "
                      "(default: unstructured only)")
+  bench.add_argument("--column-multiple", type=_positive_int, metavar="M",
+                     help="with --vector-width: each block of V output "
+                     "channels keeps a multiple of M positions, its own "
+                     "count rounded to the nearest (default: "
+                     "escort_jax.structure.ALIGNED_COLUMNS, which the vector "
+                     "kernel loads fastest; 1 keeps the exact rounded "
+                     "count)")
   bench.add_argument("--config", action="append", metavar="K=V,...",
                      help="a KernelConfig for escort/auto, e.g. "
                      "rows_per_program=8,block_q=256,num_warps=4 (short: "
@@ -793,6 +800,7 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_bench(args) -> int:
   from escort_jax import bench
+  from escort_jax.structure import ALIGNED_COLUMNS
   from escort_jax import workload as wl
 
   def usage(msg: str) -> int:
@@ -881,6 +889,7 @@ def _cmd_bench(args) -> int:
         configs=args.config,
         sparsities=sparsities or None,
         vector_widths=vector_widths,
+        column_multiple=args.column_multiple or ALIGNED_COLUMNS,
         baselines=_split_list(args.baselines) or list(bench.BASELINES),
         out=args.out, resume=args.resume, max_hw=max_hw,
         num_inputs=inputs, repeats=repeats,
@@ -975,7 +984,7 @@ def _tune(layers, batches, dtypes, args, console, *, vector_widths=(None,),
   from escort_jax import tune
   from escort_jax import workload as wl
   from escort_jax.bench import vector_text
-  from escort_jax.structure import SparseKernel
+  from escort_jax.structure import ALIGNED_COLUMNS, SparseKernel
   directory, candidates, vector_candidates, precision = _tune_options(args)
   report = []
   skip = lambda _, v, e: console.print(  # noqa: E731
@@ -984,8 +993,9 @@ def _tune(layers, batches, dtypes, args, console, *, vector_widths=(None,),
     small = layer.scaled(max_hw)
     conv = small.conv_kwargs()
     for sp in sparsities or [None]:
-      sk = SparseKernel.from_dense(wl.make_kernel(layer, sparsity=sp,
-                                                  vector_width=vw))
+      sk = SparseKernel.from_dense(wl.make_kernel(
+          layer, sparsity=sp, vector_width=vw,
+          column_multiple=args.column_multiple or ALIGNED_COLUMNS))
       sp_text = "" if sp is None else f" sp={sp:g}"
       for batch in batches:
         for dtype in dtypes:

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from escort_jax.structure import select_vectors
+
 # --------------------------------------------------------------------------
 # Masks of single arrays.
 
@@ -167,8 +169,8 @@ def _expand_vectors(vector_mask_: np.ndarray, vector_width: int) -> np.ndarray:
   return np.repeat(vector_mask_, int(vector_width), axis=-1)
 
 
-def vector_mask(kernel_hwio, sparsity: float, vector_width: int
-                ) -> np.ndarray:
+def vector_mask(kernel_hwio, sparsity: float, vector_width: int, *,
+                column_multiple: int = 1) -> np.ndarray:
   """A mask in which blocks of V output channels share their kept positions.
 
   Output channels o = b*V .. b*V + V - 1 form block b. For each kernel
@@ -183,18 +185,39 @@ def vector_mask(kernel_hwio, sparsity: float, vector_width: int
       an (in, out) dense kernel.
     sparsity: the fraction of vectors (hence of entries) to prune.
     vector_width: V; must divide O.
+    column_multiple: m. With m > 1 every block keeps a multiple of m
+      positions (its own count rounded to the nearest multiple, its largest
+      vectors), which lets the vector kernel load its weights 16 bytes at a
+      time at m = 8 (structure.ALIGNED_COLUMNS); the total kept may then
+      differ from the target by up to m / 2 vectors per block.
 
   Returns:
     A numpy bool array of the kernel's shape, keeping
-    round((size / V) * (1 - sparsity)) vectors, i.e. V times that many
-    entries. Ties as in `magnitude_mask`, over the (R, S, C, O // V) grid.
+    round((size / V) * (1 - sparsity)) vectors (m = 1), i.e. V times that
+    many entries. Ties as in `magnitude_mask`, over the (R, S, C, O // V)
+    grid.
 
   Raises:
-    ValueError: if V does not divide O.
+    ValueError: if V does not divide O, or m < 1.
   """
   scores = _vector_scores(kernel_hwio, vector_width)
-  keep = _top_k_flat(scores.reshape(-1), num_kept(scores.size, sparsity))
+  keep = _round_vector_counts(
+      _top_k_flat(scores.reshape(-1), num_kept(scores.size, sparsity)),
+      scores, column_multiple)
   return _expand_vectors(keep.reshape(scores.shape), vector_width)
+
+
+def _round_vector_counts(keep: np.ndarray, scores: np.ndarray,
+                         column_multiple: int) -> np.ndarray:
+  """A flat vector mask `keep` over `scores` (..., blocks), with each
+  block's count rounded to a multiple (structure.select_vectors), keeping
+  each block's largest vectors (ties to the lowest flat index)."""
+  if int(column_multiple) == 1:
+    return keep
+  flat = scores.reshape(-1)
+  ranking = np.lexsort((np.arange(flat.size), -flat))
+  return select_vectors(ranking, int(keep.sum()), scores.shape[-1],
+                        column_multiple)
 
 
 # --------------------------------------------------------------------------
@@ -292,7 +315,7 @@ def _where_kept(x, mask):
 
 def prune_model(model, sparsity: float | None = None, profile=None,
                 mode: str = "layer", vector_width: int | None = None, *,
-                inplace: bool = False,
+                column_multiple: int = 1, inplace: bool = False,
                 name_fn: Callable[[str, Any], str] | None = None
                 ) -> tuple[Any, dict[str, np.ndarray]]:
   """Magnitude-prunes the conv (and named linear) kernels of an NNX model.
@@ -316,6 +339,8 @@ def prune_model(model, sparsity: float | None = None, profile=None,
     vector_width: if set, prune V-wide output-channel vectors (vector_mask)
       instead of single weights; in "global" mode the vectors' L2 norms
       share the threshold.
+    column_multiple: with vector_width, every block of each kernel keeps a
+      multiple of this many positions (see vector_mask).
     inplace: False (default) prunes a copy (nnx.clone) and leaves `model`
       unchanged; True zeroes `model`'s own kernels.
     name_fn: (dotted path, module) -> name to look up in the profile;
@@ -359,11 +384,14 @@ def prune_model(model, sparsity: float | None = None, profile=None,
     if vector_width:
       scores = {p: _vector_scores(k, vector_width) for p, k in kernels.items()}
       keep = global_magnitude_masks(scores, sparsity)
-      masks = {p: _expand_vectors(m, vector_width) for p, m in keep.items()}
+      masks = {p: _expand_vectors(_round_vector_counts(
+          m.reshape(-1), scores[p], column_multiple).reshape(m.shape),
+                                  vector_width) for p, m in keep.items()}
     else:
       masks = global_magnitude_masks(kernels, sparsity)
   elif vector_width:
-    masks = {p: vector_mask(k, targets[p], vector_width)
+    masks = {p: vector_mask(k, targets[p], vector_width,
+                            column_multiple=column_multiple)
              for p, k in kernels.items()}
   else:
     masks = {p: magnitude_mask(k, targets[p]) for p, k in kernels.items()}

@@ -27,6 +27,13 @@ from pallas_kernels.vector_sparse_conv import (VECTOR_WIDTHS, unshared_block,
 
 LAYOUTS = ("HWIO", "OIHW")
 
+# Vector blocks that keep a multiple of this many positions start every row
+# of their weight tiles 16 bytes apart in the CSR values, and the vector
+# kernel then loads its weights 8 at a time (VectorBlocks.value_alignment):
+# 1.09x on 8 workload layers at V = 16 (benchmarks/NOTES.md, seventh
+# session).
+ALIGNED_COLUMNS = 8
+
 
 def _readonly(a: np.ndarray) -> np.ndarray:
   a = np.ascontiguousarray(a)
@@ -158,6 +165,50 @@ class SparseStructure:
     indptr = np.zeros(o + 1, np.int64)
     indptr[1:] = np.cumsum(np.bincount(rows, minlength=o))
     return cls(mask.shape, layout, indptr, cols)
+
+
+def select_vectors(ranking, keep: int, num_blocks: int,
+                   column_multiple: int = 1) -> np.ndarray:
+  """Which V-vectors of a kernel to keep, each block keeping a multiple of
+  `column_multiple` of them.
+
+  Args:
+    ranking: (num_vectors,) the index of every vector, most wanted first.
+      Vector i belongs to block i % num_blocks (the HWIO order with the
+      output channels innermost: i = position * num_blocks + block).
+    keep: how many vectors the first `keep` of `ranking` would keep.
+    num_blocks: output-channel blocks (output channels // V).
+    column_multiple: m >= 1. Each block's count among the first `keep` is
+      rounded to the nearest multiple of m (halves up; at most the block's
+      size), and the block keeps that many of its most wanted vectors. The
+      total can differ from `keep` by up to m / 2 per block; m = 1 keeps
+      exactly the first `keep`.
+
+  Returns:
+    (num_vectors,) bool, True = kept.
+
+  Raises:
+    ValueError: if the vectors are not a whole number of blocks, or m < 1.
+  """
+  ranking = np.asarray(ranking, np.int64)
+  n, m = ranking.size, int(column_multiple)
+  if m < 1:
+    raise ValueError(f"column_multiple must be >= 1, got {column_multiple!r}")
+  if num_blocks < 1 or n % num_blocks:
+    raise ValueError(f"{n} vectors are not a whole number of {num_blocks} "
+                     "blocks")
+  keep = min(max(int(keep), 0), n)
+  block = ranking % num_blocks
+  counts = np.bincount(block[:keep], minlength=num_blocks)
+  counts = np.minimum((counts + m // 2) // m * m, n // num_blocks)
+  # Each vector's place among its block's vectors, in ranking order.
+  order = np.argsort(block, kind="stable")
+  first = np.searchsorted(block[order], np.arange(num_blocks))
+  place = np.empty(n, np.int64)
+  place[order] = np.arange(n) - first[block[order]]
+  kept = np.zeros(n, bool)
+  kept[ranking[place < counts[block]]] = True
+  return kept
 
 
 def _check_vector_width(structure: SparseStructure, vector_width) -> None:

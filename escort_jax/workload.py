@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from escort_jax.structure import select_vectors
+
 __all__ = ["Layer", "batch_sizes", "find_layers", "get_layer", "layer_seed",
            "layer_vector_widths", "load_layers", "make_input", "make_kernel",
            "pruned_layers"]
@@ -268,7 +270,8 @@ def layer_seed(layer: Layer) -> int:
 
 def make_kernel(layer: Layer, sparsity: float | None = None,
                 seed: int | None = None, dtype=np.float32,
-                vector_width: int | None = None) -> np.ndarray:
+                vector_width: int | None = None,
+                column_multiple: int = 1) -> np.ndarray:
   """A random pruned HWIO kernel (k, k, in/groups, out) for `layer`.
 
   Keeps exactly round(size * (1 - sparsity)) N(0, 1) weights, at positions
@@ -285,7 +288,11 @@ def make_kernel(layer: Layer, sparsity: float | None = None,
   uniformly (without replacement) from the size / V vectors, again as a
   prefix of one permutation per (seed, V), so nested across sparsities;
   exactly V times that many nonzeros. The values are those of the
-  unstructured kernel at the same positions.
+  unstructured kernel at the same positions. With column_multiple m > 1,
+  each block of V output channels keeps its count among those vectors
+  rounded to the nearest multiple of m, its first that many in the same
+  permutation (structure.select_vectors; still nested), so the total can
+  differ by up to m / 2 vectors per block.
 
   Args:
     layer: the workload layer.
@@ -293,6 +300,7 @@ def make_kernel(layer: Layer, sparsity: float | None = None,
     seed: overrides the per-layer seed.
     dtype: a numpy or jax dtype (float32, bfloat16, ...).
     vector_width: V, or None for unstructured sparsity.
+    column_multiple: see above (vector kernels only).
 
   Raises:
     ValueError: sparsity outside [0, 1], or V does not divide the layer's
@@ -311,7 +319,9 @@ def make_kernel(layer: Layer, sparsity: float | None = None,
     keep = layer.nnz(sp, v) // v
     # HWIO with O innermost: vector i holds the flat positions i*V .. i*V+V-1.
     vectors = np.random.default_rng([seed, 2, v]).permutation(size // v)
-    positions = (vectors[:keep, None] * v + np.arange(v)).reshape(-1)
+    chosen = np.flatnonzero(select_vectors(
+        vectors, keep, layer.kernel_shape[-1] // v, column_multiple))
+    positions = (chosen[:, None] * v + np.arange(v)).reshape(-1)
   values = np.random.default_rng([seed, 1]).standard_normal(size)
   dtype = jnp.dtype(dtype)
   kept = values[positions].astype(dtype)

@@ -95,18 +95,20 @@ def random_pruned_kernel(rng: np.random.Generator, shape, sparsity: float,
 
 def random_vector_kernel(rng: np.random.Generator, shape_hwio,
                          sparsity: float, v: int,
-                         dtype=np.float32) -> np.ndarray:
+                         dtype=np.float32,
+                         column_multiple: int = 1) -> np.ndarray:
   """A vector-sparse HWIO kernel of fresh N(0, 1) values: blocks of v
   consecutive output channels share their kept positions
   (escort_jax.prune.vector_mask of the values), round(size / v *
-  (1 - sparsity)) whole vectors kept.
+  (1 - sparsity)) whole vectors kept (each block's count rounded to a
+  multiple of column_multiple, if given).
 
   Kept values are never zero (also after rounding to `dtype`), so
   `kernel != 0` is the mask.
   """
   k = rng.standard_normal(shape_hwio)
   k = np.where(np.abs(k) < 1e-3, 0.5, k)
-  mask = vector_mask(k, sparsity, v)
+  mask = vector_mask(k, sparsity, v, column_multiple=column_multiple)
   kernel = np.array(jnp.asarray(np.where(mask, k, 0.0), dtype))  # writable
   assert np.count_nonzero(kernel) == np.count_nonzero(mask)
   return kernel

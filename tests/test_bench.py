@@ -21,6 +21,7 @@ import pytest
 from escort_jax import bench
 from escort_jax import ops as ej_ops
 from escort_jax import workload as wl
+from escort_jax.structure import ALIGNED_COLUMNS
 
 # --------------------------------------------------------------------------
 # The workload.
@@ -567,6 +568,11 @@ def test_row_key_separates_vector_widths():
   assert bench.row_key(dict(row, vector_width=16)) != old
   assert bench.row_key(dict(row, vector_width=16)) != bench.row_key(
       dict(row, vector_width=32))
+  # Vector rows written before column_multiple existed kept exact counts.
+  assert bench.row_key(dict(row, vector_width=16)) == bench.row_key(
+      dict(row, vector_width=16, column_multiple=1))
+  assert bench.row_key(dict(row, vector_width=16)) != bench.row_key(
+      dict(row, vector_width=16, column_multiple=8))
 
 
 def test_floor_model_vector_uses_tensor_cores():
@@ -599,10 +605,13 @@ def test_tiny_vector_run_resume_and_report(tmp_path):
   for r in rows:
     assert "error" not in r, r.get("error")
     assert r["rel_err"] < 3e-2 and r["time_us"] > 0
-  assert rows[0]["nnz"] == layer.nnz()
-  assert rows[1]["nnz"] == rows[2]["nnz"] == layer.nnz(vector_width=16)
-  assert rows[1]["sparsity"] == pytest.approx(
-      1 - layer.nnz(vector_width=16) / layer.size)
+  assert rows[0]["nnz"] == layer.nnz() and "column_multiple" not in rows[0]
+  # Vector kernels keep a multiple of ALIGNED_COLUMNS positions per block.
+  aligned = np.count_nonzero(wl.make_kernel(
+      layer, vector_width=16, column_multiple=ALIGNED_COLUMNS))
+  assert rows[1]["nnz"] == rows[2]["nnz"] == aligned
+  assert rows[1]["column_multiple"] == ALIGNED_COLUMNS
+  assert rows[1]["sparsity"] == pytest.approx(1 - aligned / layer.size)
   results2, _ = _tiny(tmp_path, methods=["vector", "escort"],
                       dtypes=["bfloat16"], vector_widths=[16, 8],
                       baselines=["lax_bf16"], max_hw=4, resume=path)
@@ -610,6 +619,10 @@ def test_tiny_vector_run_resume_and_report(tmp_path):
   assert rows2[:3] == rows
   assert [(r["method"], r["vector_width"]) for r in rows2[3:]] == [
       ("vector", 8), ("escort", 8)]
+  with pytest.raises(bench.UsageError, match="column_multiple"):
+    _tiny(tmp_path, methods=["vector"], dtypes=["bfloat16"],
+          vector_widths=[16], baselines=["lax_bf16"], max_hw=4, resume=path,
+          column_multiple=1)
 
   summary = bench.summarize(results2)
   pruned = [(s["method"], s["vector_width"]) for s in summary
@@ -632,13 +645,14 @@ def test_vector_rows_at_one_sparsity(tmp_path):
             wl.get_layer("googlenet/inception_4a/5x5")]  # 48 outputs
   results, path = bench.run_benchmark(
       layers, batches=[1], dtypes=["bfloat16"], methods=["vector"],
-      sparsities=[0.9], vector_widths=[32], max_hw=4, num_inputs=1,
-      repeats=1, baselines=["lax_bf16"], show_progress=False,
+      sparsities=[0.9], vector_widths=[32], column_multiple=1, max_hw=4,
+      num_inputs=1, repeats=1, baselines=["lax_bf16"], show_progress=False,
       out=tmp_path / "v.json")
   (row,) = results["rows"]
   assert row["layer"] == "inception_3a/5x5" and row["vector_width"] == 32
   assert row["sweep"] is True and row["target_sparsity"] == 0.9
-  assert row["nnz"] == layers[0].nnz(0.9, 32)
+  assert row["nnz"] == layers[0].nnz(0.9, 32)  # column_multiple=1: exact
+  assert row["column_multiple"] == 1
   (s,) = bench.summarize(results)
   assert (s["subset"], s["sparsity"], s["method"], s["vector_width"]) == (
       "all layers", 0.9, "vector", 32)

@@ -576,8 +576,30 @@ def test_bench_vector_rows_json(tmp_path, capsys):
       ("vector[bq=32,bk=16]", 16), ("auto", 16)]  # bk: no KernelConfig
   assert rows[0]["config"] == {"block_q": 32, "block_k": 16}
   assert all(r["target_sparsity"] == 0.75 and r["sweep"] for r in rows)
+  from escort_jax.structure import ALIGNED_COLUMNS  # pylint: disable=g-import-not-at-top
+  assert all(r["column_multiple"] == ALIGNED_COLUMNS for r in rows)
   assert "| all layers | 0.75 | 1 | bfloat16 | vector[bq=32,bk=16] | 16 |" in (
       (tmp_path / "vec.md").read_text())
+
+
+def test_bench_column_multiple(tmp_path, capsys):
+  """--column-multiple 1 keeps the exact rounded count of vectors; 0 is a
+  usage error."""
+  from escort_jax import workload as wl  # pylint: disable=g-import-not-at-top
+  args = ["bench", "--small", "--layers", "inception_3a/5x5", "--max-hw",
+          "4", "--vector-width", "16", "--sparsity", "0.8", "--dtype",
+          "bf16", "--method", "vector", "--baselines", "lax_bf16",
+          "--no-report", "--json"]
+  code = cli.main(args + ["--column-multiple", "1", "--out",
+                          str(tmp_path / "a.json")])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err[-3000:]
+  (row,) = json.loads(captured.out)["rows"]
+  assert row["column_multiple"] == 1
+  assert row["nnz"] == wl.get_layer("googlenet/inception_3a/5x5").nnz(0.8, 16)
+  with pytest.raises(SystemExit) as e:
+    cli.main(args + ["--column-multiple", "0"])
+  assert e.value.code == cli.EXIT_USAGE
 
 
 def test_bench_tune_vector(tmp_path, capsys, monkeypatch):

@@ -123,17 +123,20 @@ def test_layer_forward(layer):
   _assert_within_bounds(name, errors)
 
 
+@pytest.mark.parametrize("column_multiple", [1, 8])
 @pytest.mark.parametrize("name", ["resnet50/res3a_branch2b",
                                   "googlenet/inception_4a/3x3"])
 @pytest.mark.parametrize("index", range(len(tune.DEFAULT_VECTOR_CANDIDATES)))
-def test_every_vector_tune_candidate(index, name):
+def test_every_vector_tune_candidate(index, name, column_multiple):
   """Every vector config that tuning may record computes the convolution
-  (bias and relu fused) at an odd batch, in bfloat16 and float32."""
+  (bias and relu fused) at an odd batch, in bfloat16 and float32, with
+  blocks of any number of columns and with multiples of 8 (whose weight
+  rows the kernel loads aligned)."""
   cfg = tune.DEFAULT_VECTOR_CANDIDATES[index]
   layer = next(l for l in LAYERS if _name(l) == name)
   rng, x, _, bias, conv = _layer_problem(layer, [607, index])
   x = jnp.concatenate([x, x[:1] * -0.5])
-  kernel = _vector_kernel(rng, layer)
+  kernel = _vector_kernel(rng, layer, column_multiple=column_multiple)
   for dtype in (jnp.bfloat16, jnp.float32):
     xd, kd, bd = x.astype(dtype), jnp.asarray(kernel, dtype), bias.astype(
         dtype)
@@ -199,10 +202,11 @@ def test_layer_gradients(name, method):
     assert err <= GRAD_BOUND, f"{name} d{what}: rel_err {err:.3e}"
 
 
-def _vector_kernel(rng, layer, v=16):
+def _vector_kernel(rng, layer, v=16, column_multiple=1):
   c, o, g, k = (layer["in_channels"], layer["out_channels"], layer["groups"],
                 layer["kernel"])
-  return random_vector_kernel(rng, (k, k, c // g, o), _sparsity(layer), v)
+  return random_vector_kernel(rng, (k, k, c // g, o), _sparsity(layer), v,
+                              column_multiple=column_multiple)
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=[_name(l) for l in LAYERS])

@@ -112,6 +112,29 @@ def test_vector_mask_blocks_share_positions(v):
     np.testing.assert_array_equal(mask, prune.magnitude_mask(kernel, 0.7))
 
 
+@pytest.mark.parametrize("m", [4, 8])
+def test_vector_mask_aligned_column_counts(m):
+  """column_multiple: every block keeps a multiple of m positions, its
+  largest vectors, close to the target count."""
+  kernel = np.random.default_rng(m).normal(size=(3, 3, 20, 32))
+  v = 8
+  mask = prune.vector_mask(kernel, 0.8, v, column_multiple=m)
+  blocks = mask.reshape(-1, 32 // v, v)
+  assert (blocks == blocks[..., :1]).all()
+  kept = blocks[..., 0]
+  counts = kept.sum(axis=0)
+  assert np.all(counts % m == 0)
+  plain = prune.vector_mask(kernel, 0.8, v).reshape(-1, 32 // v, v)[..., 0]
+  assert abs(int(counts.sum()) - int(plain.sum())) <= m // 2 * (32 // v)
+  norms = np.linalg.norm(kernel.reshape(-1, 32 // v, v), axis=-1)
+  for b in range(32 // v):
+    if 0 < counts[b] < kept.shape[0]:
+      assert norms[kept[:, b], b].min() >= norms[~kept[:, b], b].max()
+  np.testing.assert_array_equal(
+      prune.vector_mask(kernel, 0.8, v, column_multiple=1),
+      prune.vector_mask(kernel, 0.8, v))
+
+
 def test_vector_mask_scores_by_l2_norm():
   # Vector 0 has one big weight (L2 2.0), vector 1 many medium ones (L2 ~3).
   kernel = np.zeros((1, 1, 1, 8))
@@ -266,6 +289,13 @@ def test_prune_model_global_and_vector():
   for m in masks.values():
     blocks = m.reshape(*m.shape[:-1], -1, 4)
     assert (blocks == blocks[..., :1]).all()
+
+  for mode in ("layer", "global"):
+    _, masks = prune.prune_model(model, sparsity=0.5, mode=mode,
+                                 vector_width=4, column_multiple=4)
+    for p, m in masks.items():
+      kept = m.reshape(-1, m.shape[-1] // 4, 4)[..., 0]
+      assert np.all(kept.sum(axis=0) % 4 == 0), (mode, p)
 
   with pytest.raises(ValueError, match="divide"):
     prune.prune_model(model, sparsity=0.5, vector_width=3)

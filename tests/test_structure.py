@@ -209,3 +209,50 @@ def test_structure_rejects_invalid_csr():
     SparseStructure((3, 3, 2, 2), "HWIO", [0, 1, 1], [18])
   with pytest.raises(ValueError, match="layout"):
     SparseStructure((3, 3, 2, 2), "NHWC", [0, 0, 0], [])
+
+
+# ---------------------------------------------------------------------------
+# Vector selection with aligned block counts.
+
+
+def test_select_vectors_plain_is_the_ranking_prefix():
+  from escort_jax.structure import select_vectors
+  ranking = np.random.default_rng(0).permutation(9 * 8)
+  kept = select_vectors(ranking, 29, 8)
+  np.testing.assert_array_equal(np.flatnonzero(kept), np.sort(ranking[:29]))
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_select_vectors_rounds_each_block(m):
+  """Each block keeps its count among the first `keep` rounded to the
+  nearest multiple of m (halves up), its best-ranked vectors, nested as
+  `keep` grows."""
+  from escort_jax.structure import select_vectors
+  num_blocks, per_block = 8, 50
+  ranking = np.random.default_rng(m).permutation(num_blocks * per_block)
+  previous = np.zeros(ranking.size, bool)
+  for keep in (0, 37, 120, 251, 400):
+    kept = select_vectors(ranking, keep, num_blocks, m)
+    counts = np.bincount(np.flatnonzero(kept) % num_blocks,
+                         minlength=num_blocks)
+    want = np.bincount(ranking[:keep] % num_blocks, minlength=num_blocks)
+    want = np.minimum((want + m // 2) // m * m, per_block)
+    np.testing.assert_array_equal(counts, want)
+    assert np.all(counts[counts < per_block] % m == 0)
+    for b in range(num_blocks):
+      mine = ranking[ranking % num_blocks == b]
+      np.testing.assert_array_equal(np.sort(np.flatnonzero(kept)[
+          np.flatnonzero(kept) % num_blocks == b]), np.sort(mine[:counts[b]]))
+    assert np.all(previous <= kept)
+    previous = kept
+  # All 50 vectors of each block: 50 for m = 2 (a multiple), 52 capped at 50
+  # for m = 4, 48 for m = 8.
+  assert kept.sum() == num_blocks * {2: 50, 4: 50, 8: 48}[m]
+
+
+def test_select_vectors_checks():
+  from escort_jax.structure import select_vectors
+  with pytest.raises(ValueError, match="column_multiple must be >= 1"):
+    select_vectors(np.arange(16), 4, 2, 0)
+  with pytest.raises(ValueError, match="not a whole number of 3 blocks"):
+    select_vectors(np.arange(16), 4, 3)

@@ -78,6 +78,33 @@ def test_vector_kernel_deterministic_nested_and_values():
   assert hit.any(axis=(0, 1, 2)).all() and hit.any(axis=3).mean() > 0.9
 
 
+def test_vector_kernel_aligned_column_counts():
+  """column_multiple=8: every block keeps a multiple of 8 positions (its
+  count rounded to the nearest), nested across sparsities, with the plain
+  kernel's values; the total stays within 4 vectors per block."""
+  layer = wl.get_layer("resnet50/res3a_branch2b")
+  v, m = 16, 8
+  blocks = layer.out_channels // v
+  previous = None
+  for sp in (0.99, layer.sparsity, 0.5):
+    k = wl.make_kernel(layer, sparsity=sp, vector_width=v, column_multiple=m)
+    plain = wl.make_kernel(layer, sparsity=sp, vector_width=v)
+    kept = np.count_nonzero(_vectors(k, v), axis=-1) == v
+    assert set(np.unique(np.count_nonzero(_vectors(k, v), axis=-1))) <= {0, v}
+    counts = kept.reshape(-1, blocks).sum(axis=0)
+    assert np.all(counts % m == 0)
+    assert abs(int(counts.sum()) * v - layer.nnz(sp, v)) <= m // 2 * blocks * v
+    np.testing.assert_array_equal(k[k != 0], wl.make_kernel(
+        layer, sparsity=0.0)[k != 0])
+    assert not np.array_equal(k, plain)
+    if previous is not None:
+      assert np.all((previous != 0) <= (k != 0))
+    previous = k
+  np.testing.assert_array_equal(
+      wl.make_kernel(layer, vector_width=v, column_multiple=1),
+      wl.make_kernel(layer, vector_width=v))
+
+
 def test_vector_kernel_bf16_keeps_every_weight():
   layer = wl.get_layer("googlenet/inception_3a/5x5")
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

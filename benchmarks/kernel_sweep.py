@@ -26,6 +26,7 @@ import escort_jax as ej
 from escort_jax import workload as wl
 from escort_jax.bench import rel_err
 from escort_jax.ops import KernelConfig
+from escort_jax.structure import ALIGNED_COLUMNS
 
 LAYERS = json.load(open(os.path.join(os.path.dirname(ej.__file__),
                                      "layers.json")))["layers"]
@@ -41,13 +42,17 @@ def workload_layer(layer) -> wl.Layer:
   return wl.get_layer(f"{layer['net']}/{layer['layer']}")
 
 
-def make_case(layer, batch, dtype, seed=0, sparsity=None, vector_width=None):
+def make_case(layer, batch, dtype, seed=0, sparsity=None, vector_width=None,
+              column_multiple=ALIGNED_COLUMNS):
   """(x, w, conv kwargs) of a workload layer (a LAYERS entry): the
   workload's kernel (workload.make_kernel, the layer's fixed seed;
-  vector-sparse with vector_width V) in `dtype`, an N(0, 1) input batch of
-  `seed`, and its window_strides, padding and feature_group_count."""
+  vector-sparse with vector_width V, each block keeping a multiple of
+  column_multiple positions, as the benchmark's) in `dtype`, an N(0, 1)
+  input batch of `seed`, and its window_strides, padding and
+  feature_group_count."""
   l = workload_layer(layer)
-  w = wl.make_kernel(l, sparsity, dtype=dtype, vector_width=vector_width)
+  w = wl.make_kernel(l, sparsity, dtype=dtype, vector_width=vector_width,
+                     column_multiple=column_multiple)
   x = wl.make_input(l, batch, seed=seed, dtype=dtype)
   return x, jnp.asarray(w), l.conv_kwargs()
 

@@ -8,7 +8,10 @@ layer, then CUPTI kernel times of tile configs against lax.conv bf16.
 
 Kernels are the workload's vector-sparse ones (escort_jax.workload.make_kernel
 with vector_width=V): round(size * (1 - sparsity) / V) whole V-vectors at
-uniformly random (r, s, c, block) positions; cases, checks and breakdowns are
+uniformly random (r, s, c, block) positions, each block's count rounded to a
+multiple of --column-multiple (default structure.ALIGNED_COLUMNS, as the
+benchmark; --unaligned keeps the kernel from relying on it, the control);
+cases, checks and breakdowns are
 benchmarks/kernel_sweep.py's. Times use the CUPTI route of
 benchmarks/kernel_sweep.py (same method for both sides of a ratio); rows are
 appended to OUT/vector_time.json as they finish, and rows already there are
@@ -33,6 +36,7 @@ from kernel_sweep import (LAYERS, TIMED, breakdown, check_all,  # noqa: E402
 
 import escort_jax as ej  # noqa: E402
 from escort_jax.ops import VectorConfig  # noqa: E402
+from escort_jax.structure import ALIGNED_COLUMNS  # noqa: E402
 from pallas_kernels.vector_sparse_conv import VectorBlocks  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -52,21 +56,8 @@ def sparsity_of(layer, name):
   return (layer["sparsity"] or 0.9) if name == "published" else float(name)
 
 
-def round_block_columns(w, v, multiple):
-  """w (HWIO, vector-sparse with width v) with each block of v output
-  channels keeping only the first multiple * floor(n / multiple) of its n
-  kept positions (in (r, s, c) order): blocks whose weight rows start
-  aligned (VectorBlocks.value_alignment)."""
-  w = np.array(w.astype(jnp.float32))
-  flat = w.reshape(-1, w.shape[-1] // v, v)
-  for b in range(flat.shape[1]):
-    kept = np.flatnonzero(np.any(flat[:, b, :] != 0, axis=1))
-    flat[kept[len(kept) // multiple * multiple:], b, :] = 0
-  return flat.reshape(w.shape)
-
-
 def time_layers(out, names, sparsities, v, configs, batch,
-                column_multiple=1, align=True):
+                column_multiple=ALIGNED_COLUMNS, align=True):
   path = os.path.join(out, "vector_time.json")
   rows = json.load(open(path)) if os.path.exists(path) else []
   variant = f"m{column_multiple}" + ("" if align else "-unaligned")
@@ -77,10 +68,7 @@ def time_layers(out, names, sparsities, v, configs, batch,
     for sp_name in sparsities:
       sp = sparsity_of(layer, sp_name)
       x, w, args = make_case(layer, batch, jnp.bfloat16, sparsity=sp,
-                             vector_width=v)
-      if column_multiple > 1:
-        w = jnp.asarray(round_block_columns(w, v, column_multiple),
-                        jnp.bfloat16)
+                             vector_width=v, column_multiple=column_multiple)
       base = None
       sk = ej.SparseKernel.from_dense(np.asarray(w.astype(jnp.float32)))
       sk = sk.with_values(sk.values.astype(jnp.bfloat16))
@@ -134,8 +122,9 @@ def main():
   p.add_argument("--v", type=int, default=16)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--configs", default="128,32,4,2")
-  p.add_argument("--column-multiple", type=int, default=1,
-                 help="round each block's kept columns down to a multiple")
+  p.add_argument("--column-multiple", type=int, default=ALIGNED_COLUMNS,
+                 help="each block keeps a multiple of this many positions "
+                 "(workload.make_kernel)")
   p.add_argument("--unaligned", action="store_true",
                  help="do not promise Triton the weight rows' alignment "
                  "(the control for --column-multiple)")

@@ -49,7 +49,7 @@ def _flat_layout_kernel(x_ref, y_ref, *, n, h, w, c, hp, wp, top, left,
                         planes, nb, wb, cb):
   a = pl.program_id(0)
   c0 = pl.program_id(1) * cb
-  ni = jnp.arange(nb, dtype=jnp.int32)
+  ni = pl.program_id(2) * nb + jnp.arange(nb, dtype=jnp.int32)
   bi = jnp.arange(wb, dtype=jnp.int32)
   ci = c0 + jnp.arange(cb, dtype=jnp.int32)
   row = a - top
@@ -69,6 +69,8 @@ def _flat_layout_kernel(x_ref, y_ref, *, n, h, w, c, hp, wp, top, left,
 
 def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
                 num_warps: int = 8, slab: int | None = None,
+                channel_block: int | None = None,
+                batch_block: int | None = None,
                 interpret: bool = False) -> jax.Array:
   """(N, H, W, C) -> the stride-1 stretched flat layout (module docstring).
 
@@ -80,6 +82,8 @@ def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
     slab: elements per program (N and Wp rounded up to powers of two, times
       the channels of a block); default: up to MAX_SLAB, halved while there
       are fewer than MIN_PROGRAMS programs.
+    channel_block, batch_block: channels and images per program (powers of
+      two), overriding what `slab` gives.
     interpret: run through the Pallas interpreter (CPU).
   """
   if x.ndim != 4:
@@ -96,6 +100,12 @@ def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
   if slab is None:
     while cb > 1 and hp * pl.cdiv(planes, cb) < MIN_PROGRAMS:
       cb //= 2
+  for name, v in (("channel_block", channel_block),
+                  ("batch_block", batch_block)):
+    if v is not None and (v < 1 or v & (v - 1)):
+      raise ValueError(f"{name} must be a power of two, got {v}")
+  cb = channel_block or cb
+  nb = batch_block or nb
   size = planes * hp * wp * n
   check_int32(input=x.size + nb * wb * cb, output=size + nb * wb * cb)
   kernel = functools.partial(
@@ -104,7 +114,7 @@ def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((size,), x.dtype),
-      grid=(hp, pl.cdiv(planes, cb)),
+      grid=(hp, pl.cdiv(planes, cb), pl.cdiv(n, nb)),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=1),
       interpret=interpret,

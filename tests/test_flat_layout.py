@@ -13,16 +13,20 @@ from escort_jax.structure import SparseStructure
 from pallas_kernels.flat_layout import flat_layout, flat_layout_reference
 
 
-@pytest.mark.parametrize("shape,padding,extra,slab", [
-    ((2, 5, 7, 3), ((1, 1), (1, 1)), 2, 16384),
-    ((3, 6, 6, 17), ((2, 0), (0, 1)), 0, 256),
-    ((1, 4, 9, 40), ((0, 0), (0, 0)), 1, 64),
-    ((2, 6, 5, 9), ((1, 2), (2, 1)), 3, None),
+@pytest.mark.parametrize("shape,padding,extra,slab,cb,nb", [
+    ((2, 5, 7, 3), ((1, 1), (1, 1)), 2, 16384, None, None),
+    ((3, 6, 6, 17), ((2, 0), (0, 1)), 0, 256, None, None),
+    ((1, 4, 9, 40), ((0, 0), (0, 0)), 1, 64, None, None),
+    ((2, 6, 5, 9), ((1, 2), (2, 1)), 3, None, None, None),
+    # Explicit blocks: images split over programs, a partial last block.
+    ((5, 4, 6, 9), ((1, 1), (1, 1)), 2, None, 4, 2),
+    ((3, 3, 5, 20), ((0, 1), (2, 0)), 1, None, 16, 1),
 ])
-def test_flat_layout_matches_reference(shape, padding, extra, slab):
+def test_flat_layout_matches_reference(shape, padding, extra, slab, cb, nb):
   rng = np.random.default_rng(list(shape))
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  y = flat_layout(x, padding, extra, slab=slab, interpret=True)
+  y = flat_layout(x, padding, extra, slab=slab, channel_block=cb,
+                  batch_block=nb, interpret=True)
   want = flat_layout_reference(x, padding, extra)
   chex.assert_shape(y, want.shape)
   chex.assert_type(y, x.dtype)
@@ -47,6 +51,9 @@ def test_flat_layout_input_checks():
     flat_layout(jnp.zeros((1, 2, 2, 1)), ((-1, 0), (0, 0)), interpret=True)
   with pytest.raises(ValueError, match=r"must be \(N, H, W, C\)"):
     flat_layout(jnp.zeros((2, 2, 1)), ((0, 0), (0, 0)), interpret=True)
+  with pytest.raises(ValueError, match="batch_block must be a power of two"):
+    flat_layout(jnp.zeros((2, 2, 2, 1)), ((0, 0), (0, 0)), batch_block=3,
+                interpret=True)
 
 
 def test_flat_input_kernel_value_and_transpose_match_xla():

@@ -39,6 +39,13 @@ from pallas_kernels.output_layout import check_int32
 # (few channels or rows) or too many small ones lost.
 MAX_SLAB = 32768
 MIN_PROGRAMS = 264
+# 2-byte inputs of at least 16 images: blocks of 16 channels x 16 images
+# (32-byte loads along the channels and 32-byte stores along the images) on
+# 4 warps were as fast or faster on 7 layers at batch 32, 1.3x on res2a and
+# 1.55x on inception_4a/3x3, where the slab rule had cut the channels to 8
+# per program (16-byte loads; results/*T1924*-flat-layout-blocks.json).
+BLOCK_BYTES = 32
+BLOCK_WARPS = 4
 
 
 def _pow2(n: int) -> int:
@@ -68,7 +75,7 @@ def _flat_layout_kernel(x_ref, y_ref, *, n, h, w, c, hp, wp, top, left,
 
 
 def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
-                num_warps: int = 8, slab: int | None = None,
+                num_warps: int | None = None, slab: int | None = None,
                 channel_block: int | None = None,
                 batch_block: int | None = None,
                 interpret: bool = False) -> jax.Array:
@@ -78,10 +85,13 @@ def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
     x: (N, H, W, C).
     padding: ((top, bottom), (left, right)), each >= 0.
     extra_planes: whole zero planes after the C channel planes.
-    num_warps: Triton launch parameter.
+    num_warps: Triton launch parameter (default 8, or BLOCK_WARPS with
+      byte blocks).
     slab: elements per program (N and Wp rounded up to powers of two, times
       the channels of a block); default: up to MAX_SLAB, halved while there
-      are fewer than MIN_PROGRAMS programs.
+      are fewer than MIN_PROGRAMS programs; or, for 2-byte inputs of at
+      least BLOCK_BYTES / 2 images, byte blocks: BLOCK_BYTES worth of
+      channels and of images per program.
     channel_block, batch_block: channels and images per program (powers of
       two), overriding what `slab` gives.
     interpret: run through the Pallas interpreter (CPU).
@@ -104,8 +114,14 @@ def flat_layout(x: jax.Array, padding, extra_planes: int = 0, *,
                   ("batch_block", batch_block)):
     if v is not None and (v < 1 or v & (v - 1)):
       raise ValueError(f"{name} must be a power of two, got {v}")
+  chunk = BLOCK_BYTES // x.dtype.itemsize
+  byte_blocks = (slab is None and x.dtype.itemsize == 2 and n >= chunk)
+  if byte_blocks:
+    cb, nb = chunk, chunk
   cb = channel_block or cb
   nb = batch_block or nb
+  if num_warps is None:
+    num_warps = BLOCK_WARPS if byte_blocks else 8
   size = planes * hp * wp * n
   check_int32(input=x.size + nb * wb * cb, output=size + nb * wb * cb)
   kernel = functools.partial(

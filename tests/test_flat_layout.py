@@ -1,5 +1,6 @@
-"""pallas_kernels/flat_layout.py (interpreted on the CPU) against its
-reference and against conv_geometry.to_flat_input, bit for bit."""
+"""pallas_kernels/flat_layout.py (interpreted on the CPU, compiled on a GPU)
+against its reference and against conv_geometry.to_flat_input, bit for
+bit."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from escort_jax import conv_geometry as cg
 from escort_jax.structure import SparseStructure
 from pallas_kernels.flat_layout import flat_layout, flat_layout_reference
+from tests.conftest import requires_gpu
 
 
 @pytest.mark.parametrize("shape,padding,extra,slab,cb,nb", [
@@ -31,6 +33,17 @@ def test_flat_layout_matches_reference(shape, padding, extra, slab, cb, nb):
   chex.assert_shape(y, want.shape)
   chex.assert_type(y, x.dtype)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+
+
+def test_flat_layout_byte_blocks_for_2_byte_batches():
+  """bfloat16 with 16 or more images runs blocks of 16 channels x 16 images
+  (a partial last block of each here) and equals the reference."""
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((19, 3, 4, 21)),
+                  jnp.bfloat16)
+  y = flat_layout(x, ((1, 1), (1, 1)), 1, interpret=True)
+  np.testing.assert_array_equal(
+      np.asarray(y, np.float32),
+      np.asarray(flat_layout_reference(x, ((1, 1), (1, 1)), 1), np.float32))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -73,3 +86,21 @@ def test_flat_input_kernel_value_and_transpose_match_xla():
                    jnp.float32)
   np.testing.assert_array_equal(np.asarray(vjp(ct)[0]),
                                 np.asarray(want_vjp(ct)[0]))
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("shape,dtype", [
+    ((32, 56, 56, 64), "bfloat16"),   # byte blocks, res2a's input
+    ((19, 14, 14, 256), "bfloat16"),  # byte blocks, a partial image block
+    ((8, 28, 28, 128), "bfloat16"),   # the slab rule (fewer images)
+    ((1, 28, 28, 128), "float32"),
+])
+def test_flat_layout_compiled_matches_reference(shape, dtype):
+  x = jnp.asarray(np.random.default_rng(list(shape)).standard_normal(shape),
+                  dtype)
+  y = flat_layout(x, ((1, 1), (1, 1)), 2)
+  want = flat_layout_reference(x, ((1, 1), (1, 1)), 2)
+  chex.assert_shape(y, want.shape)
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(want, np.float32))

@@ -176,7 +176,8 @@ def select_vectors(ranking, keep: int, num_blocks: int,
     ranking: (num_vectors,) the index of every vector, most wanted first.
       Vector i belongs to block i % num_blocks (the HWIO order with the
       output channels innermost: i = position * num_blocks + block).
-    keep: how many vectors the first `keep` of `ranking` would keep.
+    keep: the target count: without rounding, the first `keep` of
+      `ranking` are kept.
     num_blocks: output-channel blocks (output channels // V).
     column_multiple: m >= 1. Each block's count among the first `keep` is
       rounded to the nearest multiple of m (halves up; at most the block's

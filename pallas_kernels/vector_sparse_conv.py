@@ -247,10 +247,11 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
 
 
 def _vector_sparse_conv_kernel(steps_ref, start_ref, cols_ref, offsets_ref,
-                               values_ref, bias_ref, x_ref, y_ref, *, block_q, block_k, lanes,
-                               vector_width, num_rows, padded_cols, row_len,
-                               offset_unit, value_alignment, relu,
-                               precision, acc_dtype, nhwc, spare_region):
+                               values_ref, bias_ref, x_ref, y_ref, *, block_q,
+                               block_k, lanes, vector_width, num_rows,
+                               padded_cols, row_len, offset_unit,
+                               value_alignment, relu, precision, acc_dtype,
+                               nhwc, spare_region):
   block = pl.program_id(0)
   q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
   first = block * padded_cols

@@ -441,7 +441,8 @@ def _model_class(name: str):
 def build_model(name: str, *, pruned: bool = False, seed: int = 0,
                 rngs: nnx.Rngs | None = None, num_classes: int = 1000,
                 dtype=None, param_dtype=jnp.float32,
-                vector_width: int | None = None, **kwargs):
+                vector_width: int | None = None, column_multiple: int = 1,
+                **kwargs):
   """Builds "caffenet", "googlenet" or "resnet50" with random weights.
 
   Args:
@@ -455,6 +456,9 @@ def build_model(name: str, *, pruned: bool = False, seed: int = 0,
     num_classes, dtype, param_dtype: as the model classes take them.
     vector_width: with pruned=True, prune V-wide output-channel vectors
       (prune.vector_mask); V must divide every pruned layer's outputs.
+    column_multiple: with vector_width, each block keeps a multiple of this
+      many positions (prune.vector_mask; structure.ALIGNED_COLUMNS is the
+      one the vector kernel loads fastest).
     **kwargs: more constructor arguments (lrn, use_running_average).
 
   Returns:
@@ -465,7 +469,8 @@ def build_model(name: str, *, pruned: bool = False, seed: int = 0,
               rngs=rngs if rngs is not None else nnx.Rngs(seed), **kwargs)
   if pruned:
     model, _ = prune_lib.prune_model(model, profile=name, inplace=True,
-                                     vector_width=vector_width)
+                                     vector_width=vector_width,
+                                     column_multiple=column_multiple)
   return model
 
 

@@ -240,6 +240,21 @@ def test_build_resnet50_pruned(pruned_resnet50):
   np.testing.assert_array_equal(_get(model.res2a.bn_branch2b.mean), bn_mean)
 
 
+def test_build_resnet50_vector_pruned_aligned():
+  """vector_width with column_multiple: every pruned kernel (the 16 convs
+  and fc1000, whose 1000 outputs take V = 8) keeps blocks of 8 output
+  channels with a shared pattern, each a multiple of 8 positions."""
+  model = models.build_model("resnet50", pruned=True, vector_width=8,
+                             column_multiple=8)
+  masks = prune.nonzero_masks(model)
+  assert len(masks) == 17
+  for path, m in masks.items():
+    blocks = m.reshape(-1, m.shape[-1] // 8, 8)
+    assert (blocks == blocks[..., :1]).all(), path
+    counts = blocks[..., 0].sum(axis=0)
+    assert np.all(counts % 8 == 0), path
+
+
 def test_build_model_seed_and_errors():
   with pytest.raises(ValueError, match="unknown model"):
     models.build_model("vgg16")

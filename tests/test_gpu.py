@@ -31,6 +31,8 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 
 BATCH = 2
 BOUNDS = {"float32": 1e-5, "bfloat16": 1e-2}
+# float16 keeps 11 significant bits (bfloat16 8): its outputs round to ~5e-4.
+FLOAT16_BOUND = 2e-3
 GRAD_BOUND = 1e-5
 DENSE_LAYER_SPARSITY = 0.9  # caffenet conv1 is not pruned in the model
 
@@ -121,6 +123,35 @@ def test_layer_forward(layer):
         f"out={tuple(y.shape)} f32_err={errors['float32']:.2e} "
         f"bf16_err={errors['bfloat16']:.2e}")
   _assert_within_bounds(name, errors)
+
+
+@pytest.mark.parametrize("batch", [2, 32])
+@pytest.mark.parametrize("method", ["escort", "vector"])
+@pytest.mark.parametrize("name", ["resnet50/res3a_branch2b", "caffenet/conv2",
+                                  "googlenet/inception_3a/5x5"])
+def test_float16_layers(name, method, batch):
+  """float16 inputs, compiled (the CPU tests interpret them): the escort
+  kernel's unpacked multiply-add path and the vector kernel, at a small batch
+  and at batch 32 (the 2-byte large-grid config and the layout pass's byte
+  blocks), against lax at HIGHEST on the same rounded inputs."""
+  layer = next(l for l in LAYERS if _name(l) == name)
+  rng, x, kernel, bias, conv = _layer_problem(layer, [608, batch])
+  if batch != BATCH:
+    x = random_array(rng, (batch,) + x.shape[1:])
+  if method == "vector":
+    kernel = _vector_kernel(rng, layer, column_multiple=8)
+  xd, kd, bd = (x.astype(jnp.float16), jnp.asarray(kernel, jnp.float16),
+                bias.astype(jnp.float16))
+  sk = SparseKernel.from_dense(np.asarray(kd),
+                               vector_width=16 if method == "vector" else None)
+  y = jax.jit(lambda x, sk, b: sparse_conv(
+      x, sk, bias=b, activation="relu", method=method, **conv))(xd, sk, bd)
+  ref = jnp.maximum(_lax_conv(xd, kd, bd, conv), 0)
+  chex.assert_shape(y, ref.shape)
+  chex.assert_type(y, jnp.float16)
+  assert bool(jnp.all(jnp.isfinite(y))), f"{name} {method}: non-finite"
+  err = rel_err(y, ref)
+  assert err <= FLOAT16_BOUND, f"{name} {method} batch {batch}: {err:.3e}"
 
 
 @pytest.mark.parametrize("column_multiple", [1, 8])

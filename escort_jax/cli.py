@@ -924,6 +924,8 @@ def _bench_sharded(args, batches, max_hw, repeats, usage) -> int:
   # Options of the per-layer benchmark, which a whole pruned network does
   # not take: its kernels are unstructured, its layers pick their configs.
   ignored = [flag for flag, value in (("--vector-width", args.vector_width),
+                                      ("--column-multiple",
+                                       args.column_multiple),
                                       ("--config", args.config),
                                       ("--tune", args.tune))
              if value]

@@ -527,6 +527,8 @@ def test_no_command_exits_2(capsys):
     (["bench", "--sharded", "--vector-width", "16"],
      "does not take --vector-width"),
     (["bench", "--sharded", "--config", "rpp=8"], "does not take --config"),
+    (["bench", "--sharded", "--column-multiple", "8"],
+     "does not take --column-multiple"),
     (["bench", "--sharded", "--method", "vector"],
      "needs vector-sparse kernels"),
     (["bench", "--sharded", "--method", "fast"], "unknown method"),

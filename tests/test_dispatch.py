@@ -114,7 +114,7 @@ def test_auto_keeps_a_callers_config_only_for_the_path_it_fits(plan_dir):
   from escort_jax.prune import vector_mask
   from escort_jax.structure import SparseKernel
   rng = np.random.default_rng(0)
-  k = rng.standard_normal((3, 3, 16, 32))
+  k = rng.standard_normal((3, 3, 16, 32)).astype(np.float32)
   sk = SparseKernel.from_dense(np.where(vector_mask(k, 0.8, 16), k, 0))
   g = make_geometry((2, 8, 8, 16), sk.structure, (1, 1), "SAME", (1, 1), 1)
   key = plans.plan_key(sk.structure.digest, g, jnp.bfloat16, None)

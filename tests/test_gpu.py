@@ -104,6 +104,23 @@ def _forward_errors(name, x, kernel, bias, conv, method, vector_width=None,
   return errors, sk, y
 
 
+def _check_relu_conv(what, x, kernel, bias, conv, dtype, bound,
+                     vector_width=None, **sparse_kw):
+  """sparse_conv(..., activation="relu", **sparse_kw), jitted, on x, kernel
+  and bias rounded to `dtype`, against lax at HIGHEST on the same rounded
+  inputs: shape, dtype, finite, and rel_err <= bound."""
+  xd, kd, bd = x.astype(dtype), jnp.asarray(kernel, dtype), bias.astype(dtype)
+  sk = SparseKernel.from_dense(np.asarray(kd), vector_width=vector_width)
+  y = jax.jit(lambda x, sk, b: sparse_conv(
+      x, sk, bias=b, activation="relu", **sparse_kw, **conv))(xd, sk, bd)
+  ref = jnp.maximum(_lax_conv(xd, kd, bd, conv), 0)
+  chex.assert_shape(y, ref.shape)
+  chex.assert_type(y, dtype)
+  assert bool(jnp.all(jnp.isfinite(y))), f"{what}: non-finite output"
+  err = rel_err(y, ref)
+  assert err <= bound, f"{what} {jnp.dtype(dtype).name}: {err:.3e}"
+
+
 def _assert_within_bounds(name, errors):
   for dt, err in errors.items():
     assert err <= BOUNDS[dt], f"{name} {dt}: rel_err {err:.3e}"
@@ -140,18 +157,10 @@ def test_float16_layers(name, method, batch):
     x = random_array(rng, (batch,) + x.shape[1:])
   if method == "vector":
     kernel = _vector_kernel(rng, layer, column_multiple=8)
-  xd, kd, bd = (x.astype(jnp.float16), jnp.asarray(kernel, jnp.float16),
-                bias.astype(jnp.float16))
-  sk = SparseKernel.from_dense(np.asarray(kd),
-                               vector_width=16 if method == "vector" else None)
-  y = jax.jit(lambda x, sk, b: sparse_conv(
-      x, sk, bias=b, activation="relu", method=method, **conv))(xd, sk, bd)
-  ref = jnp.maximum(_lax_conv(xd, kd, bd, conv), 0)
-  chex.assert_shape(y, ref.shape)
-  chex.assert_type(y, jnp.float16)
-  assert bool(jnp.all(jnp.isfinite(y))), f"{name} {method}: non-finite"
-  err = rel_err(y, ref)
-  assert err <= FLOAT16_BOUND, f"{name} {method} batch {batch}: {err:.3e}"
+  _check_relu_conv(f"{name} {method} batch {batch}", x, kernel, bias, conv,
+                   jnp.float16, FLOAT16_BOUND,
+                   vector_width=16 if method == "vector" else None,
+                   method=method)
 
 
 @pytest.mark.parametrize("column_multiple", [1, 8])
@@ -169,19 +178,9 @@ def test_every_vector_tune_candidate(index, name, column_multiple):
   x = jnp.concatenate([x, x[:1] * -0.5])
   kernel = _vector_kernel(rng, layer, column_multiple=column_multiple)
   for dtype in (jnp.bfloat16, jnp.float32):
-    xd, kd, bd = x.astype(dtype), jnp.asarray(kernel, dtype), bias.astype(
-        dtype)
-    sk = SparseKernel.from_dense(np.asarray(kd), vector_width=16)
-    y = jax.jit(lambda x, sk, b: sparse_conv(
-        x, sk, bias=b, activation="relu", method="vector", config=cfg,
-        **conv))(xd, sk, bd)
-    ref = jnp.maximum(_lax_conv(xd, kd, bd, conv), 0)
-    chex.assert_shape(y, ref.shape)
-    chex.assert_type(y, dtype)
-    assert bool(jnp.all(jnp.isfinite(y))), f"{name} {cfg}: non-finite output"
-    err = rel_err(y, ref)
-    bound = BOUNDS[jnp.dtype(dtype).name]
-    assert err <= bound, f"{name} {dtype} {cfg}: {err:.3e}"
+    _check_relu_conv(f"{name} {cfg}", x, kernel, bias, conv, dtype,
+                     BOUNDS[jnp.dtype(dtype).name], vector_width=16,
+                     method="vector", config=cfg)
 
 
 @pytest.mark.parametrize("method", ["escort", "vector"])
@@ -269,19 +268,9 @@ def test_every_tune_candidate(index, name, batch):
   _, x, kernel, bias, conv = _layer_problem(layer, [606, index, batch])
   x = x[:1] if batch == 1 else jnp.concatenate([x, x[:1] * -0.5])
   for dtype in (jnp.float32, jnp.bfloat16):
-    xd, kd, bd = x.astype(dtype), jnp.asarray(kernel, dtype), bias.astype(
-        dtype)
-    sk = SparseKernel.from_dense(np.asarray(kd))
-    y = jax.jit(lambda x, sk, b: sparse_conv(
-        x, sk, bias=b, activation="relu", method="escort", config=cfg,
-        **conv))(xd, sk, bd)
-    ref = jnp.maximum(_lax_conv(xd, kd, bd, conv), 0)
-    chex.assert_shape(y, ref.shape)
-    chex.assert_type(y, dtype)
-    assert bool(jnp.all(jnp.isfinite(y))), f"{name} {cfg}: non-finite output"
-    err = rel_err(y, ref)
-    bound = BOUNDS[jnp.dtype(dtype).name]
-    assert err <= bound, f"{name} batch {batch} {dtype} {cfg}: {err:.3e}"
+    _check_relu_conv(f"{name} batch {batch} {cfg}", x, kernel, bias, conv,
+                     dtype, BOUNDS[jnp.dtype(dtype).name], method="escort",
+                     config=cfg)
 
 
 @pytest.mark.parametrize("method", ["escort", "vector"])

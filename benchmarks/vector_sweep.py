@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_sweep import (LAYERS, TIMED, breakdown, check_all,  # noqa: E402
-                          cupti_us, make_case, workload_layer)
+                          cupti_us, make_case, parse_config, workload_layer)
 
 import escort_jax as ej  # noqa: E402
 from escort_jax.ops import VectorConfig  # noqa: E402
@@ -43,11 +43,7 @@ DN = ("NHWC", "HWIO", "NHWC")
 
 
 def parse_configs(text):
-  out = []
-  for part in text.split(";"):
-    fields = [int(t) for t in part.split(",")]
-    out.append(VectorConfig(*fields))
-  return out
+  return [parse_config(VectorConfig, part) for part in text.split(";")]
 
 
 def sparsity_of(layer, name):

@@ -714,11 +714,11 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 def _key(net: str, layer: str, batch: int, sparsity: float, dtype: str,
          method: str, in_hw: int, vector_width: int | None,
          column_multiple: int) -> tuple:
-  if vector_width is None:
-    return (net, layer, int(batch), round(float(sparsity), 6), dtype, method,
-            int(in_hw), None, None)
+  # column_multiple only shapes vector-sparse kernels.
+  vector = None if vector_width is None else (int(vector_width),
+                                              int(column_multiple))
   return (net, layer, int(batch), round(float(sparsity), 6), dtype, method,
-          int(in_hw), int(vector_width), int(column_multiple))
+          int(in_hw), vector)
 
 
 def row_key(row: dict) -> tuple:

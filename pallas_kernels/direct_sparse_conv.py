@@ -41,6 +41,7 @@ from pallas_kernels import output_layout
 from pallas_kernels.output_layout import (MAX_GRID_AXIS, NhwcOutput,
                                           check_int32, with_optional_refs)
 from pallas_kernels.row_groups import RowGroups
+from pallas_kernels.static_tables import pack_tables
 
 
 def accumulator_dtype(dtype) -> jnp.dtype:
@@ -85,18 +86,19 @@ def multiply_add(a: jax.Array, b: jax.Array, c: jax.Array, *,
       constraints="=r,r,r,r", pack=1, result_shape_dtypes=out)[0]
 
 
-def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
-                               group_steps_ref, lane_start_ref, lane_len_ref,
-                               offsets_ref, values_ref, bias_ref, x_ref, y_ref,
-                               *, block_q, out_len, row_len, num_rows,
-                               offset_unit, unroll, groups_per_program,
-                               q_major, masked, relu, acc_dtype, nhwc,
-                               spare_region, fused_fma, packed_bf16):
+def _direct_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
+                               *, table_starts, rows_per_program, block_q,
+                               out_len, row_len, num_rows, offset_unit, unroll,
+                               groups_per_program, q_major, masked, relu,
+                               acc_dtype, nhwc, spare_region, fused_fma,
+                               packed_bf16):
+  rows_at, start_at, steps_at, offsets_at, lane_start_at, lane_len_at = (
+      table_starts)
+  by_row = lane_start_at is not None
   group_axis, q_axis = (1, 0) if q_major else (0, 1)
   q_block = pl.program_id(q_axis)
   # Read outside the loop: the interpreter cannot lower program_id inside one.
   first_group = pl.program_id(group_axis) * groups_per_program
-  rows_per_program = group_rows_ref.shape[0] // group_start_ref.shape[0]
   q = q_block * block_q + jnp.arange(block_q, dtype=jnp.int32)
   q_ok = q < out_len
 
@@ -105,19 +107,20 @@ def _direct_sparse_conv_kernel(group_rows_ref, group_start_ref,
     # it measured slower on the H100 (benchmarks/NOTES.md), so the default
     # is one group.
     g = first_group + i
-    rows = group_rows_ref[pl.ds(g * rows_per_program, rows_per_program)]
+    rows = tables_ref[pl.ds(rows_at + g * rows_per_program, rows_per_program)]
     row_ok = rows >= 0
-    start = group_start_ref[g]
-    steps = group_steps_ref[g]
-    if lane_start_ref is not None:
-      lane_start = lane_start_ref[pl.ds(g * rows_per_program,
-                                        rows_per_program)]
-      lane_len = lane_len_ref[pl.ds(g * rows_per_program, rows_per_program)]
+    start = tables_ref[start_at + g]
+    steps = tables_ref[steps_at + g]
+    if by_row:
+      lane_start = tables_ref[pl.ds(lane_start_at + g * rows_per_program,
+                                    rows_per_program)]
+      lane_len = tables_ref[pl.ds(lane_len_at + g * rows_per_program,
+                                  rows_per_program)]
 
     def load_step(t):
       base = start + t * rows_per_program
-      offsets = offsets_ref[pl.ds(base, rows_per_program)]
-      if lane_start_ref is None:
+      offsets = tables_ref[pl.ds(offsets_at + base, rows_per_program)]
+      if not by_row:
         weights = values_ref[pl.ds(base, rows_per_program)]
       else:
         # Padding steps weigh zero, whatever their input.
@@ -257,8 +260,21 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
   if max(grid[1:]) > MAX_GRID_AXIS:
     raise ValueError(f"the grid {grid} exceeds Triton's limit of "
                      f"{MAX_GRID_AXIS} programs on axis 1; raise block_q")
+  lane_tables = ()
+  if values_by_row:
+    lane_tables = (np.pad(groups.lane_start,
+                          (0, spare * groups.rows_per_program)),
+                   np.pad(groups.lane_len,
+                          (0, spare * groups.rows_per_program)))
+    if values.shape[0] == 0:  # every load is masked; nothing may be empty
+      values = jnp.zeros((1,), values.dtype)
+  tables, table_starts = pack_tables(group_rows, group_start, group_steps,
+                                     groups.offsets, *lane_tables)
+  table_starts += (None,) * (6 - len(table_starts))
   kernel = functools.partial(
-      _direct_sparse_conv_kernel, block_q=block_q, out_len=out_len,
+      _direct_sparse_conv_kernel, table_starts=table_starts,
+      rows_per_program=groups.rows_per_program, block_q=block_q,
+      out_len=out_len,
       row_len=num_q_blocks * block_q, num_rows=groups.num_rows,
       offset_unit=groups.offset_unit, unroll=groups.step_multiple,
       groups_per_program=groups_per_program, q_major=q_major, masked=masked,
@@ -266,18 +282,8 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
       fused_fma=not interpret and acc_dtype == jnp.float32,
       # Pairs need an even number of positions in each thread.
       packed_bf16=(groups.rows_per_program * block_q) % (64 * num_warps) == 0)
-  lane_args = ()
-  if values_by_row:
-    lane_args = (jnp.asarray(np.pad(groups.lane_start,
-                                    (0, spare * groups.rows_per_program))),
-                 jnp.asarray(np.pad(groups.lane_len,
-                                    (0, spare * groups.rows_per_program))))
-    if values.shape[0] == 0:  # every load is masked; nothing may be empty
-      values = jnp.zeros((1,), values.dtype)
-  kernel = with_optional_refs(
-      kernel, (True,) * 3 + (values_by_row,) * 2 + (True, True,
-                                                    bias is not None,
-                                                    True, True))
+  kernel = with_optional_refs(kernel, (True, True, bias is not None, True,
+                                      True))
   bias_args = () if bias is None else (bias,)
   y = pl.pallas_call(
       kernel,
@@ -287,9 +293,7 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
                                            num_stages=num_stages),
       interpret=interpret,
       name="escort_direct_sparse_conv",
-  )(jnp.asarray(group_rows), jnp.asarray(group_start),
-    jnp.asarray(group_steps), *lane_args, jnp.asarray(groups.offsets),
-    values, *bias_args, x_flat)
+  )(jnp.asarray(tables), values, *bias_args, x_flat)
   if nhwc is not None:
     return nhwc.from_buffer(y, groups.num_rows)
   return y.reshape(groups.num_rows + 1, -1)[:groups.num_rows, :out_len]

@@ -51,6 +51,7 @@ from pallas_kernels.direct_sparse_conv import accumulator_dtype
 from pallas_kernels import output_layout
 from pallas_kernels.output_layout import (MAX_GRID_AXIS, NhwcOutput,
                                           check_int32, with_optional_refs)
+from pallas_kernels.static_tables import pack_tables
 
 # Triton's dot needs every dimension to be at least 16.
 MIN_DOT = 16
@@ -246,16 +247,17 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
       max_offset=int(block_offsets.max(initial=0)))
 
 
-def _vector_sparse_conv_kernel(steps_ref, start_ref, cols_ref, offsets_ref,
-                               values_ref, bias_ref, x_ref, y_ref, *, block_q,
-                               block_k, lanes, vector_width, num_rows,
-                               padded_cols, row_len, offset_unit,
-                               value_alignment, relu, precision, acc_dtype,
-                               nhwc, spare_region):
+def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
+                               *, table_starts, block_q, block_k, lanes,
+                               vector_width, num_rows, padded_cols, row_len,
+                               offset_unit, value_alignment, relu, precision,
+                               acc_dtype, nhwc, spare_region):
+  steps_at, start_at, cols_at, offsets_at = table_starts
   block = pl.program_id(0)
   q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
-  first = block * padded_cols
-  start, cols = start_ref[block], cols_ref[block]
+  first = offsets_at + block * padded_cols
+  start = tables_ref[start_at + block]
+  cols = tables_ref[cols_at + block]
   if value_alignment > 1:
     start = pl.multiple_of(start, value_alignment)
     cols = pl.multiple_of(cols, value_alignment)
@@ -264,7 +266,7 @@ def _vector_sparse_conv_kernel(steps_ref, start_ref, cols_ref, offsets_ref,
 
   def step(t, acc):
     col = first + t * block_k
-    offsets = offsets_ref[pl.ds(col, block_k)] * offset_unit
+    offsets = tables_ref[pl.ds(col, block_k)] * offset_unit
     # (BQ, BK): column j is BQ contiguous inputs from offset j.
     a = plgpu.load(x_ref.at[q[:, None] + offsets[None, :]])
     j = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
@@ -274,7 +276,7 @@ def _vector_sparse_conv_kernel(steps_ref, start_ref, cols_ref, offsets_ref,
         a, w, (((1,), (0,)), ((), ())), precision=precision,
         preferred_element_type=acc_dtype)
 
-  acc = lax.fori_loop(0, steps_ref[block], step,
+  acc = lax.fori_loop(0, tables_ref[steps_at + block], step,
                       jnp.zeros((block_q, lanes), acc_dtype))
   if lanes == vector_width:
     rows = block * vector_width + lane  # contiguous: vector stores
@@ -367,16 +369,19 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   # fp32 inputs must not silently drop to TF32: lax HIGHEST is the contract.
   precision = (lax.Precision.HIGHEST if jnp.dtype(in_dtype).itemsize >= 4
                else lax.Precision.DEFAULT)
+  tables, table_starts = pack_tables(blocks.steps, blocks.block_start,
+                                     blocks.block_cols, blocks.offsets)
   kernel = functools.partial(
-      _vector_sparse_conv_kernel, block_q=block_q, block_k=blocks.block_k,
+      _vector_sparse_conv_kernel, table_starts=table_starts,
+      block_q=block_q, block_k=blocks.block_k,
       lanes=blocks.lanes, vector_width=blocks.vector_width,
       num_rows=blocks.num_rows, padded_cols=blocks.padded_cols,
       row_len=read_len,
       offset_unit=blocks.offset_unit,
       value_alignment=blocks.value_alignment, relu=relu, precision=precision,
       acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region)
-  kernel = with_optional_refs(kernel, (True,) * 5 + (bias is not None,
-                                                   True, True))
+  kernel = with_optional_refs(kernel, (True, True, bias is not None, True,
+                                      True))
   bias_args = () if bias is None else (bias,)
   y = pl.pallas_call(
       kernel,
@@ -386,8 +391,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
                                            num_stages=num_stages),
       interpret=interpret,
       name="escort_vector_sparse_conv",
-  )(jnp.asarray(blocks.steps), jnp.asarray(blocks.block_start),
-    jnp.asarray(blocks.block_cols), jnp.asarray(blocks.offsets.reshape(-1)),
+  )(jnp.asarray(tables),
     # Every load is masked; one zero stands in when nothing is kept.
     values.astype(in_dtype) if nnz else jnp.zeros((1,), in_dtype),
     *bias_args, x_flat.astype(in_dtype))

@@ -330,6 +330,31 @@ def test_nan_reaches_exactly_the_outputs_of_kept_weights(method):
   np.testing.assert_array_equal(np.isnan(np.asarray(y)), np.asarray(hit))
 
 
+@pytest.mark.parametrize("method", ["escort", "vector"])
+def test_static_tables_stay_constants(method):
+  """Blocks that keep equal numbers of columns give tables that XLA would
+  rewrite into broadcasts and iotas, each then its own fusion kernel per
+  call (pallas_kernels/static_tables.py); the compiled program has none."""
+  import re  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(606)
+  v, per_block = 16, 24
+  mask = np.zeros((3 * 3 * 32, 64), bool)
+  for b in range(64 // v):
+    mask[rng.choice(mask.shape[0], per_block, replace=False),
+         b * v:(b + 1) * v] = True
+  kernel = np.where(mask, rng.standard_normal(mask.shape), 0.0).reshape(
+      3, 3, 32, 64)
+  sk = SparseKernel.from_dense(jnp.asarray(kernel, jnp.bfloat16))
+  x = random_array(rng, (32, 14, 14, 32)).astype(jnp.bfloat16)
+  fn = jax.jit(lambda x, sk: sparse_conv(x, sk, padding="SAME",
+                                         method=method))
+  hlo = fn.lower(x, sk).compile().as_text()
+  made = re.findall(r"= s32\[\d+\]\{0\} (?:fusion|broadcast|iota|multiply)\(",
+                    hlo)
+  assert not made, f"{method}: int32 tables computed per call: {made}"
+  assert "custom-call" in hlo  # the kernel is in this program
+
+
 def test_zz_summary():
   """Prints the largest error per dtype over the layers that ran."""
   if not _RESULTS:

@@ -131,7 +131,8 @@ SWEEP_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 # Short names of config fields in --config and in method labels.
 CONFIG_ALIASES = {"rpp": "rows_per_program", "bq": "block_q",
                   "nw": "num_warps", "ns": "num_stages", "u": "unroll",
-                  "gpp": "groups_per_program", "qm": "q_major"}
+                  "gpp": "groups_per_program", "qm": "q_major",
+                  "nzl": "nonzero_lanes"}
 VECTOR_CONFIG_ALIASES = {"bq": "block_q", "bk": "block_k", "nw": "num_warps",
                          "ns": "num_stages"}
 _ALIASES = {KernelConfig: CONFIG_ALIASES, VectorConfig: VECTOR_CONFIG_ALIASES}

@@ -51,6 +51,9 @@ from escort_jax.structure import SparseKernel
 from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
                                                direct_sparse_conv)
 from pallas_kernels.flat_layout import flat_layout
+from pallas_kernels.nonzero_lanes_conv import (NonzeroRows,
+                                               nonzero_lanes_conv,
+                                               pack_nonzero_rows)
 from pallas_kernels.output_layout import sum_in_order
 from pallas_kernels.row_groups import RowGroups, pack_row_groups
 from pallas_kernels.sampled_dense_dense import sampled_dense_dense
@@ -84,7 +87,12 @@ class KernelConfig:
   separate programs, into float32 partial outputs that one XLA pass sums in
   a fixed order (so results stay bitwise reproducible) before the bias and
   activation. It shortens the serial loop of each program where rows are
-  long and the grid is small (batch 1).
+  long and the grid is small (batch 1). nonzero_lanes: 0 for the escort
+  kernel above; K > 0 runs the forward pass on the kernel of
+  pallas_kernels/nonzero_lanes_conv.py instead, one output row per program
+  taking K of its nonzeros per step (for small grids; rows_per_program,
+  groups_per_program and split must then be 1, and of the launch only
+  block_q, num_warps and nhwc_out apply).
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100
@@ -101,6 +109,16 @@ class KernelConfig:
   unmasked: bool = True
   nhwc_out: bool = False
   split: int = 1
+  nonzero_lanes: int = 0
+
+  def __post_init__(self):
+    if self.nonzero_lanes and (self.rows_per_program, self.split,
+                               self.groups_per_program) != (1, 1, 1):
+      raise ValueError(
+          "KernelConfig.nonzero_lanes runs one row per program: "
+          "rows_per_program, split and groups_per_program must be 1, got "
+          f"{self.rows_per_program}, {self.split}, "
+          f"{self.groups_per_program}")
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -311,6 +329,8 @@ class EscortPlan:
   forward: RowGroups
   transposed: RowGroups
   config: KernelConfig
+  # The forward problem in CSR form, for config.nonzero_lanes (else None).
+  nonzero_rows: NonzeroRows | None = None
 
   @property
   def dy_row_len(self) -> int:
@@ -371,8 +391,12 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
       problem.planes, t_offsets, g.num_planes, config.rows_per_program,
       config.unroll,
       zeros_offset=g.out_channels * dy_row_len if config.unmasked else None)
+  nonzero_rows = (pack_nonzero_rows(problem.rows, problem.offsets,
+                                    g.out_channels)
+                  if config.nonzero_lanes else None)
   return EscortPlan(geometry=geometry, problem=problem, forward=forward,
-                    transposed=transposed, config=config)
+                    transposed=transposed, config=config,
+                    nonzero_rows=nonzero_rows)
 
 
 def split_rows(rows: np.ndarray, num_rows: int, split: int) -> np.ndarray:
@@ -562,6 +586,15 @@ class _SparseCall:
       # The forward nonzeros are in CSR order, so the kernel reads the
       # values as they are (no gather pass).
       nhwc = g.nhwc_output() if plan.config.nhwc_out else None
+      if plan.nonzero_rows is not None:
+        c = plan.config
+        y = sharding.kernel_call(
+            nonzero_lanes_conv, x_flat, values, plan.nonzero_rows,
+            out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
+            lanes=c.nonzero_lanes, block_q=c.block_q,
+            num_warps=c.num_warps, nhwc=nhwc, interpret=not on_gpu(),
+            **bias_kw)
+        return (), (y if nhwc is not None else cg.from_wide_output(y, g),)
       if split == 1:
         y = sharding.kernel_call(
             direct_sparse_conv, x_flat, values, plan.forward,

@@ -218,3 +218,27 @@ def np_init(key, shape, dtype=jnp.float32):
   seed = int(np.asarray(jax.random.key_data(key)).sum())
   w = np.random.default_rng(seed).standard_normal(shape)
   return jnp.asarray(w / np.sqrt(np.prod(shape[:-1])), dtype)
+
+
+def random_row_problem(rng, num_rows, nnz, out_len, empty_rows, slack=13):
+  """(rows, offsets, in_len) of a random sparse row problem: nnz entries on
+  all rows (or, with empty_rows, half of them), offsets up to 3 * out_len + 5
+  and an input long enough for every offset + q, q < out_len."""
+  active = np.arange(num_rows)
+  if empty_rows:
+    active = rng.choice(num_rows, size=max(1, num_rows // 2), replace=False)
+  rows = rng.choice(active, size=nnz).astype(np.int64)
+  max_offset = 3 * out_len + 5
+  offsets = rng.integers(0, max_offset + 1, size=nnz).astype(np.int64)
+  in_len = max_offset + out_len + slack
+  return rows, offsets, in_len
+
+
+def poison_unread(x_flat: np.ndarray, offsets, span: np.ndarray):
+  """NaN at every position of x_flat that no entry reads at `span`."""
+  read = np.zeros(x_flat.shape[0], bool)
+  for off in np.asarray(offsets):
+    read[off + span] = True
+  x = x_flat.copy()
+  x[~read] = np.nan
+  return x, int((~read).sum())

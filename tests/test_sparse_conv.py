@@ -24,7 +24,8 @@ from pallas_kernels.row_groups import pack_row_groups
 from pallas_kernels.sampled_dense_dense import (sampled_dense_dense,
                                                 sampled_dense_dense_reference)
 from tests.conftest import (assert_close, enable_x64, hwio_shape,
-                            random_array, random_pruned_kernel,
+                            poison_unread, random_array,
+                            random_pruned_kernel, random_row_problem,
                             reference_conv, rel_err)
 
 F32_BOUND = 1e-5
@@ -348,27 +349,6 @@ class SparseConvTest(chex.TestCase):
 # The Pallas kernels themselves, on random row problems.
 
 
-def _random_row_problem(rng, num_rows, nnz, out_len, empty_rows, slack=13):
-  active = np.arange(num_rows)
-  if empty_rows:
-    active = rng.choice(num_rows, size=max(1, num_rows // 2), replace=False)
-  rows = rng.choice(active, size=nnz).astype(np.int64)
-  max_offset = 3 * out_len + 5
-  offsets = rng.integers(0, max_offset + 1, size=nnz).astype(np.int64)
-  in_len = max_offset + out_len + slack
-  return rows, offsets, in_len
-
-
-def _poison_unread(x_flat: np.ndarray, offsets, span: np.ndarray):
-  """NaN at every position of x_flat that no entry reads at `span`."""
-  read = np.zeros(x_flat.shape[0], bool)
-  for off in np.asarray(offsets):
-    read[off + span] = True
-  x = x_flat.copy()
-  x[~read] = np.nan
-  return x, int((~read).sum())
-
-
 # launch: (step_multiple, groups_per_program, q_major); offset_unit: every
 # offset is a multiple of it (RowGroups then stores offsets in that unit).
 @pytest.mark.parametrize(
@@ -388,13 +368,13 @@ def test_direct_sparse_conv_kernel(num_rows, nnz, out_len, rows_per_program,
                                    block_q, bias, relu, empty_rows, launch,
                                    offset_unit):
   rng = np.random.default_rng([301, num_rows, nnz, out_len])
-  rows, offsets, in_len = _random_row_problem(rng, num_rows, nnz, out_len,
+  rows, offsets, in_len = random_row_problem(rng, num_rows, nnz, out_len,
                                               empty_rows)
   offsets = offsets * offset_unit
   in_len = in_len * offset_unit
   step_multiple, groups_per_program, q_major = launch
   x_flat = rng.standard_normal(in_len).astype(np.float32)
-  x_poisoned, num_poisoned = _poison_unread(x_flat, offsets,
+  x_poisoned, num_poisoned = poison_unread(x_flat, offsets,
                                             np.arange(out_len))
   assert num_poisoned > 0
   values = jnp.asarray(rng.standard_normal(nnz), jnp.float32)
@@ -440,7 +420,7 @@ def test_kernel_reads_csr_values_and_writes_nhwc(batch, out_h, row_width,
                     out_w=out_w)
   out_len, num_rows = nhwc.out_len, 11
   rng = np.random.default_rng([batch, out_h, row_width, rows_per_program])
-  rows, offsets, in_len = _random_row_problem(rng, num_rows, 50, out_len,
+  rows, offsets, in_len = random_row_problem(rng, num_rows, 50, out_len,
                                               empty_rows=True)
   order = np.argsort(rows, kind="stable")  # CSR order: grouped by row
   rows, offsets = rows[order], offsets[order]
@@ -448,7 +428,7 @@ def test_kernel_reads_csr_values_and_writes_nhwc(batch, out_h, row_width,
   zeros_at = in_len + read_len if unmasked else None
   x = rng.standard_normal(in_len + 2 * read_len).astype(np.float32)
   x[in_len:] = 0.0
-  x_poisoned, _ = _poison_unread(x, offsets, np.arange(out_len))
+  x_poisoned, _ = poison_unread(x, offsets, np.arange(out_len))
   x_poisoned[in_len:] = 0.0
   values = jnp.asarray(rng.standard_normal(rows.shape[0]), jnp.float32)
   b = jnp.asarray(rng.standard_normal(num_rows), jnp.float32)
@@ -486,7 +466,7 @@ def test_kernel_reads_csr_values_and_writes_nhwc(batch, out_h, row_width,
 def test_direct_sparse_conv_kernel_dtypes(dtype, out_dtype, bound):
   with enable_x64():
     rng = np.random.default_rng([302, jnp.dtype(dtype).num])
-    rows, offsets, in_len = _random_row_problem(rng, 7, 30, 45, True)
+    rows, offsets, in_len = random_row_problem(rng, 7, 30, 45, True)
     x_flat = jnp.asarray(rng.standard_normal(in_len), dtype)
     values = jnp.asarray(rng.standard_normal(30), dtype)
     b = jnp.asarray(rng.standard_normal(7), dtype)
@@ -512,7 +492,7 @@ def test_direct_sparse_conv_kernel_dtypes(dtype, out_dtype, bound):
 def test_sampled_dense_dense_kernel(num_rows, nnz, out_len, period, valid,
                                     block_j, block_q, programs, empty_rows):
   rng = np.random.default_rng([303, num_rows, nnz, out_len])
-  rows, offsets, in_len = _random_row_problem(rng, num_rows, nnz, out_len,
+  rows, offsets, in_len = random_row_problem(rng, num_rows, nnz, out_len,
                                               empty_rows)
   q = np.arange(out_len)
   valid_q = q[q % period < valid]
@@ -522,7 +502,7 @@ def test_sampled_dense_dense_kernel(num_rows, nnz, out_len, period, valid,
   # invalid positions, and x_flat outside every entry's valid window.
   dy_poisoned = dy.copy()
   dy_poisoned[:, q % period >= valid] = np.nan
-  x_poisoned, _ = _poison_unread(x_flat, offsets, valid_q)
+  x_poisoned, _ = poison_unread(x_flat, offsets, valid_q)
   dw = sampled_dense_dense(
       jnp.asarray(dy_poisoned), jnp.asarray(x_poisoned), rows, offsets,
       valid_period=period, valid_len=valid, block_j=block_j,
@@ -550,7 +530,7 @@ def test_sampled_dense_dense_kernel_nnz0_and_bf16():
                               np.zeros(0, np.int64), interpret=True)
   chex.assert_shape(empty, (0,))
   chex.assert_type(empty, jnp.float32)
-  rows, offsets, in_len = _random_row_problem(rng, 5, 21, 30, True)
+  rows, offsets, in_len = random_row_problem(rng, 5, 21, 30, True)
   dy = jnp.asarray(rng.standard_normal((5, 30)), jnp.bfloat16)
   x_flat = jnp.asarray(rng.standard_normal(in_len), jnp.bfloat16)
   dw = sampled_dense_dense(dy, x_flat, rows, offsets, valid_period=6,
@@ -565,11 +545,15 @@ def test_sampled_dense_dense_kernel_nnz0_and_bf16():
                                     KernelConfig(2, 32, nhwc_out=True,
                                                  unmasked=False),
                                     KernelConfig(1, 32, nhwc_out=True,
-                                                 split=4)])
+                                                 split=4),
+                                    KernelConfig(1, 32, nhwc_out=True,
+                                                 nonzero_lanes=8),
+                                    KernelConfig(1, 16, nonzero_lanes=4)])
 def test_escort_nhwc_store_matches_lax(config):
   """KernelConfig(nhwc_out=True): the forward kernel writes NHWC itself
-  (with split=4, float32 partial outputs summed by XLA); gradients are
-  those of the default config."""
+  (with split=4, float32 partial outputs summed by XLA; with nonzero_lanes,
+  the kernel that takes several nonzeros of a row per step, which also
+  writes wide rows); gradients are those of the default config."""
   rng = np.random.default_rng(77)
   for kw in (dict(n=2, hw=(7, 9), c=5, o=6, strides=(1, 1)),
              dict(n=3, hw=(9, 8), c=4, o=8, strides=(2, 1), groups=2)):
@@ -594,6 +578,13 @@ def test_escort_nhwc_store_matches_lax(config):
         method="escort", **conv)), (0, 1))(sk.values, x)
     for got, exp in zip(grads, want):
       assert_close(got, exp, F32_BOUND, "gradient")
+
+
+def test_nonzero_lanes_config_runs_one_row_per_program():
+  with pytest.raises(ValueError, match="one row per program"):
+    KernelConfig(rows_per_program=4, nonzero_lanes=16)
+  with pytest.raises(ValueError, match="one row per program"):
+    KernelConfig(1, split=2, nonzero_lanes=16)
 
 
 def test_split_rows_parts_and_low_precision():

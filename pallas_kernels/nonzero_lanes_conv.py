@@ -1,0 +1,227 @@
+"""Direct sparse convolution with a row's nonzeros across lanes, for small
+grids; its reference is direct_sparse_conv_reference.
+
+The escort kernel (direct_sparse_conv.py) puts output positions across the
+lanes of a program and walks each row's nonzeros in a serial loop, one
+nonzero per step. When the output is small (batch 1, 7x7 to 28x28 maps) a
+row has few positions and ~100 nonzeros, so that loop is a chain of
+dependent global loads and the programs are too few to hide them. Here a
+program owns one output row and BQ positions, and each step takes the next
+K nonzeros of the row at once:
+
+    acc (K, BQ) += w[j0:j0+K, None] * x_flat[offset[j0:j0+K, None] + q]
+
+so K x BQ independent loads are in flight per step and a row of 100
+nonzeros takes ceil(100 / K) steps. One sum over K at the end gives the
+row's BQ outputs (a fixed tree, so results are reproducible), then bias and
+activation. No partial outputs and no summing pass, unlike a split row.
+
+Layout:
+  x_flat: (in_len,) the input, any float dtype (escort_jax.conv_geometry).
+  values: (nnz,) the weights in CSR order (rows ascending).
+  tables: row_ptr (num_rows + 1,) and offsets (nnz,) in units of
+          offset_unit, CSR order (`NonzeroRows`).
+  y:      (num_rows, out_len) row-major; or, with `nhwc`, the (N, Ho, Wo,
+          num_rows) output written directly (output_layout.NhwcOutput).
+
+Lowering: a pallas_call with Triton compiler params, compiled on NVIDIA GPUs
+and run by the interpreter on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import output_layout
+from pallas_kernels.direct_sparse_conv import accumulator_dtype, multiply_add
+from pallas_kernels.output_layout import (MAX_GRID_AXIS, NhwcOutput,
+                                          check_int32, with_optional_refs)
+from pallas_kernels.static_tables import pack_tables
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NonzeroRows:
+  """CSR form of a sparse row problem, as this kernel reads it.
+
+  Attributes:
+    num_rows: rows of the output.
+    row_ptr: (num_rows + 1,) int32; row k's nonzeros are row_ptr[k] up to
+      row_ptr[k + 1].
+    offsets: (nnz,) int32 source offsets in units of offset_unit.
+    offset_unit: every offset is a multiple of it (the kernel multiplies by
+      the static number, so that Triton sees aligned loads).
+    max_offset: the largest offset, in elements.
+  """
+
+  num_rows: int
+  row_ptr: np.ndarray
+  offsets: np.ndarray
+  offset_unit: int
+  max_offset: int
+
+  @property
+  def nnz(self) -> int:
+    return int(self.row_ptr[-1])
+
+
+def pack_nonzero_rows(rows: np.ndarray, offsets: np.ndarray,
+                      num_rows: int) -> NonzeroRows:
+  """rows, offsets: (nnz,) destination row and source offset (elements) of
+  each weight, rows ascending (CSR order).
+
+  Raises:
+    ValueError: if rows are not ascending or out of range.
+  """
+  rows = np.asarray(rows, np.int64)
+  offsets = np.asarray(offsets, np.int64)
+  if rows.shape != offsets.shape or rows.ndim != 1:
+    raise ValueError(f"rows and offsets must be matching 1-D arrays, got "
+                     f"{rows.shape} and {offsets.shape}")
+  if rows.size and (np.any(np.diff(rows) < 0) or rows[0] < 0
+                    or rows[-1] >= num_rows):
+    raise ValueError("rows must be ascending (CSR order) and within "
+                     f"[0, {num_rows})")
+  if rows.size and offsets.min() < 0:
+    raise ValueError("offsets must be non-negative")
+  row_ptr = np.concatenate([[0], np.cumsum(np.bincount(
+      rows, minlength=num_rows))])
+  unit = max(1, int(np.gcd.reduce(offsets))) if offsets.size else 1
+  return NonzeroRows(num_rows=num_rows, row_ptr=row_ptr.astype(np.int32),
+                     offsets=(offsets // unit).astype(np.int32),
+                     offset_unit=unit,
+                     max_offset=int(offsets.max(initial=0)))
+
+
+def _nonzero_lanes_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref, *,
+                          table_starts, lanes, block_q, out_len, row_len,
+                          num_rows, offset_unit, relu, acc_dtype, nhwc,
+                          spare_region, fused_fma):
+  ptr_at, offsets_at = table_starts
+  row = pl.program_id(0)
+  q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  q_ok = q < out_len
+  begin = tables_ref[ptr_at + row]
+  end = tables_ref[ptr_at + row + 1]
+  lane = jnp.arange(lanes, dtype=jnp.int32)
+
+  def step(t, acc):
+    j = begin + t * lanes + lane
+    j_ok = j < end
+    offsets = plgpu.load(tables_ref.at[offsets_at + j], mask=j_ok, other=0)
+    # Lanes past the row weigh zero and read nothing (an input NaN must not
+    # reach them).
+    weights = plgpu.load(values_ref.at[j], mask=j_ok, other=0.0)
+    xs = plgpu.load(x_ref.at[(offsets * offset_unit)[:, None] + q[None, :]],
+                    mask=j_ok[:, None] & q_ok[None, :], other=0.0)
+    return multiply_add(
+        jnp.broadcast_to(weights.astype(acc_dtype)[:, None], acc.shape), xs,
+        acc, fused=fused_fma)
+
+  steps = (end - begin + lanes - 1) // lanes
+  acc = lax.fori_loop(0, steps, step,
+                      jnp.zeros((lanes, block_q), acc_dtype))
+  y = jnp.sum(acc, axis=0)
+  if bias_ref is not None:
+    y = y + bias_ref[row].astype(acc_dtype)
+  if relu:
+    # Not jnp.maximum: Triton lowers it to a max that drops NaN.
+    y = jnp.where(y < 0, jnp.zeros((), acc_dtype), y)
+  if nhwc is None:
+    plgpu.store(y_ref.at[row * row_len + q], y.astype(y_ref.dtype))
+    return
+  pixel, q_real = nhwc.pixel_of(q)
+  output_layout.store(y_ref, (pixel * num_rows + row)[None, :], y[None, :],
+                      q_real[None, :], spare_base=nhwc.pixels * num_rows,
+                      spare_region=spare_region)
+
+
+def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
+                       nz: NonzeroRows, *, out_len: int,
+                       bias: jax.Array | None = None, relu: bool = False,
+                       out_dtype=None, lanes: int = 32, block_q: int = 64,
+                       num_warps: int = 4,
+                       nhwc: NhwcOutput | None = None,
+                       interpret: bool = False) -> jax.Array:
+  """Runs the kernel.
+
+  Args:
+    x_flat: (in_len,) flat input; every offset + q with q < out_len must lie
+      inside it.
+    values: (nnz,) weights in CSR order.
+    nz: the static CSR tables.
+    out_len: output positions per row.
+    bias: optional (num_rows,) bias, added before the activation.
+    relu: apply max(., 0) (NaN stays NaN).
+    out_dtype: output dtype; defaults to x_flat's.
+    lanes: K, nonzeros per step (a power of two).
+    block_q: output positions per program (a power of two).
+    num_warps: Triton's.
+    nhwc: write (N, Ho, Wo, num_rows) instead of rows; its out_len must be
+      `out_len`.
+    interpret: run through the Pallas interpreter (CPU).
+
+  Returns:
+    y: (num_rows, out_len), or (N, Ho, Wo, num_rows) with `nhwc`.
+  """
+  if x_flat.ndim != 1:
+    raise ValueError(f"x_flat must be 1-D, got shape {x_flat.shape}")
+  if values.shape != (nz.nnz,):
+    raise ValueError(f"values must have shape ({nz.nnz},), got "
+                     f"{values.shape}")
+  for name, n in (("lanes", lanes), ("block_q", block_q)):
+    if n < 1 or n & (n - 1):
+      raise ValueError(f"{name} must be a power of two, got {n}")
+  if nhwc is not None:
+    nhwc.check(out_len)
+  if nz.max_offset + out_len > x_flat.shape[0]:
+    raise ValueError(
+        f"the input is too short for its offsets: the largest offset "
+        f"{nz.max_offset} plus {out_len} positions exceeds "
+        f"{x_flat.shape[0]}")
+  num_q_blocks = pl.cdiv(out_len, block_q)
+  if num_q_blocks > MAX_GRID_AXIS:
+    raise ValueError(f"{num_q_blocks} output blocks exceed Triton's grid "
+                     f"limit of {MAX_GRID_AXIS}; raise block_q")
+  row_len = num_q_blocks * block_q
+  spare_region = interpret
+  if nhwc is None:
+    out_size = nz.num_rows * row_len
+  else:
+    out_size = nhwc.buffer_size(nz.num_rows,
+                                block_q if spare_region else 0)
+  check_int32(flat_input=x_flat.shape[0], output=out_size)
+  out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
+  acc_dtype = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
+  tables, table_starts = pack_tables(nz.row_ptr, nz.offsets)
+  kernel = functools.partial(
+      _nonzero_lanes_kernel, table_starts=table_starts, lanes=lanes,
+      block_q=block_q, out_len=out_len, row_len=row_len,
+      num_rows=nz.num_rows, offset_unit=nz.offset_unit, relu=relu,
+      acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region,
+      fused_fma=not interpret and acc_dtype == jnp.float32)
+  kernel = with_optional_refs(kernel, (True, True, bias is not None, True,
+                                      True))
+  bias_args = () if bias is None else (bias,)
+  y = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype),
+      grid=(nz.num_rows, num_q_blocks),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps,
+                                           num_stages=1),
+      interpret=interpret,
+      name="escort_nonzero_lanes_conv",
+  )(jnp.asarray(tables),
+    # Every load is masked; one zero stands in when nothing is kept.
+    values if nz.nnz else jnp.zeros((1,), values.dtype),
+    *bias_args, x_flat)
+  if nhwc is not None:
+    return nhwc.from_buffer(y, nz.num_rows)
+  return y.reshape(nz.num_rows, row_len)[:, :out_len]

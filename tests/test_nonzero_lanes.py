@@ -1,0 +1,110 @@
+"""pallas_kernels/nonzero_lanes_conv.py (interpreted on the CPU) against
+direct_sparse_conv_reference: NaN-poisoned unread inputs, empty rows, odd
+lengths, bias and relu, wide and NHWC outputs, bf16."""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.direct_sparse_conv import direct_sparse_conv_reference
+from pallas_kernels.nonzero_lanes_conv import (nonzero_lanes_conv,
+                                               pack_nonzero_rows)
+from pallas_kernels.output_layout import NhwcOutput
+from tests.conftest import (assert_close, poison_unread, random_row_problem,
+                            rel_err)
+
+
+def _csr_problem(rng, num_rows, nnz, out_len, empty_rows, unit=1):
+  rows, offsets, in_len = random_row_problem(rng, num_rows, nnz, out_len,
+                                             empty_rows)
+  order = np.argsort(rows, kind="stable")
+  return rows[order], offsets[order] * unit, in_len * unit
+
+
+def _bias(rng, num_rows):
+  b = rng.standard_normal(num_rows)  # both signs, so relu has work to do
+  b[0], b[-1] = abs(b[0]) + 0.1, -abs(b[-1]) - 0.1
+  return jnp.asarray(b, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "num_rows,nnz,out_len,lanes,block_q,bias,relu,empty_rows,unit",
+    [
+        (11, 60, 37, 8, 16, True, True, True, 1),
+        (5, 90, 130, 16, 64, False, False, False, 1),  # rows of ~18 > lanes
+        (7, 21, 5, 32, 8, True, False, True, 2),  # fewer nonzeros than lanes
+        (3, 40, 50, 4, 32, False, True, False, 3),
+        (4, 0, 9, 8, 8, True, True, True, 1),  # nnz = 0: bias only
+    ])
+def test_matches_reference(num_rows, nnz, out_len, lanes, block_q, bias, relu,
+                           empty_rows, unit):
+  rng = np.random.default_rng([17, num_rows, nnz, out_len, lanes])
+  rows, offsets, in_len = _csr_problem(rng, num_rows, nnz, out_len,
+                                       empty_rows, unit)
+  x = rng.standard_normal(in_len).astype(np.float32)
+  x_poisoned, poisoned = poison_unread(x, offsets, np.arange(out_len))
+  assert poisoned > 0
+  values = jnp.asarray(rng.standard_normal(nnz), jnp.float32)
+  b = _bias(rng, num_rows) if bias else None
+  nz = pack_nonzero_rows(rows, offsets, num_rows)
+  if nnz and unit > 1:
+    assert nz.offset_unit % unit == 0
+  y = nonzero_lanes_conv(jnp.asarray(x_poisoned), values, nz,
+                         out_len=out_len, bias=b, relu=relu, lanes=lanes,
+                         block_q=block_q, interpret=True)
+  ref = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
+                                     num_rows=num_rows, out_len=out_len,
+                                     bias=b, relu=relu)
+  chex.assert_shape(y, (num_rows, out_len))
+  chex.assert_type(y, jnp.float32)
+  assert_close(y, ref, 1e-5)
+  if empty_rows and not bias:
+    empty = np.setdiff1d(np.arange(num_rows), rows)
+    np.testing.assert_array_equal(np.asarray(y)[empty], 0.0)
+
+
+@pytest.mark.parametrize("dtype,out_dtype,bound", [
+    ("float32", "float32", 1e-5), ("bfloat16", "bfloat16", 1e-2),
+    ("bfloat16", "float32", 1e-5)])
+def test_nhwc_output_and_dtypes(dtype, out_dtype, bound):
+  """The NHWC store equals the wide reference cropped and transposed; bf16
+  inputs accumulate in float32."""
+  nhwc = NhwcOutput(batch=2, out_h=3, row_width=7, out_w=5)
+  num_rows = 6
+  rng = np.random.default_rng(5)
+  rows, offsets, in_len = _csr_problem(rng, num_rows, 70, nhwc.out_len,
+                                       empty_rows=True)
+  x = jnp.asarray(rng.standard_normal(in_len), dtype)
+  values = jnp.asarray(rng.standard_normal(rows.size), dtype)
+  b = _bias(rng, num_rows)
+  nz = pack_nonzero_rows(rows, offsets, num_rows)
+  y = nonzero_lanes_conv(x, values, nz, out_len=nhwc.out_len, bias=b,
+                         relu=True, out_dtype=out_dtype, lanes=16,
+                         block_q=16, nhwc=nhwc, interpret=True)
+  ref = direct_sparse_conv_reference(
+      x.astype(jnp.float32), values.astype(jnp.float32), rows, offsets,
+      num_rows=num_rows, out_len=nhwc.out_len, bias=b, relu=True)
+  chex.assert_shape(y, (2, 3, 5, num_rows))
+  chex.assert_type(y, jnp.dtype(out_dtype))
+  assert rel_err(y, nhwc.from_wide(ref)) <= bound
+
+
+def test_bad_inputs_name_the_problem():
+  rows = np.array([0, 0, 1])
+  offsets = np.array([0, 4, 2])
+  nz = pack_nonzero_rows(rows, offsets, 2)
+  x = jnp.ones(20, jnp.float32)
+  v = jnp.ones(3, jnp.float32)
+  with pytest.raises(ValueError, match="values must have shape"):
+    nonzero_lanes_conv(x, v[:2], nz, out_len=8, interpret=True)
+  with pytest.raises(ValueError, match="too short"):
+    nonzero_lanes_conv(x[:10], v, nz, out_len=8, interpret=True)
+  with pytest.raises(ValueError, match="lanes must be a power of two"):
+    nonzero_lanes_conv(x, v, nz, out_len=8, lanes=12, interpret=True)
+  with pytest.raises(ValueError, match="ascending"):
+    pack_nonzero_rows(np.array([1, 0]), np.array([0, 1]), 2)
+  with pytest.raises(ValueError, match="within"):
+    pack_nonzero_rows(np.array([0, 2]), np.array([0, 1]), 2)

@@ -92,7 +92,7 @@ class KernelConfig:
   pallas_kernels/nonzero_lanes_conv.py instead, one output row per program
   taking K of its nonzeros per step (for small grids; rows_per_program,
   groups_per_program and split must then be 1, and of the launch only
-  block_q, num_warps and nhwc_out apply).
+  block_q, num_warps, num_stages and nhwc_out apply).
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100
@@ -592,7 +592,8 @@ class _SparseCall:
             nonzero_lanes_conv, x_flat, values, plan.nonzero_rows,
             out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
             lanes=c.nonzero_lanes, block_q=c.block_q,
-            num_warps=c.num_warps, nhwc=nhwc, interpret=not on_gpu(),
+            num_warps=c.num_warps, num_stages=c.num_stages, nhwc=nhwc,
+            interpret=not on_gpu(),
             **bias_kw)
         return (), (y if nhwc is not None else cg.from_wide_output(y, g),)
       if split == 1:

@@ -64,6 +64,13 @@ DEFAULT_CANDIDATES = LARGE_GRID_CANDIDATES + (
     KernelConfig(1, 64, 2, 1, 8, nhwc_out=True),
     KernelConfig(1, 128, 4, 1, 8, nhwc_out=True, split=2),
     KernelConfig(1, 64, 2, 1, 4, nhwc_out=True, split=2),
+    # Small grids: a row's nonzeros across lanes (nonzero_lanes_conv), the
+    # best three of seven on ResNet-50's layers at batch 1 in float32
+    # (res4 1.25x and res5 1.4x faster than their plans' configs;
+    # benchmarks/results/2026-11-24T2138-*-b1-nonzero-lanes-sweep.json).
+    KernelConfig(1, 128, 4, 1, 4, nhwc_out=True, nonzero_lanes=16),
+    KernelConfig(1, 64, 4, 1, 4, nhwc_out=True, nonzero_lanes=32),
+    KernelConfig(1, 256, 4, 1, 4, nhwc_out=True, nonzero_lanes=8),
 )
 
 # Vector-kernel candidates (block_q, block_k, num_warps, num_stages), tried

@@ -147,7 +147,7 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
                        nz: NonzeroRows, *, out_len: int,
                        bias: jax.Array | None = None, relu: bool = False,
                        out_dtype=None, lanes: int = 32, block_q: int = 64,
-                       num_warps: int = 4,
+                       num_warps: int = 4, num_stages: int = 1,
                        nhwc: NhwcOutput | None = None,
                        interpret: bool = False) -> jax.Array:
   """Runs the kernel.
@@ -163,7 +163,7 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
     out_dtype: output dtype; defaults to x_flat's.
     lanes: K, nonzeros per step (a power of two).
     block_q: output positions per program (a power of two).
-    num_warps: Triton's.
+    num_warps, num_stages: Triton's.
     nhwc: write (N, Ho, Wo, num_rows) instead of rows; its out_len must be
       `out_len`.
     interpret: run through the Pallas interpreter (CPU).
@@ -215,7 +215,7 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
       out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype),
       grid=(nz.num_rows, num_q_blocks),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
-                                           num_stages=1),
+                                           num_stages=num_stages),
       interpret=interpret,
       name="escort_nonzero_lanes_conv",
   )(jnp.asarray(tables),

@@ -123,16 +123,16 @@ class KernelConfig:
 
 DEFAULT_CONFIG = KernelConfig()
 # Below this many programs with the default tiles (small maps, batch 1)
-# the GPU is short of work: one output channel per program then ran
-# 1.1-1.6x faster on every layer timed at batch 1, and writing NHWC from the
-# kernel 5-15 % faster again; with thousands of programs (batch 32) both were
-# 1.3-2x slower (tile sweeps e and f, 2026-11-24, H100). Splitting rows
-# until that many programs run (at most MAX_DEFAULT_SPLIT parts) was 1.1-1.4x
-# faster again on the 7x7 and 14x14 layers at batch 1, and slower on the
-# larger maps, which this rule leaves unsplit (benchmarks/results/
-# 2026-11-24T0740-*-split-*.json).
+# the GPU is short of work. One output channel per program, the NHWC store
+# and rows split into up to 8 programs had been 1.1-1.6x faster there
+# (tile sweeps e and f; benchmarks/results/2026-11-24T0740-*-split-*.json);
+# a row's nonzeros across lanes (KernelConfig.nonzero_lanes) is 1.1-1.4x
+# faster again, the best of seven configs on each of ResNet-50's 16 layers
+# at batch 1 being K x BQ = 2048 lanes with BQ 64 on 7x7 maps (at most 64
+# wide positions), 128 up to 1024 and 256 above (*T2138*-b1-nonzero-lanes-
+# sweep.json); tuned, the batch-1 plans pick it on 61 of 62 entries.
 SMALL_GRID_PROGRAMS = 1024
-MAX_DEFAULT_SPLIT = 8
+NONZERO_LANES_TILE = 2048
 
 
 # 2-byte inputs on large grids: with fused multiply-adds, 8 positions per
@@ -152,13 +152,10 @@ def default_kernel_config(num_rows: int, out_len: int,
               -(-out_len // c.block_q))
   if programs >= SMALL_GRID_PROGRAMS:
     return HALF_CONFIG if itemsize <= 2 else c
-  split = 1
-  one_row_programs = num_rows * -(-out_len // c.block_q)
-  while (split < MAX_DEFAULT_SPLIT and
-         one_row_programs * split * 2 <= SMALL_GRID_PROGRAMS):
-    split *= 2
-  return dataclasses.replace(c, rows_per_program=1, nhwc_out=True,
-                             split=split)
+  block_q = 64 if out_len <= 64 else 128 if out_len <= 1024 else 256
+  return dataclasses.replace(c, rows_per_program=1, block_q=block_q,
+                             nhwc_out=True,
+                             nonzero_lanes=NONZERO_LANES_TILE // block_q)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -546,9 +543,9 @@ class _SparseCall:
       return default_vector_config(
           structure_vector_width(self.structure, g))
     # For the batch this device runs, so that each device computes what
-    # one device would on its share, bit for bit. (The split sets the order
-    # of the sums: where the default split differs between the share and
-    # the whole batch, those two results agree to rounding only.)
+    # one device would on its share, bit for bit. (The config sets the order
+    # of the sums: where the default differs between the share and the
+    # whole batch, those two results agree to rounding only.)
     return default_kernel_config(g.out_channels, g.out_len, itemsize)
 
   def _backward_config(self, g: cg.ConvGeometry,

@@ -143,16 +143,18 @@ def test_auto_keeps_a_callers_config_only_for_the_path_it_fits(plan_dir):
   assert c.config == (mine if c.method == "escort" else None)
 
 
-def test_default_config_splits_rows_only_on_small_grids():
-  """Under SMALL_GRID_PROGRAMS programs: one row per program, NHWC store,
-  and rows split until about that many programs run (at most 8 parts);
-  large grids keep the batch-32 default, unsplit."""
+def test_default_config_takes_nonzeros_across_lanes_on_small_grids():
+  """Under SMALL_GRID_PROGRAMS programs: one row per program, the NHWC store
+  and K x BQ = NONZERO_LANES_TILE lanes, BQ by the row's length; large grids
+  keep the batch-32 default."""
   c = ops.default_kernel_config(512, 63)   # res5 at batch 1: 512 programs
-  assert (c.rows_per_program, c.nhwc_out, c.split) == (1, True, 2)
-  assert ops.default_kernel_config(64, 200).split == 8  # 128 programs
-  assert ops.default_kernel_config(128, 840).split == 1  # 896 programs
+  assert (c.rows_per_program, c.nhwc_out, c.split) == (1, True, 1)
+  assert (c.block_q, c.nonzero_lanes) == (64, 32)
+  assert (ops.default_kernel_config(256, 224).block_q,
+          ops.default_kernel_config(256, 224).nonzero_lanes) == (128, 16)
+  assert ops.default_kernel_config(64, 3248).nonzero_lanes == 8  # BQ 256
   big = ops.default_kernel_config(256, 28 * 30 * 32)
-  assert big == ops.DEFAULT_CONFIG and big.split == 1
+  assert big == ops.DEFAULT_CONFIG and big.nonzero_lanes == 0
   # 2-byte inputs: 8 positions per thread on large grids only.
   assert ops.default_kernel_config(256, 28 * 30 * 32, 2) == ops.HALF_CONFIG
   assert ops.default_kernel_config(512, 63, 2) == c

@@ -9,7 +9,7 @@ line; the tests below read it. $ESCORT_SHARDING_DEVICES sets how many
 devices it shards over (default 8). Single-device results are the reference:
 forward outputs must match bitwise, gradients to 1e-6 (the batch reduction
 is summed in another order). (Bitwise holds here because this problem is so
-small that every batch size gets the same default KernelConfig.split; in
+small that every batch size gets the same default KernelConfig; in
 general each device matches the one-device program on its own share bitwise,
 which `bench --sharded` checks, and the whole-batch result to rounding.) On
 GPUs the dense path's forward is held to 1e-6 instead: cuDNN may choose

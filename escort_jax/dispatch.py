@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Iterator
 
 import jax
@@ -55,6 +56,20 @@ ESCORT_MODEL = {  # dtype: (FLOP/s, bytes/s, s per row nonzero, s)
     "float32": (7.46e12, 1.60e12, 75e-9, 3.6e-6),
     "bfloat16": (7.78e12, 1.47e12, 81e-9, 4.1e-6),
     "float16": (7.78e12, 1.47e12, 81e-9, 4.1e-6),
+}
+# The same terms for small grids, where the default config is the
+# nonzero-lanes kernel (steps: a row's nonzeros / lanes), fitted with
+# non-negative least squares of the relative error to the 38 small-grid
+# layers at batch 1 run with no plans (benchmarks/fit_cost_model.py on
+# benchmarks/results/2026-11-24T2217-*-b1-defaults-nonzero-lanes.json):
+# median error 3.8 % (float32) and 4.1 % (bfloat16), where the model above
+# had 48 % and 47 % and picked the slower of escort and dense on 11 and 17
+# of the 38. The layout bytes get no weight of their own: at batch 1 they
+# track the FLOPs, and the fit put them into the rate and the fixed term.
+ESCORT_LANES_MODEL = {  # dtype: (FLOP/s, bytes/s, s per step, s)
+    "float32": (3.08e12, math.inf, 100e-9, 4.1e-6),
+    "bfloat16": (2.57e12, math.inf, 44e-9, 4.3e-6),
+    "float16": (2.57e12, math.inf, 44e-9, 4.3e-6),
 }
 # The vector path's time, input pass included, fitted to the 117 bf16 rows
 # of benchmarks/results/2026-11-24T0455-*-vector16-*.json (39 layers at 3
@@ -108,20 +123,38 @@ def precision_name(precision) -> str | None:
   return "highest" if "highest" in name or "float32" in name else name
 
 
+def escort_terms(geometry: ConvGeometry, nnz: int, dtype
+                 ) -> tuple[dict[str, float], tuple[float, float, float]]:
+  """The escort path's model, for the default config of this geometry:
+  (parameters, features) with time = sum(features / (rate, bandwidth)) +
+  serial steps x per-step latency + fixed. The features are useful FLOPs,
+  layout-pass bytes and the serial steps of a program (a row's nonzeros,
+  divided by the lanes that take them at once on small grids)."""
+  from escort_jax.ops import default_kernel_config  # ops imports us
+  g = geometry
+  name = jnp.dtype(dtype).name
+  itemsize = jnp.dtype(dtype).itemsize
+  useful = 2.0 * nnz * g.out_h * g.out_w * g.batch
+  layout_bytes = 2 * itemsize * (g.batch * g.in_h * g.in_w * g.in_channels +
+                                 g.batch * g.out_h * g.out_w * g.out_channels)
+  lanes = default_kernel_config(g.out_channels, g.out_len,
+                                itemsize).nonzero_lanes
+  steps = nnz / g.out_channels / max(lanes, 1)
+  table = ESCORT_LANES_MODEL if lanes else ESCORT_MODEL
+  rate, bandwidth, per_step, fixed = table.get(name, table["float32"])
+  return (dict(rate=rate, bandwidth=bandwidth, per_step=per_step,
+               fixed=fixed), (useful, layout_bytes, steps))
+
+
 def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
                       precision, vector_width: int = 1) -> dict[str, float]:
   """Cost-model times of the escort, dense and (for vector-sparse
   structures, vector_width >= MIN_VECTOR_WIDTH) vector paths, in seconds."""
   g = geometry
   name = jnp.dtype(dtype).name
-  useful = 2.0 * nnz * g.out_h * g.out_w * g.batch
-  itemsize = jnp.dtype(dtype).itemsize
-  layout_bytes = 2 * itemsize * (g.batch * g.in_h * g.in_w * g.in_channels +
-                                 g.batch * g.out_h * g.out_w * g.out_channels)
-  rate, bandwidth, per_nonzero, fixed = ESCORT_MODEL.get(
-      name, ESCORT_MODEL["float32"])
-  times = {"escort": (useful / rate + layout_bytes / bandwidth +
-                      nnz / g.out_channels * per_nonzero + fixed)}
+  p, (useful, layout_bytes, steps) = escort_terms(g, nnz, dtype)
+  times = {"escort": (useful / p["rate"] + layout_bytes / p["bandwidth"] +
+                      steps * p["per_step"] + p["fixed"])}
   if vector_width >= MIN_VECTOR_WIDTH:
     # Widths below the product's minimum width still pay for all of it.
     waste = max(1.0, MIN_DOT / vector_width)

@@ -158,3 +158,26 @@ def test_default_config_takes_nonzeros_across_lanes_on_small_grids():
   # 2-byte inputs: 8 positions per thread on large grids only.
   assert ops.default_kernel_config(256, 28 * 30 * 32, 2) == ops.HALF_CONFIG
   assert ops.default_kernel_config(512, 63, 2) == c
+
+
+def test_escort_model_follows_the_default_kernel():
+  """Small grids (batch 1) are predicted with the nonzero-lanes model and a
+  row's nonzeros divided by the default config's lanes; large grids with the
+  per-nonzero model."""
+  sk = _layer(3, (3, 3, 64, 64), density=0.1)
+  for batch, table in ((1, dispatch.ESCORT_LANES_MODEL),
+                       (32, dispatch.ESCORT_MODEL)):
+    g = make_geometry((batch, 28, 28, 64), sk.structure, (1, 1), "SAME",
+                      (1, 1), 1)
+    lanes = ops.default_kernel_config(64, g.out_len).nonzero_lanes
+    assert bool(lanes) == (batch == 1)
+    params, (useful, _, steps) = dispatch.escort_terms(g, sk.nnz,
+                                                       jnp.float32)
+    rate, bandwidth, per_step, fixed = table["float32"]
+    assert (params["rate"], params["per_step"]) == (rate, per_step)
+    assert steps == sk.nnz / 64 / max(lanes, 1)
+    assert useful == 2.0 * sk.nnz * 28 * 28 * batch
+    t = dispatch.predicted_seconds(g, sk.nnz, jnp.float32, None)["escort"]
+    np.testing.assert_allclose(
+        t, useful / rate + dispatch.escort_terms(g, sk.nnz, jnp.float32)[1][1]
+        / bandwidth + steps * per_step + fixed)

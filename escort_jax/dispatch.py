@@ -125,11 +125,12 @@ def precision_name(precision) -> str | None:
 
 def escort_terms(geometry: ConvGeometry, nnz: int, dtype
                  ) -> tuple[dict[str, float], tuple[float, float, float]]:
-  """The escort path's model, for the default config of this geometry:
-  (parameters, features) with time = sum(features / (rate, bandwidth)) +
-  serial steps x per-step latency + fixed. The features are useful FLOPs,
-  layout-pass bytes and the serial steps of a program (a row's nonzeros,
-  divided by the lanes that take them at once on small grids)."""
+  """The escort path's model for the default config of this geometry:
+  (parameters, (useful, layout_bytes, steps)), where the time is
+  useful / rate + layout_bytes / bandwidth + steps x per_step + fixed:
+  useful FLOPs, the layout passes' bytes, and a program's serial steps (a
+  row's nonzeros, divided by the lanes that take them at once on small
+  grids)."""
   from escort_jax.ops import default_kernel_config  # ops imports us
   g = geometry
   name = jnp.dtype(dtype).name

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
       if row.get("method") != "escort" or not row.get("time_us"):
         continue
       g, feats = _features(row)
-      small = bool(default_kernel_config(g.out_channels,
-                                         g.out_len).nonzero_lanes)
+      small = bool(default_kernel_config(g.out_channels, g.out_len, 4,
+                                         g.batch).nonzero_lanes)
       if small == args.small_grid:
         by_dtype[row["dtype"]].append((row, g, feats))
   for dtype, items in sorted(by_dtype.items()):

@@ -138,8 +138,8 @@ def escort_terms(geometry: ConvGeometry, nnz: int, dtype
   useful = 2.0 * nnz * g.out_h * g.out_w * g.batch
   layout_bytes = 2 * itemsize * (g.batch * g.in_h * g.in_w * g.in_channels +
                                  g.batch * g.out_h * g.out_w * g.out_channels)
-  lanes = default_kernel_config(g.out_channels, g.out_len,
-                                itemsize).nonzero_lanes
+  lanes = default_kernel_config(g.out_channels, g.out_len, itemsize,
+                                g.batch).nonzero_lanes
   steps = nnz / g.out_channels / max(lanes, 1)
   table = ESCORT_LANES_MODEL if lanes else ESCORT_MODEL
   rate, bandwidth, per_step, fixed = table.get(name, table["float32"])

@@ -127,10 +127,13 @@ DEFAULT_CONFIG = KernelConfig()
 # and rows split into up to 8 programs had been 1.1-1.6x faster there
 # (tile sweeps e and f; benchmarks/results/2026-11-24T0740-*-split-*.json);
 # a row's nonzeros across lanes (KernelConfig.nonzero_lanes) is 1.1-1.4x
-# faster again, the best of seven configs on each of ResNet-50's 16 layers
-# at batch 1 being K x BQ = 2048 lanes with BQ 64 on 7x7 maps (at most 64
-# wide positions), 128 up to 1024 and 256 above (*T2138*-b1-nonzero-lanes-
-# sweep.json); tuned, the batch-1 plans pick it on 61 of 62 entries.
+# faster again (*T2138*-b1-nonzero-lanes-sweep.json; tuned, the batch-1
+# plans pick it on 61 of 62 entries). The best configs there had K x BQ =
+# NONZERO_LANES_TILE with BQ 64 on 7x7 maps (at most 64 wide positions per
+# image), 128 up to 1024 and 256 above. The rule reads the positions of one
+# image, not of the batch: K and BQ set the order of each output's sum, and
+# a device's share of a batch must get the config of the whole batch to
+# give the same bits (tests/test_sharding.py).
 SMALL_GRID_PROGRAMS = 1024
 NONZERO_LANES_TILE = 2048
 
@@ -142,17 +145,18 @@ NONZERO_LANES_TILE = 2048
 HALF_CONFIG = KernelConfig(rows_per_program=4, block_q=256)
 
 
-def default_kernel_config(num_rows: int, out_len: int,
-                          itemsize: int = 4) -> KernelConfig:
+def default_kernel_config(num_rows: int, out_len: int, itemsize: int = 4,
+                          batch: int = 1) -> KernelConfig:
   """The escort config of a row problem (num_rows rows of out_len wide
-  positions, inputs of `itemsize` bytes) with no tuned plan and no caller
-  config."""
+  positions over `batch` images, inputs of `itemsize` bytes) with no tuned
+  plan and no caller config."""
   c = DEFAULT_CONFIG
   programs = (-(-num_rows // c.rows_per_program) *
               -(-out_len // c.block_q))
   if programs >= SMALL_GRID_PROGRAMS:
     return HALF_CONFIG if itemsize <= 2 else c
-  block_q = 64 if out_len <= 64 else 128 if out_len <= 1024 else 256
+  per_image = out_len // batch
+  block_q = 64 if per_image <= 64 else 128 if per_image <= 1024 else 256
   return dataclasses.replace(c, rows_per_program=1, block_q=block_q,
                              nhwc_out=True,
                              nonzero_lanes=NONZERO_LANES_TILE // block_q)
@@ -546,7 +550,8 @@ class _SparseCall:
     # one device would on its share, bit for bit. (The config sets the order
     # of the sums: where the default differs between the share and the
     # whole batch, those two results agree to rounding only.)
-    return default_kernel_config(g.out_channels, g.out_len, itemsize)
+    return default_kernel_config(g.out_channels, g.out_len, itemsize,
+                                 g.batch)
 
   def _backward_config(self, g: cg.ConvGeometry,
                        itemsize: int) -> KernelConfig:

@@ -145,14 +145,17 @@ def test_auto_keeps_a_callers_config_only_for_the_path_it_fits(plan_dir):
 
 def test_default_config_takes_nonzeros_across_lanes_on_small_grids():
   """Under SMALL_GRID_PROGRAMS programs: one row per program, the NHWC store
-  and K x BQ = NONZERO_LANES_TILE lanes, BQ by the row's length; large grids
+  and K x BQ = NONZERO_LANES_TILE lanes, BQ by the positions of one image
+  (so that a share of the batch gets the whole batch's config); large grids
   keep the batch-32 default."""
   c = ops.default_kernel_config(512, 63)   # res5 at batch 1: 512 programs
   assert (c.rows_per_program, c.nhwc_out, c.split) == (1, True, 1)
   assert (c.block_q, c.nonzero_lanes) == (64, 32)
-  assert (ops.default_kernel_config(256, 224).block_q,
-          ops.default_kernel_config(256, 224).nonzero_lanes) == (128, 16)
-  assert ops.default_kernel_config(64, 3248).nonzero_lanes == 8  # BQ 256
+  for out_len, batch, block_q in ((224, 1, 128), (3248, 1, 256),
+                                  (4 * 63, 4, 64), (8 * 77, 8, 128)):
+    other = ops.default_kernel_config(16, out_len, 4, batch)
+    assert (other.block_q, other.nonzero_lanes) == (
+        block_q, ops.NONZERO_LANES_TILE // block_q)
   big = ops.default_kernel_config(256, 28 * 30 * 32)
   assert big == ops.DEFAULT_CONFIG and big.nonzero_lanes == 0
   # 2-byte inputs: 8 positions per thread on large grids only.
@@ -169,7 +172,8 @@ def test_escort_model_follows_the_default_kernel():
                        (32, dispatch.ESCORT_MODEL)):
     g = make_geometry((batch, 28, 28, 64), sk.structure, (1, 1), "SAME",
                       (1, 1), 1)
-    lanes = ops.default_kernel_config(64, g.out_len).nonzero_lanes
+    lanes = ops.default_kernel_config(64, g.out_len, 4,
+                                      g.batch).nonzero_lanes
     assert bool(lanes) == (batch == 1)
     params, (useful, _, steps) = dispatch.escort_terms(g, sk.nnz,
                                                        jnp.float32)

@@ -242,3 +242,11 @@ def poison_unread(x_flat: np.ndarray, offsets, span: np.ndarray):
   x = x_flat.copy()
   x[~read] = np.nan
   return x, int((~read).sum())
+
+
+def signed_bias(rng, num_rows: int) -> jax.Array:
+  """(num_rows,) float32 N(0, 1) bias whose first entry is positive and
+  last negative, so that a relu after it has work to do on both sides."""
+  b = rng.standard_normal(num_rows)
+  b[0], b[-1] = abs(b[0]) + 0.1, -abs(b[-1]) - 0.1
+  return jnp.asarray(b, jnp.float32)

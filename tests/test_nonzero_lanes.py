@@ -14,7 +14,7 @@ from pallas_kernels.nonzero_lanes_conv import (nonzero_lanes_conv,
                                                pack_nonzero_rows)
 from pallas_kernels.output_layout import NhwcOutput
 from tests.conftest import (assert_close, poison_unread, random_row_problem,
-                            rel_err)
+                            rel_err, signed_bias)
 
 
 def _csr_problem(rng, num_rows, nnz, out_len, empty_rows, unit=1):
@@ -22,12 +22,6 @@ def _csr_problem(rng, num_rows, nnz, out_len, empty_rows, unit=1):
                                              empty_rows)
   order = np.argsort(rows, kind="stable")
   return rows[order], offsets[order] * unit, in_len * unit
-
-
-def _bias(rng, num_rows):
-  b = rng.standard_normal(num_rows)  # both signs, so relu has work to do
-  b[0], b[-1] = abs(b[0]) + 0.1, -abs(b[-1]) - 0.1
-  return jnp.asarray(b, jnp.float32)
 
 
 @pytest.mark.parametrize(
@@ -48,7 +42,7 @@ def test_matches_reference(num_rows, nnz, out_len, lanes, block_q, bias, relu,
   x_poisoned, poisoned = poison_unread(x, offsets, np.arange(out_len))
   assert poisoned > 0
   values = jnp.asarray(rng.standard_normal(nnz), jnp.float32)
-  b = _bias(rng, num_rows) if bias else None
+  b = signed_bias(rng, num_rows) if bias else None
   nz = pack_nonzero_rows(rows, offsets, num_rows)
   if nnz and unit > 1:
     assert nz.offset_unit % unit == 0
@@ -79,7 +73,7 @@ def test_nhwc_output_and_dtypes(dtype, out_dtype, bound):
                                        empty_rows=True)
   x = jnp.asarray(rng.standard_normal(in_len), dtype)
   values = jnp.asarray(rng.standard_normal(rows.size), dtype)
-  b = _bias(rng, num_rows)
+  b = signed_bias(rng, num_rows)
   nz = pack_nonzero_rows(rows, offsets, num_rows)
   y = nonzero_lanes_conv(x, values, nz, out_len=nhwc.out_len, bias=b,
                          relu=True, out_dtype=out_dtype, lanes=16,

@@ -26,7 +26,7 @@ from pallas_kernels.sampled_dense_dense import (sampled_dense_dense,
 from tests.conftest import (assert_close, enable_x64, hwio_shape,
                             poison_unread, random_array,
                             random_pruned_kernel, random_row_problem,
-                            reference_conv, rel_err)
+                            reference_conv, rel_err, signed_bias)
 
 F32_BOUND = 1e-5
 LOW_BOUND = 1e-2
@@ -378,11 +378,7 @@ def test_direct_sparse_conv_kernel(num_rows, nnz, out_len, rows_per_program,
                                             np.arange(out_len))
   assert num_poisoned > 0
   values = jnp.asarray(rng.standard_normal(nnz), jnp.float32)
-  b = None
-  if bias:  # of both signs, so that relu has work to do
-    b = rng.standard_normal(num_rows)
-    b[0], b[-1] = abs(b[0]) + 0.1, -abs(b[-1]) - 0.1
-    b = jnp.asarray(b, jnp.float32)
+  b = signed_bias(rng, num_rows) if bias else None
   groups = pack_row_groups(rows, offsets, num_rows, rows_per_program,
                            step_multiple)
   if nnz and offset_unit > 1:

@@ -13,8 +13,10 @@ K nonzeros of the row at once:
 
 so K x BQ independent loads are in flight per step and a row of 100
 nonzeros takes ceil(100 / K) steps. One sum over K at the end gives the
-row's BQ outputs (a fixed tree, so results are reproducible), then bias and
-activation. No partial outputs and no summing pass, unlike a split row.
+row's BQ outputs, then bias and activation: no partial outputs and no
+summing pass, unlike a split row. The order of each output's sum is set by
+K, BQ and the launch, so runs are bitwise reproducible (escort_jax chooses
+them per image, not per batch, for the same bits on any share of a batch).
 
 Layout:
   x_flat: (in_len,) the input, any float dtype (escort_jax.conv_geometry).

@@ -33,8 +33,8 @@ from escort_jax import workload as wl  # noqa: E402
 from escort_jax.ops import default_kernel_config  # noqa: E402
 from escort_jax.structure import SparseKernel  # noqa: E402
 
-DENSE_BASELINE = {"float32": ("lax_default", None),
-                  "bfloat16": ("lax_bf16", None)}
+# The dense baseline of each dtype's rows.
+DENSE_BASELINE = {"float32": "lax_default", "bfloat16": "lax_bf16"}
 
 
 def _features(row):
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     print(f"{dtype}: {len(items)} rows; rate {rate:.3g} FLOP/s, "
           f"bandwidth {bandwidth:.3g} B/s, per step {per_step:.3g} s, "
           f"fixed {fixed:.3g} s; median error {np.median(err):.1%}")
-    name, _ = DENSE_BASELINE.get(dtype, ("lax_default", None))
+    name = DENSE_BASELINE.get(dtype, "lax_default")
     wrong, loss = 0, []
     for (row, _, _), p, ti in zip(items, pred, t):
       dense = row["baselines_us"].get(name)

@@ -588,22 +588,19 @@ class _SparseCall:
       # The forward nonzeros are in CSR order, so the kernel reads the
       # values as they are (no gather pass).
       nhwc = g.nhwc_output() if plan.config.nhwc_out else None
-      if plan.nonzero_rows is not None:
+      if plan.nonzero_rows is not None or split == 1:
         c = plan.config
+        if plan.nonzero_rows is not None:
+          kernel, meta = nonzero_lanes_conv, plan.nonzero_rows
+          launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
+                        num_warps=c.num_warps, num_stages=c.num_stages)
+        else:
+          kernel, meta = direct_sparse_conv, plan.forward
+          launch = dict(values_by_row=True, **_launch(c))
         y = sharding.kernel_call(
-            nonzero_lanes_conv, x_flat, values, plan.nonzero_rows,
-            out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
-            lanes=c.nonzero_lanes, block_q=c.block_q,
-            num_warps=c.num_warps, num_stages=c.num_stages, nhwc=nhwc,
-            interpret=not on_gpu(),
-            **bias_kw)
-        return (), (y if nhwc is not None else cg.from_wide_output(y, g),)
-      if split == 1:
-        y = sharding.kernel_call(
-            direct_sparse_conv, x_flat, values, plan.forward,
-            out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
-            values_by_row=True, nhwc=nhwc, interpret=not on_gpu(),
-            **bias_kw, **_launch(plan.config))
+            kernel, x_flat, values, meta, out_len=g.out_len, relu=self.relu,
+            out_dtype=self.out_dtype, nhwc=nhwc, interpret=not on_gpu(),
+            **bias_kw, **launch)
         return (), (y if nhwc is not None else cg.from_wide_output(y, g),)
       # Partial outputs in the accumulator dtype; bias and activation after
       # their sum.

@@ -39,7 +39,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import output_layout
 from pallas_kernels.output_layout import (MAX_GRID_AXIS, NhwcOutput,
-                                          check_int32, with_optional_refs)
+                                          check_input_covers, check_int32,
+                                          with_optional_refs)
 from pallas_kernels.row_groups import RowGroups
 from pallas_kernels.static_tables import pack_tables
 
@@ -227,11 +228,7 @@ def direct_sparse_conv(x_flat: jax.Array, values: jax.Array,
   masked = groups.zeros_offset is None
   # Unmasked, every program reads whole blocks of block_q positions.
   read_len = out_len if masked else pl.cdiv(out_len, block_q) * block_q
-  if groups.max_offset + read_len > x_flat.shape[0]:
-    raise ValueError(
-        f"the input is too short for its offsets: the largest offset "
-        f"{groups.max_offset} plus {read_len} positions exceeds "
-        f"{x_flat.shape[0]}")
+  check_input_covers(x_flat.shape[0], groups.max_offset, read_len)
   num_q_blocks = pl.cdiv(out_len, block_q)
   # Compiled, the NHWC output is exactly the result; interpreted, a spare
   # region follows it (output_layout.store).

@@ -45,7 +45,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import output_layout
 from pallas_kernels.direct_sparse_conv import accumulator_dtype, multiply_add
 from pallas_kernels.output_layout import (MAX_GRID_AXIS, NhwcOutput,
-                                          check_int32, with_optional_refs)
+                                          check_input_covers, check_int32,
+                                          with_optional_refs)
 from pallas_kernels.static_tables import pack_tables
 
 
@@ -183,11 +184,7 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
       raise ValueError(f"{name} must be a power of two, got {n}")
   if nhwc is not None:
     nhwc.check(out_len)
-  if nz.max_offset + out_len > x_flat.shape[0]:
-    raise ValueError(
-        f"the input is too short for its offsets: the largest offset "
-        f"{nz.max_offset} plus {out_len} positions exceeds "
-        f"{x_flat.shape[0]}")
+  check_input_covers(x_flat.shape[0], nz.max_offset, out_len)
   num_q_blocks = pl.cdiv(out_len, block_q)
   if num_q_blocks > MAX_GRID_AXIS:
     raise ValueError(f"{num_q_blocks} output blocks exceed Triton's grid "

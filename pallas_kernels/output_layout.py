@@ -116,6 +116,16 @@ def check_int32(**sizes: int) -> None:
           "split the batch")
 
 
+def check_input_covers(input_len: int, last_offset: int,
+                       read_len: int) -> None:
+  """Raises ValueError unless an input of input_len elements holds every
+  read of a kernel: read_len positions from each offset up to last_offset."""
+  if last_offset + read_len > input_len:
+    raise ValueError(
+        f"the input is too short for its offsets: offset {last_offset} plus "
+        f"{read_len} positions exceeds {input_len}")
+
+
 def with_optional_refs(kernel: Callable, present: Sequence[bool]) -> Callable:
   """kernel(*refs) that takes None for each absent ref, as a pallas_call body
   that receives only the present ones (in order)."""

@@ -50,7 +50,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.direct_sparse_conv import accumulator_dtype
 from pallas_kernels import output_layout
 from pallas_kernels.output_layout import (MAX_GRID_AXIS, NhwcOutput,
-                                          check_int32, with_optional_refs)
+                                          check_input_covers, check_int32,
+                                          with_optional_refs)
 from pallas_kernels.static_tables import pack_tables
 
 # Triton's dot needs every dimension to be at least 16.
@@ -346,11 +347,8 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
                      f"{block_q}")
   num_q_blocks = pl.cdiv(out_len, block_q)
   read_len = num_q_blocks * block_q
-  if max(blocks.max_offset, blocks.zeros_offset) + read_len > x_flat.shape[0]:
-    raise ValueError(
-        f"the input is too short for its offsets: offset "
-        f"{max(blocks.max_offset, blocks.zeros_offset)} plus {read_len} "
-        f"positions exceeds {x_flat.shape[0]}")
+  check_input_covers(x_flat.shape[0],
+                     max(blocks.max_offset, blocks.zeros_offset), read_len)
   # Compiled, the NHWC output is exactly the result (no copy to slice it
   # out); interpreted, a spare region follows it (output_layout.store).
   spare_region = interpret

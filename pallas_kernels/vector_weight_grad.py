@@ -43,8 +43,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.direct_sparse_conv import accumulator_dtype
-from pallas_kernels.output_layout import (MAX_GRID_AXIS, check_int32,
-                                          sum_in_order)
+from pallas_kernels.output_layout import (MAX_GRID_AXIS, check_input_covers,
+                                          check_int32, sum_in_order)
 from pallas_kernels.vector_sparse_conv import (MIN_DOT, VectorBlocks,
                                                gathered_columns)
 
@@ -143,11 +143,8 @@ def vector_weight_grad(dy: jax.Array, x_flat: jax.Array,
   steps_per_split = pl.cdiv(steps, splits)
   # Positions from out_len on are masked (no memory access), so the reads
   # end at the largest offset plus out_len.
-  far = max(blocks.max_offset, blocks.zeros_offset)
-  if far + out_len > x_flat.shape[0]:
-    raise ValueError(
-        f"the input is too short for its offsets: offset {far} plus "
-        f"{out_len} positions exceeds {x_flat.shape[0]}")
+  check_input_covers(x_flat.shape[0],
+                     max(blocks.max_offset, blocks.zeros_offset), out_len)
   lanes, cols = blocks.lanes, blocks.padded_cols
   tiles = cols // blocks.block_k
   span = splits * steps_per_split * block_q  # positions the index math spans

@@ -89,11 +89,10 @@ class KernelConfig:
   activation. It shortens the serial loop of each program where rows are
   long and the grid is small (batch 1). nonzero_lanes: 0 for the escort
   kernel above; K > 0 runs the forward pass on the kernel of
-  pallas_kernels/nonzero_lanes_conv.py instead, one output row at a time
-  taking K of its nonzeros per step (for small grids; rows_per_program and
-  split must then be 1, groups_per_program is the rows a program runs in
-  turn, and of the rest of the launch only block_q, num_warps, num_stages
-  and nhwc_out apply).
+  pallas_kernels/nonzero_lanes_conv.py instead, one output row per program
+  taking K of its nonzeros per step (for small grids; rows_per_program,
+  groups_per_program and split must then be 1, and of the launch only
+  block_q, num_warps, num_stages and nhwc_out apply).
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100
@@ -113,11 +112,13 @@ class KernelConfig:
   nonzero_lanes: int = 0
 
   def __post_init__(self):
-    if self.nonzero_lanes and (self.rows_per_program, self.split) != (1, 1):
+    if self.nonzero_lanes and (self.rows_per_program, self.split,
+                               self.groups_per_program) != (1, 1, 1):
       raise ValueError(
-          "KernelConfig.nonzero_lanes runs one row at a time: "
-          "rows_per_program and split must be 1, got "
-          f"{self.rows_per_program} and {self.split}")
+          "KernelConfig.nonzero_lanes runs one row per program: "
+          "rows_per_program, split and groups_per_program must be 1, got "
+          f"{self.rows_per_program}, {self.split}, "
+          f"{self.groups_per_program}")
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -592,7 +593,6 @@ class _SparseCall:
         if plan.nonzero_rows is not None:
           kernel, meta = nonzero_lanes_conv, plan.nonzero_rows
           launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
-                        rows_in_turn=c.groups_per_program,
                         num_warps=c.num_warps, num_stages=c.num_stages)
         else:
           kernel, meta = direct_sparse_conv, plan.forward

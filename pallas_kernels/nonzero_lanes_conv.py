@@ -105,69 +105,52 @@ def pack_nonzero_rows(rows: np.ndarray, offsets: np.ndarray,
 
 def _nonzero_lanes_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref, *,
                           table_starts, lanes, block_q, out_len, row_len,
-                          num_rows, rows_in_turn, offset_unit, relu,
-                          acc_dtype, nhwc, spare_region, fused_fma):
+                          num_rows, offset_unit, relu, acc_dtype, nhwc,
+                          spare_region, fused_fma):
   ptr_at, offsets_at = table_starts
+  row = pl.program_id(0)
   q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
   q_ok = q < out_len
+  begin = tables_ref[ptr_at + row]
+  end = tables_ref[ptr_at + row + 1]
   lane = jnp.arange(lanes, dtype=jnp.int32)
-  # Read outside the loop: the interpreter only substitutes program ids at
-  # the top level of the kernel.
-  first_row = pl.program_id(0) * rows_in_turn
 
-  def one_row(i, carry):
-    row = first_row + i
-    # Rows past the last (when rows_in_turn does not divide num_rows) are
-    # empty: both bounds read the final row pointer.
-    begin = tables_ref[ptr_at + jnp.minimum(row, num_rows)]
-    end = tables_ref[ptr_at + jnp.minimum(row + 1, num_rows)]
+  def step(t, acc):
+    j = begin + t * lanes + lane
+    j_ok = j < end
+    offsets = plgpu.load(tables_ref.at[offsets_at + j], mask=j_ok, other=0)
+    # Lanes past the row weigh zero and read nothing (an input NaN must not
+    # reach them).
+    weights = plgpu.load(values_ref.at[j], mask=j_ok, other=0.0)
+    xs = plgpu.load(x_ref.at[(offsets * offset_unit)[:, None] + q[None, :]],
+                    mask=j_ok[:, None] & q_ok[None, :], other=0.0)
+    return multiply_add(
+        jnp.broadcast_to(weights.astype(acc_dtype)[:, None], acc.shape), xs,
+        acc, fused=fused_fma)
 
-    def step(t, acc):
-      j = begin + t * lanes + lane
-      j_ok = j < end
-      offsets = plgpu.load(tables_ref.at[offsets_at + j], mask=j_ok, other=0)
-      # Lanes past the row weigh zero and read nothing (an input NaN must
-      # not reach them).
-      weights = plgpu.load(values_ref.at[j], mask=j_ok, other=0.0)
-      xs = plgpu.load(x_ref.at[(offsets * offset_unit)[:, None] + q[None, :]],
-                      mask=j_ok[:, None] & q_ok[None, :], other=0.0)
-      return multiply_add(
-          jnp.broadcast_to(weights.astype(acc_dtype)[:, None], acc.shape), xs,
-          acc, fused=fused_fma)
-
-    steps = (end - begin + lanes - 1) // lanes
-    acc = lax.fori_loop(0, steps, step,
-                        jnp.zeros((lanes, block_q), acc_dtype))
-    y = jnp.sum(acc, axis=0)
-    if bias_ref is not None:
-      y = y + bias_ref[jnp.minimum(row, num_rows - 1)].astype(acc_dtype)
-    if relu:
-      # Not jnp.maximum: Triton lowers it to a max that drops NaN.
-      y = jnp.where(y < 0, jnp.zeros((), acc_dtype), y)
-    if nhwc is None:
-      # The wide buffer has a row for every (program, turn), so rows past
-      # the last need no mask.
-      plgpu.store(y_ref.at[row * row_len + q], y.astype(y_ref.dtype))
-    else:
-      pixel, q_real = nhwc.pixel_of(q)
-      output_layout.store(y_ref, (pixel * num_rows + row)[None, :],
-                          y[None, :], (q_real & (row < num_rows))[None, :],
-                          spare_base=nhwc.pixels * num_rows,
-                          spare_region=spare_region)
-    return carry
-
-  if rows_in_turn == 1:
-    one_row(0, 0)
-  else:
-    lax.fori_loop(0, rows_in_turn, one_row, 0)
+  steps = (end - begin + lanes - 1) // lanes
+  acc = lax.fori_loop(0, steps, step,
+                      jnp.zeros((lanes, block_q), acc_dtype))
+  y = jnp.sum(acc, axis=0)
+  if bias_ref is not None:
+    y = y + bias_ref[row].astype(acc_dtype)
+  if relu:
+    # Not jnp.maximum: Triton lowers it to a max that drops NaN.
+    y = jnp.where(y < 0, jnp.zeros((), acc_dtype), y)
+  if nhwc is None:
+    plgpu.store(y_ref.at[row * row_len + q], y.astype(y_ref.dtype))
+    return
+  pixel, q_real = nhwc.pixel_of(q)
+  output_layout.store(y_ref, (pixel * num_rows + row)[None, :], y[None, :],
+                      q_real[None, :], spare_base=nhwc.pixels * num_rows,
+                      spare_region=spare_region)
 
 
 def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
                        nz: NonzeroRows, *, out_len: int,
                        bias: jax.Array | None = None, relu: bool = False,
                        out_dtype=None, lanes: int = 32, block_q: int = 64,
-                       rows_in_turn: int = 1, num_warps: int = 4,
-                       num_stages: int = 1,
+                       num_warps: int = 4, num_stages: int = 1,
                        nhwc: NhwcOutput | None = None,
                        interpret: bool = False) -> jax.Array:
   """Runs the kernel.
@@ -183,8 +166,6 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
     out_dtype: output dtype; defaults to x_flat's.
     lanes: K, nonzeros per step (a power of two).
     block_q: output positions per program (a power of two).
-    rows_in_turn: rows one program computes one after another over the same
-      positions, so that the rows after the first find their inputs in L1.
     num_warps, num_stages: Triton's.
     nhwc: write (N, Ho, Wo, num_rows) instead of rows; its out_len must be
       `out_len`.
@@ -201,9 +182,6 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
   for name, n in (("lanes", lanes), ("block_q", block_q)):
     if n < 1 or n & (n - 1):
       raise ValueError(f"{name} must be a power of two, got {n}")
-  if not (isinstance(rows_in_turn, int) and rows_in_turn >= 1):
-    raise ValueError(f"rows_in_turn must be a positive int, got "
-                     f"{rows_in_turn!r}")
   if nhwc is not None:
     nhwc.check(out_len)
   check_input_covers(x_flat.shape[0], nz.max_offset, out_len)
@@ -212,10 +190,9 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
     raise ValueError(f"{num_q_blocks} output blocks exceed Triton's grid "
                      f"limit of {MAX_GRID_AXIS}; raise block_q")
   row_len = num_q_blocks * block_q
-  num_programs = pl.cdiv(nz.num_rows, rows_in_turn)
   spare_region = interpret
   if nhwc is None:
-    out_size = num_programs * rows_in_turn * row_len
+    out_size = nz.num_rows * row_len
   else:
     out_size = nhwc.buffer_size(nz.num_rows,
                                 block_q if spare_region else 0)
@@ -226,7 +203,7 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
   kernel = functools.partial(
       _nonzero_lanes_kernel, table_starts=table_starts, lanes=lanes,
       block_q=block_q, out_len=out_len, row_len=row_len,
-      num_rows=nz.num_rows, rows_in_turn=rows_in_turn, offset_unit=nz.offset_unit, relu=relu,
+      num_rows=nz.num_rows, offset_unit=nz.offset_unit, relu=relu,
       acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region,
       fused_fma=not interpret and acc_dtype == jnp.float32)
   kernel = with_optional_refs(kernel, (True, True, bias is not None, True,
@@ -235,7 +212,7 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
   y = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype),
-      grid=(num_programs, num_q_blocks),
+      grid=(nz.num_rows, num_q_blocks),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,
@@ -246,4 +223,4 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
     *bias_args, x_flat)
   if nhwc is not None:
     return nhwc.from_buffer(y, nz.num_rows)
-  return y.reshape(-1, row_len)[:nz.num_rows, :out_len]
+  return y.reshape(nz.num_rows, row_len)[:, :out_len]

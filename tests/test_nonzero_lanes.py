@@ -25,21 +25,16 @@ def _csr_problem(rng, num_rows, nnz, out_len, empty_rows, unit=1):
 
 
 @pytest.mark.parametrize(
-    "num_rows,nnz,out_len,lanes,block_q,bias,relu,empty_rows,unit,turns",
+    "num_rows,nnz,out_len,lanes,block_q,bias,relu,empty_rows,unit",
     [
-        (11, 60, 37, 8, 16, True, True, True, 1, 1),
-        (5, 90, 130, 16, 64, False, False, False, 1, 1),  # rows ~18 > lanes
-        (7, 21, 5, 32, 8, True, False, True, 2, 1),  # fewer nonzeros: lanes
-        (3, 40, 50, 4, 32, False, True, False, 3, 1),
-        (4, 0, 9, 8, 8, True, True, True, 1, 1),  # nnz = 0: bias only
-        # Rows in turn, dividing the rows or not (the last program's extra
-        # turns are empty rows that must not be written).
-        (11, 60, 37, 8, 16, True, True, True, 1, 4),
-        (8, 90, 70, 16, 32, False, False, False, 1, 2),
-        (5, 33, 20, 8, 8, True, False, True, 2, 8),
+        (11, 60, 37, 8, 16, True, True, True, 1),
+        (5, 90, 130, 16, 64, False, False, False, 1),  # rows of ~18 > lanes
+        (7, 21, 5, 32, 8, True, False, True, 2),  # fewer nonzeros than lanes
+        (3, 40, 50, 4, 32, False, True, False, 3),
+        (4, 0, 9, 8, 8, True, True, True, 1),  # nnz = 0: bias only
     ])
 def test_matches_reference(num_rows, nnz, out_len, lanes, block_q, bias, relu,
-                           empty_rows, unit, turns):
+                           empty_rows, unit):
   rng = np.random.default_rng([17, num_rows, nnz, out_len, lanes])
   rows, offsets, in_len = _csr_problem(rng, num_rows, nnz, out_len,
                                        empty_rows, unit)
@@ -53,7 +48,7 @@ def test_matches_reference(num_rows, nnz, out_len, lanes, block_q, bias, relu,
     assert nz.offset_unit % unit == 0
   y = nonzero_lanes_conv(jnp.asarray(x_poisoned), values, nz,
                          out_len=out_len, bias=b, relu=relu, lanes=lanes,
-                         block_q=block_q, rows_in_turn=turns, interpret=True)
+                         block_q=block_q, interpret=True)
   ref = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
                                      num_rows=num_rows, out_len=out_len,
                                      bias=b, relu=relu)
@@ -65,10 +60,10 @@ def test_matches_reference(num_rows, nnz, out_len, lanes, block_q, bias, relu,
     np.testing.assert_array_equal(np.asarray(y)[empty], 0.0)
 
 
-@pytest.mark.parametrize("dtype,out_dtype,bound,turns", [
-    ("float32", "float32", 1e-5, 1), ("bfloat16", "bfloat16", 1e-2, 1),
-    ("bfloat16", "float32", 1e-5, 1), ("float32", "float32", 1e-5, 4)])
-def test_nhwc_output_and_dtypes(dtype, out_dtype, bound, turns):
+@pytest.mark.parametrize("dtype,out_dtype,bound", [
+    ("float32", "float32", 1e-5), ("bfloat16", "bfloat16", 1e-2),
+    ("bfloat16", "float32", 1e-5)])
+def test_nhwc_output_and_dtypes(dtype, out_dtype, bound):
   """The NHWC store equals the wide reference cropped and transposed; bf16
   inputs accumulate in float32."""
   nhwc = NhwcOutput(batch=2, out_h=3, row_width=7, out_w=5)
@@ -82,8 +77,7 @@ def test_nhwc_output_and_dtypes(dtype, out_dtype, bound, turns):
   nz = pack_nonzero_rows(rows, offsets, num_rows)
   y = nonzero_lanes_conv(x, values, nz, out_len=nhwc.out_len, bias=b,
                          relu=True, out_dtype=out_dtype, lanes=16,
-                         block_q=16, rows_in_turn=turns, nhwc=nhwc,
-                         interpret=True)
+                         block_q=16, nhwc=nhwc, interpret=True)
   ref = direct_sparse_conv_reference(
       x.astype(jnp.float32), values.astype(jnp.float32), rows, offsets,
       num_rows=num_rows, out_len=nhwc.out_len, bias=b, relu=True)
@@ -104,8 +98,6 @@ def test_bad_inputs_name_the_problem():
     nonzero_lanes_conv(x[:10], v, nz, out_len=8, interpret=True)
   with pytest.raises(ValueError, match="lanes must be a power of two"):
     nonzero_lanes_conv(x, v, nz, out_len=8, lanes=12, interpret=True)
-  with pytest.raises(ValueError, match="rows_in_turn must be a positive"):
-    nonzero_lanes_conv(x, v, nz, out_len=8, rows_in_turn=0, interpret=True)
   with pytest.raises(ValueError, match="ascending"):
     pack_nonzero_rows(np.array([1, 0]), np.array([0, 1]), 2)
   with pytest.raises(ValueError, match="within"):

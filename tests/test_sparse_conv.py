@@ -544,16 +544,12 @@ def test_sampled_dense_dense_kernel_nnz0_and_bf16():
                                                  split=4),
                                     KernelConfig(1, 32, nhwc_out=True,
                                                  nonzero_lanes=8),
-                                    KernelConfig(1, 16, nonzero_lanes=4),
-                                    KernelConfig(1, 16, nhwc_out=True,
-                                                 groups_per_program=3,
-                                                 nonzero_lanes=4)])
+                                    KernelConfig(1, 16, nonzero_lanes=4)])
 def test_escort_nhwc_store_matches_lax(config):
   """KernelConfig(nhwc_out=True): the forward kernel writes NHWC itself
   (with split=4, float32 partial outputs summed by XLA; with nonzero_lanes,
   the kernel that takes several nonzeros of a row per step, which also
-  writes wide rows, and with groups_per_program runs rows in turn);
-  gradients are those of the default config."""
+  writes wide rows); gradients are those of the default config."""
   rng = np.random.default_rng(77)
   for kw in (dict(n=2, hw=(7, 9), c=5, o=6, strides=(1, 1)),
              dict(n=3, hw=(9, 8), c=4, o=8, strides=(2, 1), groups=2)):
@@ -580,12 +576,11 @@ def test_escort_nhwc_store_matches_lax(config):
       assert_close(got, exp, F32_BOUND, "gradient")
 
 
-def test_nonzero_lanes_config_runs_one_row_at_a_time():
-  with pytest.raises(ValueError, match="one row at a time"):
+def test_nonzero_lanes_config_runs_one_row_per_program():
+  with pytest.raises(ValueError, match="one row per program"):
     KernelConfig(rows_per_program=4, nonzero_lanes=16)
-  with pytest.raises(ValueError, match="one row at a time"):
+  with pytest.raises(ValueError, match="one row per program"):
     KernelConfig(1, split=2, nonzero_lanes=16)
-  KernelConfig(1, groups_per_program=4, nonzero_lanes=16)  # rows in turn
 
 
 def test_split_rows_parts_and_low_precision():

@@ -128,7 +128,9 @@ def run_network(name: str, batch: int, *, precisions: Sequence[str] = (
     t_dense = bench.device_time_us(f_dense, inputs)
     wall_sparse = wall_us(f_sparse, inputs[0], calls)
     wall_dense = wall_us(f_dense, inputs[0], calls)
-    baseline = ("lax_fp32_highest" if precision == "highest" else
+    baseline = ("lax_bf16" if jnp.dtype(dtype) == jnp.bfloat16 else
+                "lax_fp16" if jnp.dtype(dtype) == jnp.float16 else
+                "lax_fp32_highest" if precision == "highest" else
                 "lax_default")
     rows.append({
         "net": name, "layer": "whole_network", "batch": batch,
@@ -147,16 +149,25 @@ def run_network(name: str, batch: int, *, precisions: Sequence[str] = (
 
 
 def run(nets: Sequence[str], batches: Sequence[int], out=None,
-        methods: Sequence[str] = ("auto",), **kwargs) -> dict:
-  """Runs every (net, batch, method) and writes one results file."""
+        methods: Sequence[str] = ("auto",), dtypes: Sequence = (jnp.float32,),
+        **kwargs) -> dict:
+  """Runs every (net, batch, dtype, method) and writes one results file.
+  float32 networks are timed at fp32 HIGHEST and at default precision;
+  2-byte ones at default precision only (their convolutions take 2-byte
+  operands at either)."""
   results = bench.results_header(rows=[])
   path = Path(out) if out else bench.results_path("-networks")
   for name in nets:
     for batch in batches:
-      for row in (r for m in methods
-                  for r in run_network(name, batch, method=m, **kwargs)):
+      for row in (r for dtype in dtypes for m in methods
+                  for r in run_network(
+                      name, batch, method=m, dtype=dtype,
+                      precisions=(("default",)
+                                  if jnp.dtype(dtype).itemsize <= 2 else
+                                  ("highest", "default")), **kwargs)):
         results["rows"].append(row)
-        print(f"{name} b={batch} {row['method']} {row['precision']}: sparse "
+        print(f"{name} b={batch} {row['dtype']} {row['method']} "
+              f"{row['precision']}: sparse "
               f"{row['time_us']:.0f} us vs dense "
               f"{list(row['baselines_us'].values())[0]:.0f} us kernel time "
               f"({row['speedup_kernel_time']:.2f}x); wall "

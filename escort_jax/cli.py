@@ -332,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--network", nargs="+", metavar="NET",
                      help="whole-network rows instead: jitted inference of "
                      "the SkimCaffe-pruned NET (caffenet, googlenet, "
-                     "resnet50), sparse against dense, at fp32 HIGHEST and "
-                     "default precision; with --tune, tune that network's "
+                     "resnet50), sparse against dense, in each --dtype: "
+                     "float32 at fp32 HIGHEST and default precision, "
+                     "bfloat16 against the dense model in bfloat16; with "
+                     "--tune, tune that network's "
                      "own sparse layers instead (their structures are not "
                      "the per-layer workload's)")
   bench.add_argument("--precision", choices=PRECISIONS, default="default",
@@ -861,9 +863,14 @@ def _cmd_bench(args) -> int:
       return usage(f"--network runs the pruned networks with methods auto, "
                    f"{bench.AUTO_FALLBACK}, escort or dense, not "
                    f"{', '.join(unknown)}")
+    try:
+      dtypes = [bench.parse_dtype(d)
+                for d in _split_list(args.dtype) or ["float32"]]
+    except bench.UsageError as e:
+      return usage(str(e))
     results = bench_network.run(_split_list(args.network),
                                 batches or wl.batch_sizes(), out=args.out,
-                                methods=methods, in_hw=max_hw,
+                                methods=methods, dtypes=dtypes, in_hw=max_hw,
                                 num_inputs=inputs or 5)
     if args.json:
       print(json.dumps(results, indent=1))

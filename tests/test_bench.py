@@ -689,3 +689,44 @@ def test_network_rows_with_dense_fallback():
     assert fb["sparse_layers"] == 0
     assert fb["rel_err_vs_dense"] == 0.0
   assert fb["time_us"] > 0 and fb["baselines_us"]["lax_default"] > 0
+
+
+def test_network_rows_in_bfloat16():
+  """A bfloat16 network is timed at default precision against the dense
+  model in bfloat16 (lax_bf16), and its row says so."""
+  from escort_jax import bench_network
+  (row,) = bench_network.run_network(
+      "resnet50", 1, precisions=("default",), dtype=jnp.bfloat16,
+      num_inputs=1, calls=2, in_hw=32, method="auto")
+  assert row["dtype"] == "bfloat16" and row["precision"] == "default"
+  assert list(row["baselines_us"]) == ["lax_bf16"]
+  assert row["baselines_us"]["lax_bf16"] > 0 and row["time_us"] > 0
+  # bf16 outputs of the same network, sparse against dense.
+  assert row["rel_err_vs_dense"] < 0.05
+
+
+def test_network_run_times_each_dtype_at_its_precisions(tmp_path,
+                                                        monkeypatch):
+  """bench_network.run: float32 at fp32 HIGHEST and default precision,
+  2-byte dtypes at default precision only; one results file."""
+  from escort_jax import bench_network
+  calls = []
+
+  def fake_run_network(name, batch, *, method, dtype, precisions, **kw):
+    calls.append((name, batch, method, jnp.dtype(dtype).name, precisions))
+    return [{"net": name, "batch": batch, "method": method,
+             "dtype": jnp.dtype(dtype).name, "precision": p,
+             "time_us": 1.0, "baselines_us": {"x": 2.0},
+             "speedup_kernel_time": 2.0, "wall_us": 1.0,
+             "dense_wall_us": 2.0, "speedup_wall": 2.0,
+             "rel_err_vs_dense": 0.0} for p in precisions]
+  monkeypatch.setattr(bench_network, "run_network", fake_run_network)
+  out = tmp_path / "nets.json"
+  results = bench_network.run(["resnet50"], [1], out=out,
+                              methods=["auto_fallback"],
+                              dtypes=[jnp.float32, jnp.bfloat16])
+  assert calls == [
+      ("resnet50", 1, "auto_fallback", "float32", ("highest", "default")),
+      ("resnet50", 1, "auto_fallback", "bfloat16", ("default",))]
+  assert len(results["rows"]) == 3
+  assert json.loads(out.read_text())["rows"] == results["rows"]

@@ -723,3 +723,23 @@ def test_spread_indices():
   assert demo.spread_indices(3, None) == [0, 1, 2]
   assert demo.spread_indices(3, 10) == [0, 1, 2]
   assert demo.spread_indices(5, 1) == [0]
+
+
+def test_bench_network_takes_dtypes(tmp_path, monkeypatch):
+  """`bench --network NET --dtype ...` times the network in each dtype."""
+  from escort_jax import bench_network
+  seen = {}
+
+  def fake_run(nets, batches, **kw):
+    seen.update(nets=nets, batches=batches, **kw)
+    return {"rows": []}
+  monkeypatch.setattr(bench_network, "run", fake_run)
+  code = cli.main(["bench", "--network", "resnet50", "--batch", "1",
+                   "--dtype", "float32", "bfloat16", "--method",
+                   "auto_fallback", "--out", str(tmp_path / "n.json")])
+  assert code == 0
+  assert seen["nets"] == ["resnet50"] and seen["batches"] == [1]
+  assert [jnp.dtype(d) for d in seen["dtypes"]] == [jnp.dtype("float32"),
+                                                    jnp.dtype("bfloat16")]
+  assert seen["methods"] == ["auto_fallback"]
+  assert cli.main(["bench", "--network", "resnet50", "--dtype", "int8"]) != 0

@@ -332,6 +332,10 @@ class EscortPlan:
   config: KernelConfig
   # The forward problem in CSR form, for config.nonzero_lanes (else None).
   nonzero_rows: NonzeroRows | None = None
+  # With config.nonzero_lanes, the input gradient's problem in CSR form too
+  # (rows: input planes), and where its entries sit in the values vector.
+  transposed_rows: NonzeroRows | None = None
+  transposed_order: np.ndarray | None = None
 
   @property
   def dy_row_len(self) -> int:
@@ -392,12 +396,19 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
       problem.planes, t_offsets, g.num_planes, config.rows_per_program,
       config.unroll,
       zeros_offset=g.out_channels * dy_row_len if config.unmasked else None)
-  nonzero_rows = (pack_nonzero_rows(problem.rows, problem.offsets,
-                                    g.out_channels)
-                  if config.nonzero_lanes else None)
+  nonzero_rows = transposed_rows = transposed_order = None
+  if config.nonzero_lanes:
+    nonzero_rows = pack_nonzero_rows(problem.rows, problem.offsets,
+                                     g.out_channels)
+    transposed_order = np.argsort(problem.planes, kind="stable")
+    transposed_rows = pack_nonzero_rows(problem.planes[transposed_order],
+                                        t_offsets[transposed_order],
+                                        g.num_planes)
   return EscortPlan(geometry=geometry, problem=problem, forward=forward,
                     transposed=transposed, config=config,
-                    nonzero_rows=nonzero_rows)
+                    nonzero_rows=nonzero_rows,
+                    transposed_rows=transposed_rows,
+                    transposed_order=transposed_order)
 
 
 def split_rows(rows: np.ndarray, num_rows: int, split: int) -> np.ndarray:
@@ -556,9 +567,9 @@ class _SparseCall:
   def _backward_config(self, g: cg.ConvGeometry,
                        itemsize: int) -> KernelConfig:
     """The escort kernels' config for the gradients: the forward's for the
-    escort path (as measured on the GPU); the plain default for the vector
-    path. (A default tuned to the transposed problem's own grid is not
-    measured yet.)"""
+    escort path (as measured on the GPU; with nonzero_lanes, the input
+    gradient runs that kernel on the transposed problem's own default
+    tiles); the plain default for the vector path."""
     if self.method == "escort":
       return self._forward_config(g, itemsize)
     return DEFAULT_CONFIG
@@ -657,10 +668,26 @@ class _SparseCall:
     dy_flat = jnp.pad(dy, ((0, tail_rows), (g.max_shift, plan.dy_row_len -
                                             g.max_shift - g.out_len)))
     dy_flat = dy_flat.reshape(-1)
-    dx_planes = sharding.kernel_call(
-        direct_sparse_conv, dy_flat, plan.transposed.gather_values(values),
-        plan.transposed, out_len=g.plane_len, out_dtype=x_nhwc.dtype,
-        interpret=interpret, **_launch(plan.config))
+    if plan.transposed_rows is not None:
+      # A small grid forward, so a small grid here too: the nonzero-lanes
+      # kernel with the default tiles of the transposed problem's own grid
+      # (1.0-2.1x faster than the escort kernel for the input gradient at
+      # batch 1, 16 rows; benchmarks/results/*T0052*-b1-grad-sweep.json).
+      tc = default_kernel_config(g.num_planes, g.plane_len,
+                                 x_nhwc.dtype.itemsize, g.batch)
+      if not tc.nonzero_lanes:
+        tc = plan.config
+      dx_planes = sharding.kernel_call(
+          nonzero_lanes_conv, dy_flat,
+          jnp.take(values, plan.transposed_order), plan.transposed_rows,
+          out_len=g.plane_len, out_dtype=x_nhwc.dtype, lanes=tc.nonzero_lanes,
+          block_q=tc.block_q, num_warps=tc.num_warps,
+          num_stages=tc.num_stages, interpret=interpret)
+    else:
+      dx_planes = sharding.kernel_call(
+          direct_sparse_conv, dy_flat, plan.transposed.gather_values(values),
+          plan.transposed, out_len=g.plane_len, out_dtype=x_nhwc.dtype,
+          interpret=interpret, **_launch(plan.config))
     # The cotangent of x_flat's zero tail is zero.
     dx_flat = dx_planes.reshape(-1)
     (dx,) = flat_to_nhwc(

@@ -672,7 +672,7 @@ class _SparseCall:
       # A small grid forward, so a small grid here too: the nonzero-lanes
       # kernel with the default tiles of the transposed problem's own grid
       # (1.0-2.1x faster than the escort kernel for the input gradient at
-      # batch 1, 16 rows; benchmarks/results/*T0052*-b1-grad-sweep.json).
+      # batch 1, 16 rows; benchmarks/results/*T0054*-b1-grad-sweep.json).
       tc = default_kernel_config(g.num_planes, g.plane_len,
                                  x_nhwc.dtype.itemsize, g.batch)
       if not tc.nonzero_lanes:

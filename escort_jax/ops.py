@@ -19,7 +19,9 @@ Which path runs where (`method`):
             interpreter).
 
 Gradients (jax.custom_vjp around the kernels):
-  input   the same direct sparse kernel, run with the transposed structure;
+  input   the direct sparse kernels run with the transposed structure (on
+          small grids where the forward pass takes the nonzero-lanes kernel,
+          that kernel; else the escort kernel);
   values  a sampled dense-dense product at the nonzero positions only (for
           "vector", per block a tensor-core product of the cotangent rows
           and the gathered input columns);

@@ -18,9 +18,10 @@ Layout:
   dy: (num_rows, out_len); x_flat: (in_len,); rows, offsets: (nnz,) int32.
   Returns dw: (nnz,) in float32 (float64 for float64 inputs).
 
-Programs tile (nonzeros x output positions); each writes a partial sum for
-its span of positions, and the partials are added afterwards, so that layers
-with few nonzeros still fill the GPU.
+Programs tile (nonzeros x output positions); each accumulates a
+(block_j, block_q) tile of products over its span of positions, sums it
+over the positions once, and writes that partial sum; the partials are added
+afterwards, so that layers with few nonzeros still fill the GPU.
 """
 
 from __future__ import annotations
@@ -34,13 +35,12 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.direct_sparse_conv import accumulator_dtype
+from pallas_kernels.direct_sparse_conv import accumulator_dtype, multiply_add
 
 
 def _sddmm_kernel(rows_ref, offsets_ref, dy_ref, x_ref, dw_ref, *, block_j,
                   block_q, steps_per_split, nnz, padded_nnz, out_len,
-                  valid_period,
-                  valid_len, acc_dtype):
+                  valid_period, valid_len, acc_dtype, fused_fma):
   j_block = pl.program_id(0)
   split = pl.program_id(1)
   j = j_block * block_j + jnp.arange(block_j, dtype=jnp.int32)
@@ -57,11 +57,15 @@ def _sddmm_kernel(rows_ref, offsets_ref, dy_ref, x_ref, dw_ref, *, block_j,
                     mask=live, other=0.0)
     xs = plgpu.load(x_ref.at[offsets[:, None] + q[None, :]], mask=live,
                     other=0.0)
-    return acc + jnp.sum(dy.astype(acc_dtype) * xs.astype(acc_dtype), axis=1)
+    return multiply_add(dy.astype(acc_dtype), xs, acc, fused=fused_fma)
 
+  # One sum over the positions at the end: a sum per step costs a
+  # cross-lane reduction every step (1.0-1.45x slower at batch 1, 1.0-1.25x
+  # at batch 32; benchmarks/results/*T0121*-sampled-dense-dense-tile.json).
   acc = lax.fori_loop(0, steps_per_split, step,
-                      jnp.zeros((block_j,), acc_dtype))
-  plgpu.store(dw_ref.at[split * padded_nnz + j], acc, mask=j_ok)
+                      jnp.zeros((block_j, block_q), acc_dtype))
+  plgpu.store(dw_ref.at[split * padded_nnz + j], jnp.sum(acc, axis=1),
+              mask=j_ok)
 
 
 def sampled_dense_dense(dy: jax.Array, x_flat: jax.Array, rows: np.ndarray,
@@ -105,7 +109,8 @@ def sampled_dense_dense(dy: jax.Array, x_flat: jax.Array, rows: np.ndarray,
       _sddmm_kernel, block_j=block_j, block_q=block_q,
       steps_per_split=steps_per_split, nnz=nnz, padded_nnz=padded,
       out_len=out_len,
-      valid_period=valid_period, valid_len=valid_len, acc_dtype=acc_dtype)
+      valid_period=valid_period, valid_len=valid_len, acc_dtype=acc_dtype,
+      fused_fma=not interpret and acc_dtype == jnp.float32)
   partial_sums = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((splits * padded,), acc_dtype),

@@ -86,8 +86,7 @@ def main():
           dy, plan.transposed.gather_values(v), plan.transposed,
           out_len=g.plane_len, interpret=not ops.on_gpu(),
           **ops._launch(plan.config)))
-      tc = ops.default_kernel_config(g.num_planes, g.plane_len,
-                                     dtype.itemsize, g.batch)
+      tc = ops.transposed_lanes_config(plan, dtype.itemsize)
       lanes = jax.jit(lambda dy, v: nonzero_lanes_conv(
           dy, jnp.take(v, plan.transposed_order), plan.transposed_rows,
           out_len=g.plane_len, lanes=tc.nonzero_lanes, block_q=tc.block_q,

@@ -128,10 +128,10 @@ def run_network(name: str, batch: int, *, precisions: Sequence[str] = (
     t_dense = bench.device_time_us(f_dense, inputs)
     wall_sparse = wall_us(f_sparse, inputs[0], calls)
     wall_dense = wall_us(f_dense, inputs[0], calls)
-    baseline = ("lax_bf16" if jnp.dtype(dtype) == jnp.bfloat16 else
-                "lax_fp16" if jnp.dtype(dtype) == jnp.float16 else
-                "lax_fp32_highest" if precision == "highest" else
-                "lax_default")
+    dtype_name = jnp.dtype(dtype).name
+    baseline = ("lax_default" if dtype_name == "float32" and
+                precision != "highest" else
+                bench.SAME_DTYPE_BASELINE.get(dtype_name, f"lax_{dtype_name}"))
     rows.append({
         "net": name, "layer": "whole_network", "batch": batch,
         "sparsity": None, "dtype": jnp.dtype(dtype).name,

@@ -413,6 +413,15 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
                     transposed_order=transposed_order)
 
 
+def transposed_lanes_config(plan: EscortPlan, itemsize: int) -> KernelConfig:
+  """The tiles of a plan's input gradient on the nonzero-lanes kernel
+  (plan.transposed_rows): the small-grid default of the transposed
+  problem's own grid, else the forward config's."""
+  g = plan.geometry
+  c = default_kernel_config(g.num_planes, g.plane_len, itemsize, g.batch)
+  return c if c.nonzero_lanes else plan.config
+
+
 def split_rows(rows: np.ndarray, num_rows: int, split: int) -> np.ndarray:
   """Row ids of the split forward problem: nonzero i of row k (CSR order,
   rows ascending), the j-th of its row's n, goes to partial row
@@ -676,10 +685,7 @@ class _SparseCall:
       # (1.01-1.95x faster than the escort kernel for the input gradient at
       # batch 1, 8 layers in float32 and bfloat16;
       # benchmarks/results/*T0054*-b1-grad-sweep.json).
-      tc = default_kernel_config(g.num_planes, g.plane_len,
-                                 x_nhwc.dtype.itemsize, g.batch)
-      if not tc.nonzero_lanes:
-        tc = plan.config
+      tc = transposed_lanes_config(plan, x_nhwc.dtype.itemsize)
       dx_planes = sharding.kernel_call(
           nonzero_lanes_conv, dy_flat,
           jnp.take(values, plan.transposed_order), plan.transposed_rows,

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.direct_sparse_conv import accumulator_dtype, multiply_add
+from pallas_kernels.output_layout import check_input_covers
 
 
 def _sddmm_kernel(rows_ref, offsets_ref, dy_ref, x_ref, dw_ref, *, block_j,
@@ -95,8 +96,7 @@ def sampled_dense_dense(dy: jax.Array, x_flat: jax.Array, rows: np.ndarray,
   acc_dtype = accumulator_dtype(jnp.result_type(dy.dtype, x_flat.dtype))
   if nnz == 0:
     return jnp.zeros((0,), acc_dtype)
-  if int(np.max(offsets)) + out_len > x_flat.shape[0]:
-    raise ValueError("the input is too short for its offsets")
+  check_input_covers(x_flat.shape[0], int(np.max(offsets)), out_len)
   if int(np.max(rows)) >= num_rows:
     raise ValueError("a row index exceeds the rows of dy")
   num_j_blocks = pl.cdiv(nnz, block_j)

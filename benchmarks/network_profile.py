@@ -5,7 +5,10 @@ dense (which kernels the sparse layers add or remove inside the network).
       --batch 1 --precision highest --out DIR
 
 Writes DIR/network_profile.json: for each model the total kernel time per
-call and every kernel name's time (escort_jax.bench.device_time_us).
+call and every kernel name's time (escort_jax.bench.device_time_us). With
+--hlo it also writes DIR/{dense,sparse}.hlo.txt, the optimized HLO of each
+forward, to read which instruction a kernel name (a fusion, a transpose)
+comes from.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main():
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--precision", default="highest")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
+  ap.add_argument("--hlo", action="store_true")
   a = ap.parse_args()
   dense, sparse = bench_network.build_networks(a.net)
   h, w, c = bench_network.input_hwc(a.net)
@@ -40,6 +44,11 @@ def main():
   out = {}
   for name, model in (("dense", dense), ("sparse", sparse)):
     f = bench_network.forward(model, a.precision)
+    if a.hlo:
+      apply, state = bench_network.apply_fn(model, a.precision)
+      text = jax.jit(apply).lower(state, xs[0]).compile().as_text()
+      with open(os.path.join(a.out, f"{name}.hlo.txt"), "w") as fh:
+        fh.write(text)
     t = bench.device_time_us(f, xs, keep_traces=None)
     kernels = dict(sorted(t.kernels_us.items(), key=lambda kv: -kv[1]))
     out[name] = {"total_us": t.median_us, "kernels_us": kernels}

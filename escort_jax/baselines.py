@@ -152,6 +152,11 @@ def _call_args(window_strides, padding, rhs_dilation, feature_group_count,
 # --------------------------------------------------------------------------
 # Dense: lax.conv_general_dilated of the densified kernel.
 
+# The filter layout of cuDNN's NHWC convolutions (KRSC): a kernel held in it
+# goes to them as it is, where an HWIO kernel that is an argument of the
+# jitted call is transposed on every call.
+CUDNN_KERNEL_LAYOUT = "OHWI"
+
 
 @functools.partial(jax.jit,
                    static_argnames=("static", "empty", "layout", "activation",
@@ -186,14 +191,18 @@ def make_dense_conv(sk: SparseKernel,
                     bias: jax.Array | None = None,
                     activation: str | None = None,
                     precision: lax.PrecisionLike = None,
-                    preferred_element_type=None) -> BuiltConv:
+                    preferred_element_type=None,
+                    kernel_layout: str | None = None) -> BuiltConv:
   """Builds fn(x) = lax.conv_general_dilated(x, sk.todense(), ...) + bias.
 
-  The dense kernel (sk.shape in sk.layout, sk's dtype) is made once, here.
+  The dense kernel (sk's dtype) is made once, here.
 
   Args: as sparse_conv (escort_jax.ops), without method and config.
     precision: passed to lax.conv_general_dilated (None: XLA's default,
       TF32 tensor cores for float32 on Hopper; lax.Precision.HIGHEST: fp32).
+    kernel_layout: the layout the dense kernel is held in, a permutation of
+      "OIHW" (None: sk.layout, as a Flax user's HWIO kernel;
+      CUDNN_KERNEL_LAYOUT, as escort_jax.nnx.DenseConv holds it).
 
   Returns:
     fn(x) with x in layout dimension_numbers[0] (N, H, W, C by default),
@@ -202,11 +211,12 @@ def make_dense_conv(sk: SparseKernel,
   if not isinstance(sk, SparseKernel):
     raise TypeError("the kernel must be a SparseKernel (build one with "
                     f"SparseKernel.from_dense), got {type(sk).__name__}")
-  kernel = sk.todense()
+  layout = kernel_layout or sk.layout
+  kernel = sk.todense(layout)
   bias_arr = None if bias is None else jnp.asarray(bias)
   if isinstance(precision, list):
     precision = tuple(precision)
-  impl = functools.partial(_dense_impl, layout=sk.layout,
+  impl = functools.partial(_dense_impl, layout=layout,
                            activation=activation, precision=precision)
   return BuiltConv(
       "dense", sk, impl, (kernel, bias_arr),

@@ -102,8 +102,9 @@ SAME_DTYPE_BASELINE = {"float32": "lax_fp32_highest", "bfloat16": "lax_bf16"}
 
 METHOD_NAMES = ("escort", "auto", "vector", "dense", "auto_fallback")
 # Not a sparse_conv method: the layer as escort_jax.convert.dense_fallback
-# leaves it. Where "auto" picks dense, the pruned kernel held dense and run
-# by lax.conv (no densification per call, as an nnx.Conv holds its kernel);
+# leaves it. Where "auto" picks dense, the pruned kernel held dense (as
+# OHWI, as escort_jax.nnx.DenseConv holds it) and run by lax.conv (no
+# densification or transpose per call);
 # elsewhere the sparse path "auto" picks. The row's "chosen" says which.
 AUTO_FALLBACK = "auto_fallback"
 # The config class of each method that takes one (--config).
@@ -1109,7 +1110,8 @@ def _method_fn(spec: MethodSpec, skd: SparseKernel, conv: dict, x,
     choice = dispatch_choice(x, skd, method="auto", config=config, **conv)
     row["chosen"] = choice.method
     if choice.method == "dense":
-      return bl.make_dense_conv(skd, **conv)
+      return bl.make_dense_conv(skd, kernel_layout=bl.CUDNN_KERNEL_LAYOUT,
+                                **conv)
     method, config = choice.method, choice.config
   op = jax.jit(functools.partial(sparse_conv, method=method, config=config,
                                  **conv))

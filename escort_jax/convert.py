@@ -14,9 +14,10 @@ lists / dicts / tuples and nnx.List / nnx.Dict, so shared layers stay shared.
 
 `dense_fallback(model, x)` (or sparsify's `example_input=x`) settles
 method="auto" once, for the shapes the model gives each layer on inputs
-like x: a SparseConv that would run dense becomes an nnx.Conv again
-(SparseConv.to_conv), so that jitted inference does not rebuild its dense
-kernel from the values on every call. This is Escoin's conversion-time
+like x: a SparseConv that would run dense becomes a dense convolution
+again (an escort_jax.nnx.DenseConv holding its kernel as OHWI, or with
+kernel_layout="HWIO" an nnx.Conv), so that jitted inference does not
+rebuild its dense kernel from the values on every call. This is Escoin's conversion-time
 fallback; the plain "auto" layer decides at trace time and densifies per
 call.
 """
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax import dispatch
+from escort_jax.baselines import CUDNN_KERNEL_LAYOUT
 from escort_jax.nnx import (SparseConv, _get_value, _is_concrete,
                             conv_unsupported_reason)
 from escort_jax.ops import KernelConfig, VectorConfig
@@ -157,7 +159,7 @@ def sparsify(model, *, filter: Any = None, max_density: float | None = None,
     example_input, call: if given, an input of the model (an array or a
       jax.ShapeDtypeStruct; `call(model, x)` if the model is not called as
       model(x)): the converted layers that would run dense on it stay dense
-      nnx.Convs (dense_fallback, whose notes apply).
+      dense convolutions (dense_fallback, whose notes apply).
 
   Returns:
     The new model; its converted layers keep every nonzero weight, bias and
@@ -247,6 +249,10 @@ def probe_calls(model, x, call: Callable | None = None
     x: the model's input: an array, a jax.ShapeDtypeStruct, or a shape
       (float32).
     call: (model, x) -> output, if the model is not called as model(x).
+    kernel_layout: how those layers hold their kernel: "OHWI", as an
+      escort_jax.nnx.DenseConv (SparseConv.to_dense_conv), the layout
+      cuDNN's NHWC convolutions read, so that no transpose of the kernel
+      runs per call; or "HWIO", as an nnx.Conv (SparseConv.to_conv).
 
   Returns:
     Dotted path -> that layer's calls, in the order of first calls; layers
@@ -270,16 +276,22 @@ def probe_calls(model, x, call: Callable | None = None
   return {paths[i]: c for i, c in records.items() if i in paths}
 
 
-def dense_fallback(model, example_input, *, call: Callable | None = None):
+# dense_fallback's kernel layouts: SparseConv -> its dense layer.
+_DENSE_LAYERS = {CUDNN_KERNEL_LAYOUT: SparseConv.to_dense_conv,
+                 "HWIO": SparseConv.to_conv}
+
+
+def dense_fallback(model, example_input, *, call: Callable | None = None,
+                   kernel_layout: str = CUDNN_KERNEL_LAYOUT):
   """A copy of `model` in which every SparseConv that runs dense on inputs
-  like `example_input` is an nnx.Conv again.
+  like `example_input` is a dense convolution again.
 
   A SparseConv whose method resolves to the dense path (method="dense", or
   "auto" where the tuned plan or cost model picks lax.conv: always off the
   GPU) densifies its kernel from `values` on every call: a scatter of a few
   µs, which at batch 1 is a large part of a layer's time. Settling the
   choice here, for the shapes each layer gets, lets those layers hold their
-  dense kernel instead (SparseConv.to_conv), as a dense model would.
+  dense kernel instead, as a dense model would.
 
   Args:
     model: an NNX model with SparseConv layers; it is not changed.
@@ -287,6 +299,10 @@ def dense_fallback(model, example_input, *, call: Callable | None = None):
       only its shape and dtype matter. Decide for the batch size and dtype
       you will run: the plans differ between them.
     call: (model, x) -> output, if the model is not called as model(x).
+    kernel_layout: how those layers hold their kernel: "OHWI", as an
+      escort_jax.nnx.DenseConv (SparseConv.to_dense_conv), the layout
+      cuDNN's NHWC convolutions read, so that no transpose of the kernel
+      runs per call; or "HWIO", as an nnx.Conv (SparseConv.to_conv).
 
   Returns:
     The new model. It computes the same function (the dense layers by
@@ -296,11 +312,15 @@ def dense_fallback(model, example_input, *, call: Callable | None = None):
     Its dense layers are ordinary parameters: fine-tune the sparse model,
     not this one, to keep pruned weights at zero.
   """
+  if kernel_layout not in _DENSE_LAYERS:
+    raise ValueError(f"kernel_layout must be one of {sorted(_DENSE_LAYERS)}, "
+                     f"got {kernel_layout!r}")
+  to_dense = _DENSE_LAYERS[kernel_layout]
   calls = probe_calls(model, example_input, call)
   dense_paths = {p for p, cs in calls.items()
                  if all(c.choices and all(ch.method == "dense"
                                           for ch in c.choices) for c in cs)}
   new = nnx.clone(model)
-  repl = {id(node): node.to_conv() for p, node in nnx.iter_graph(new)
+  repl = {id(node): to_dense(node) for p, node in nnx.iter_graph(new)
           if isinstance(node, SparseConv) and path_str(p) in dense_paths}
   return replace_nodes(new, repl)

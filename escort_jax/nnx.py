@@ -41,7 +41,8 @@ from escort_jax.ops import (ACTIVATIONS, METHODS, KernelConfig, VectorConfig,
 from escort_jax.prune import magnitude_mask
 from escort_jax.structure import SparseKernel, SparseStructure
 
-__all__ = ["SparseConv", "UnsupportedConvError", "conv_unsupported_reason"]
+__all__ = ["DenseConv", "SparseConv", "UnsupportedConvError",
+           "conv_unsupported_reason"]
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
@@ -486,6 +487,25 @@ class SparseConv(nnx.Module):
       return conv
     return nnx.Sequential(conv, nnx.relu)
 
+  def to_dense_conv(self) -> DenseConv:
+    """This layer as a DenseConv: the kernel dense_kernel() held as OHWI,
+    the bias and the activation, sharing no Variables with this layer. Like
+    to_conv, but without nnx.Conv's transpose of the HWIO kernel on every
+    jitted call (escort_jax.convert.dense_fallback's default)."""
+    bias = _get_value(self.bias) if self.use_bias else None
+    new = DenseConv(
+        self.sparse_kernel.todense("OHWI"), bias,
+        strides=self.strides, padding=self.padding,
+        kernel_dilation=self.kernel_dilation,
+        feature_group_count=self.feature_group_count, dtype=self.dtype,
+        precision=self.precision, promote_dtype=self.promote_dtype,
+        preferred_element_type=self.preferred_element_type,
+        activation=self.activation)
+    for name in _PLAIN_ATTRIBUTES_KEPT:
+      if hasattr(self, name):
+        setattr(new, name, getattr(self, name))
+    return new
+
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """Applies the convolution.
 
@@ -498,17 +518,7 @@ class SparseConv(nnx.Module):
       (*batch, Ho, Wo, out_features) in the promoted dtype (`dtype` if set,
       else that of inputs, values and bias), or preferred_element_type.
     """
-    inputs = jnp.asarray(inputs)
-    if inputs.ndim < 3:
-      raise ValueError(
-          f"inputs must be (*batch, H, W, C) with rank >= 3, got shape "
-          f"{inputs.shape}")
-    batch_shape = inputs.shape[:-3]
-    if len(batch_shape) != 1:
-      inputs = inputs.reshape((-1,) + inputs.shape[-3:])
-    if inputs.shape[-1] != self.in_features:
-      raise ValueError(f"inputs have {inputs.shape[-1]} channels, the layer "
-                       f"expects in_features={self.in_features}")
+    inputs, batch_shape = _flatten_batch(inputs, self.in_features)
     values = _get_value(self.values)
     bias = _get_value(self.bias) if self.bias is not None else None
     inputs, values, bias = self.promote_dtype((inputs, values, bias),
@@ -520,9 +530,119 @@ class SparseConv(nnx.Module):
         precision=self.precision, method=self.method,
         preferred_element_type=self.preferred_element_type,
         config=self.config)
-    if len(batch_shape) != 1:
-      y = y.reshape(batch_shape + y.shape[1:])
-    return y
+    return _restore_batch(y, batch_shape)
+
+
+def _flatten_batch(inputs, in_features: int):
+  """(inputs as (N, H, W, C), the batch shape to restore): a layer's input
+  with its batch dimensions (any number, or none) flattened into one, as
+  nnx.Conv does; checks the rank and the channel count."""
+  inputs = jnp.asarray(inputs)
+  if inputs.ndim < 3:
+    raise ValueError(
+        f"inputs must be (*batch, H, W, C) with rank >= 3, got shape "
+        f"{inputs.shape}")
+  batch_shape = inputs.shape[:-3]
+  if len(batch_shape) != 1:
+    inputs = inputs.reshape((-1,) + inputs.shape[-3:])
+  if inputs.shape[-1] != in_features:
+    raise ValueError(f"inputs have {inputs.shape[-1]} channels, the layer "
+                     f"expects in_features={in_features}")
+  return inputs, batch_shape
+
+
+def _restore_batch(y, batch_shape):
+  return y if len(batch_shape) == 1 else y.reshape(batch_shape + y.shape[1:])
+
+
+class DenseConv(nnx.Module):
+  """A dense 2-D convolution whose kernel is held as OHWI, for inference.
+
+  nnx.Conv holds an HWIO kernel; cuDNN's NHWC convolutions read the filter
+  as OHWI (KRSC), so a jitted forward that takes the parameters as
+  arguments (nnx.jit, nnx.split + jax.jit) transposes every nnx.Conv kernel
+  on every call: 1.5-7 µs per layer of ResNet-50 at batch 1 on an H100,
+  about a fifth of the dense network's kernel time (benchmarks/NOTES.md,
+  "tenth"). Held as OHWI, the kernel goes to the convolution as it is.
+  Where XLA picks another filter layout (NCHW convolutions at fp32
+  HIGHEST) it transposes either way.
+
+  Layouts: inputs (*batch, H, W, in_features) as nnx.Conv's; kernel (an
+  nnx.Param) (out_features, kh, kw, in_features // groups); bias (an
+  nnx.Param, (out_features,)) or None; outputs (*batch, Ho, Wo,
+  out_features).
+
+  Build one with SparseConv.to_dense_conv() (escort_jax.convert.
+  dense_fallback does, for the layers that run faster dense) or from its
+  arrays. It computes lax.conv_general_dilated + bias, then the activation
+  (None or "relu"); its gradients are XLA's, and nothing holds pruned
+  weights at zero: fine-tune the SparseConv, not this.
+  """
+
+  def __init__(self, kernel_ohwi: jax.Array, bias: jax.Array | None = None,
+               *, strides: None | int | Sequence[int] = 1,
+               padding: Any = "SAME",
+               kernel_dilation: None | int | Sequence[int] = 1,
+               feature_group_count: int = 1, dtype: Any = None,
+               precision: lax.PrecisionLike = None,
+               promote_dtype: Callable = nnx_dtypes.promote_dtype,
+               preferred_element_type: Any = None,
+               activation: str | None = None):
+    kernel_ohwi = jnp.asarray(kernel_ohwi)
+    if kernel_ohwi.ndim != 4:
+      raise ValueError("kernel_ohwi must be (out_features, kh, kw, "
+                       f"in_features // groups), got shape "
+                       f"{kernel_ohwi.shape}")
+    out_features, kh, kw, group_in = kernel_ohwi.shape
+    groups = int(feature_group_count)
+    if groups < 1 or out_features % groups:
+      raise ValueError(f"feature_group_count={feature_group_count} must be "
+                       f">= 1 and divide out_features={out_features}")
+    if bias is not None and jnp.shape(bias) != (out_features,):
+      raise ValueError(f"bias has shape {jnp.shape(bias)}, the kernel's "
+                       f"out_features is {out_features}")
+    _check_activation(activation)
+    self.kernel = nnx.Param(kernel_ohwi)
+    self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+    self.in_features = group_in * groups
+    self.out_features = out_features
+    self.kernel_size = (kh, kw)
+    self.strides = _pair(strides, "strides")
+    self.padding = _canonical_padding(padding)
+    self.kernel_dilation = _pair(kernel_dilation, "kernel_dilation")
+    self.feature_group_count = groups
+    self.use_bias = bias is not None
+    self.dtype = dtype
+    self.precision = precision
+    self.promote_dtype = promote_dtype
+    self.preferred_element_type = preferred_element_type
+    self.activation = activation
+
+  def hwio_kernel(self) -> jax.Array:
+    """The kernel in nnx.Conv's layout, (kh, kw, in_features // groups,
+    out_features)."""
+    return jnp.transpose(_get_value(self.kernel), (1, 2, 3, 0))
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """(*batch, H, W, in_features) -> (*batch, Ho, Wo, out_features), in
+    the promoted dtype (or preferred_element_type)."""
+    inputs, batch_shape = _flatten_batch(inputs, self.in_features)
+    kernel = _get_value(self.kernel)
+    bias = _get_value(self.bias) if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias),
+                                              dtype=self.dtype)
+    y = lax.conv_general_dilated(
+        inputs, kernel, self.strides, self.padding,
+        rhs_dilation=self.kernel_dilation,
+        dimension_numbers=("NHWC", "OHWI", "NHWC"),
+        feature_group_count=self.feature_group_count,
+        precision=self.precision,
+        preferred_element_type=self.preferred_element_type)
+    if bias is not None:
+      y = y + bias.astype(y.dtype)
+    if self.activation == "relu":
+      y = jax.nn.relu(y)
+    return _restore_batch(y, batch_shape)
 
 
 def _conv_bias(conv):

@@ -35,6 +35,14 @@ LAYOUTS = ("HWIO", "OIHW")
 ALIGNED_COLUMNS = 8
 
 
+def _check_permutation(layout: str) -> str:
+  """A dense kernel layout: any permutation of "OIHW"."""
+  if not isinstance(layout, str) or sorted(layout) != sorted("OIHW"):
+    raise ValueError(f"a kernel layout is a permutation of 'OIHW', got "
+                     f"{layout!r}")
+  return layout
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
   a = np.ascontiguousarray(a)
   a.setflags(write=False)
@@ -300,19 +308,25 @@ class SparseKernel:
     values = jnp.asarray(kernel)[structure.dense_positions()]
     return cls(values, structure)
 
-  def todense(self) -> jax.Array:
-    """The kernel in its recorded layout, zeros at the pruned positions.
+  def todense(self, layout: str | None = None) -> jax.Array:
+    """The kernel, zeros at the pruned positions, in `layout`: its recorded
+    one (None) or any permutation of "OIHW" ("OHWI" is how
+    escort_jax.nnx.DenseConv holds it), scattered there directly.
 
     Differentiable with respect to `values`.
     """
+    order = [self.layout.index(d) for d in _check_permutation(
+        layout or self.layout)]
+    positions = self.structure.dense_positions()
+    shape = tuple(self.shape[i] for i in order)
     # A scatter of the nnz values: its index constant is nnz-sized, where a
     # gather would bake a dense-sized one into every compiled program.
-    flat = np.ravel_multi_index(self.structure.dense_positions(),
-                                self.shape).astype(np.int32)
+    flat = np.ravel_multi_index(tuple(positions[i] for i in order),
+                                shape).astype(np.int32)
     dense = jnp.zeros(self.structure.size, self.values.dtype)
     dense = dense.at[flat].set(self.values, unique_indices=True,
                                indices_are_sorted=False)
-    return dense.reshape(self.shape)
+    return dense.reshape(shape)
 
   def with_values(self, values) -> SparseKernel:
     """The same structure with other values (nnz,)."""

@@ -83,6 +83,26 @@ def test_matches_lax_highest(dn, case, which):
   assert rel_err(y, ref) < F32_BOUND
 
 
+@pytest.mark.parametrize("kernel_layout", ["OHWI", "IOHW"])
+@pytest.mark.parametrize("dn,case", COMBOS[1::4])
+def test_dense_kernel_held_in_another_layout(dn, case, kernel_layout):
+  """kernel_layout (escort_jax.nnx.DenseConv's OHWI, or any permutation)
+  changes how the dense kernel is held, not the result."""
+  rng = np.random.default_rng(zlib.crc32(repr((dn, case)).encode()))
+  x, kernel, sk, kwargs = _case(rng, dn, case)
+  fn = bl.make_dense_conv(sk, precision=lax.Precision.HIGHEST,
+                          kernel_layout=kernel_layout, **kwargs)
+  assert fn.operands[0].shape == tuple(
+      sk.shape[sk.layout.index(d)] for d in kernel_layout)
+  ref = reference_conv(x, kernel, kwargs["window_strides"], kwargs["padding"],
+                       rhs_dilation=kwargs["rhs_dilation"],
+                       feature_group_count=kwargs["feature_group_count"],
+                       dimension_numbers=dn)
+  assert rel_err(fn(x), ref) < F32_BOUND
+  with pytest.raises(ValueError, match="a permutation of 'OIHW'"):
+    bl.make_dense_conv(sk, kernel_layout="OHW", **kwargs)
+
+
 @pytest.mark.parametrize("which", ["dense", "bcoo"])
 def test_convenience_functions_bias_relu(which):
   rng = np.random.default_rng(1)

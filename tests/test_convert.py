@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from escort_jax.convert import sparsify
-from escort_jax.nnx import SparseConv, _get_value, _set_value
+from escort_jax.nnx import DenseConv, SparseConv, _get_value, _set_value
 from escort_jax.prune import magnitude_mask
 from tests.conftest import ON_GPU, assert_close, np_init
 
@@ -74,7 +74,7 @@ def _x(shape=(2, 8, 8, 3), seed=1):
 
 def _convs(model):
   return {".".join(map(str, p)): n for p, n in nnx.iter_graph(model)
-          if isinstance(n, (nnx.Conv, SparseConv))}
+          if isinstance(n, (nnx.Conv, SparseConv, DenseConv))}
 
 
 def _snapshot(model):
@@ -250,29 +250,43 @@ def _count(fn, x, primitive):
 
 @pytest.mark.skipif(ON_GPU, reason='"auto" is always dense off the GPU only')
 def test_dense_fallback_on_cpu_makes_auto_layers_dense_convs():
-  """Off the GPU "auto" runs dense: those layers become nnx.Convs (no
-  per-call scatter of the values), the escort one stays, the output does
-  not change, and the original keeps its layers."""
+  """Off the GPU "auto" runs dense: those layers become DenseConvs holding
+  their kernel as OHWI (no per-call scatter of the values), or nnx.Convs
+  with kernel_layout="HWIO"; the escort one stays, the output does not
+  change, and the original keeps its layers."""
   from escort_jax.convert import dense_fallback
   model = _Mixed()
   x = _x((2, 9, 7, 3))
   fast = dense_fallback(model, x)
-  assert isinstance(fast.a, nnx.Sequential)
-  assert type(fast.a.layers[0]) is nnx.Conv
-  assert type(fast.b) is nnx.Conv
+  assert type(fast.a) is DenseConv and fast.a.activation == "relu"
+  assert type(fast.b) is DenseConv
   assert isinstance(fast.c, SparseConv)
   assert all(isinstance(l, SparseConv) for l in (model.a, model.b, model.c))
-  chex.assert_trees_all_equal(_get_value(fast.b.kernel),
-                              model.b.dense_kernel())
+  chex.assert_trees_all_equal(
+      _get_value(fast.b.kernel),
+      jnp.transpose(model.b.dense_kernel(), (3, 0, 1, 2)))
   assert_close(fast(x), model(x), F32_BOUND)
+  hwio = dense_fallback(model, x, kernel_layout="HWIO")
+  assert isinstance(hwio.a, nnx.Sequential)
+  assert type(hwio.a.layers[0]) is nnx.Conv
+  assert type(hwio.b) is nnx.Conv
+  assert isinstance(hwio.c, SparseConv)
+  chex.assert_trees_all_equal(_get_value(hwio.b.kernel),
+                              model.b.dense_kernel())
+  assert_close(hwio(x), model(x), F32_BOUND)
+  with pytest.raises(ValueError, match="kernel_layout must be one of"):
+    dense_fallback(model, x, kernel_layout="OIHW")
   # The two densifications per call are gone; the escort layer's own
   # kernel remains.
   assert _count(model, x, "scatter") == 2
   assert _count(fast, x, "scatter") == 0
+  assert _count(hwio, x, "scatter") == 0
   # sparsify(example_input=...) is the same conversion in one call.
   net, _ = _pruned_net()
   one_call = sparsify(net, warn=False, example_input=_x())
-  assert not any(isinstance(c, SparseConv) for c in _convs(one_call).values())
+  convs = _convs(one_call)
+  assert {type(c) for c in convs.values()} == {DenseConv, nnx.Conv}
+  assert type(convs["wrap"]) is nnx.Conv  # CIRCULAR: never converted
   assert_close(one_call(_x()), net(_x()), F32_BOUND)
 
 
@@ -306,6 +320,6 @@ def test_dense_fallback_follows_the_plan_of_each_layer(plan_dir,
       "cost-model", "cost-model", "caller"]
   fast = dense_fallback(model, x)
   assert isinstance(fast.a, SparseConv) and isinstance(fast.c, SparseConv)
-  assert type(fast.b) is nnx.Conv
+  assert type(fast.b) is DenseConv
   monkeypatch.undo()
   assert_close(fast(x), model(x), F32_BOUND)

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from escort_jax.nnx import (SparseConv, UnsupportedConvError, _get_value,
-                            _set_value, magnitude_mask)
+from escort_jax.nnx import (DenseConv, SparseConv, UnsupportedConvError,
+                            _get_value, _set_value, magnitude_mask)
 from escort_jax.structure import SparseKernel
-from tests.conftest import assert_close
+from tests.conftest import assert_close, requires_gpu
 
 HIGHEST = lax.Precision.HIGHEST
 F32_BOUND = 1e-5
@@ -100,6 +100,87 @@ def test_to_conv_round_trips(kw):
   chex.assert_trees_all_equal(back(x), conv(x))
   relu = SparseConv.from_conv(conv, activation="relu", method="dense")
   assert_close(relu.to_conv()(x), relu(x), F32_BOUND)
+
+
+@pytest.mark.parametrize("kw", CONV_CASES)
+def test_to_dense_conv_matches_nnx_conv(kw):
+  """SparseConv.to_dense_conv: the kernel held as OHWI (hwio_kernel() gives
+  nnx.Conv's back), the same outputs and kernel gradients as nnx.Conv, any
+  batch rank; with a fused relu, the relu applied."""
+  conv, _ = _pruned_case_conv(kw)
+  sc = SparseConv.from_conv(conv, method="dense")
+  dc = sc.to_dense_conv()
+  kernel = _get_value(conv.kernel)
+  assert _get_value(dc.kernel).shape == (6,) + kernel.shape[:2] + (
+      kernel.shape[2],)
+  chex.assert_trees_all_equal(dc.hwio_kernel(), kernel)
+  assert dc.use_bias == conv.use_bias
+  for shape in [(2, 8, 8, 4), (8, 8, 4), (2, 1, 8, 8, 4)]:
+    x = _x(shape, seed=len(shape))
+    y = dc(x)
+    assert y.shape == conv(x).shape
+    assert_close(y, conv(x), F32_BOUND, f"input {shape}")
+  x = _x()
+  g_dense = nnx.grad(lambda m: (m(x) ** 2).sum())(dc)
+  g_conv = nnx.grad(lambda m: (m(x) ** 2).sum())(conv)
+  assert_close(jnp.transpose(_grad(g_dense, "kernel"), (1, 2, 3, 0)),
+               _grad(g_conv, "kernel"), 1e-4)
+  relu = SparseConv.from_conv(conv, activation="relu", method="dense")
+  y = relu.to_dense_conv()(x)
+  assert_close(y, relu(x), F32_BOUND)
+  assert float(y.min()) == 0.0 and float(y.max()) > 0.0
+
+
+def test_to_dense_conv_keeps_dtypes_and_rejects_bad_input():
+  conv = nnx.Conv(4, 6, (3, 3), dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                  precision=HIGHEST, kernel_init=np_init, rngs=nnx.Rngs(0))
+  _prune_conv(conv, 0.5)
+  dc = SparseConv.from_conv(conv, method="dense").to_dense_conv()
+  assert dc.kernel.dtype == jnp.float32
+  x = _x(dtype=jnp.float32)
+  y, ref = dc(x), conv(x)
+  assert y.dtype == ref.dtype == jnp.bfloat16
+  assert_close(y.astype(jnp.float32), ref.astype(jnp.float32), 1e-2)
+  with pytest.raises(ValueError, match="inputs have 3 channels"):
+    dc(_x((2, 8, 8, 3)))
+  with pytest.raises(ValueError, match="rank >= 3"):
+    dc(_x((8, 4)))
+  with pytest.raises(ValueError, match=r"must be \(out_features, kh, kw"):
+    DenseConv(jnp.ones((6, 3, 4)))
+  with pytest.raises(ValueError, match="bias has shape"):
+    DenseConv(jnp.ones((6, 3, 3, 4)), jnp.ones((4,)))
+  with pytest.raises(ValueError, match="feature_group_count=4"):
+    DenseConv(jnp.ones((6, 3, 3, 4)), feature_group_count=4)
+  with pytest.raises(ValueError, match="activation"):
+    DenseConv(jnp.ones((6, 3, 3, 4)), activation="gelu")
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_conv_kernel_is_not_transposed_per_call_on_gpu(dtype):
+  """The point of DenseConv: with the parameters as arguments of the jitted
+  forward, nnx.Conv's HWIO kernel is transposed on every call (XLA's
+  layout assignment for cuDNN), DenseConv's OHWI kernel is not."""
+  conv = nnx.Conv(64, 64, (3, 3), param_dtype=dtype, kernel_init=np_init,
+                  rngs=nnx.Rngs(0))
+  dense = SparseConv.from_conv(conv, method="dense").to_dense_conv()
+  x = _x((1, 14, 14, 64), dtype=dtype)
+
+  def compiled_hlo(layer):
+    graphdef, state = nnx.split(layer)
+    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    return fn.lower(state, x).compile().as_text()
+
+  def transposes(text):
+    return [l for l in text.splitlines()
+            if " transpose(" in l or "wrapped_transpose" in l.split("=")[0]]
+  assert transposes(compiled_hlo(conv)), "nnx.Conv: expected a transpose"
+  assert not transposes(compiled_hlo(dense)), transposes(compiled_hlo(dense))
+  # Both at default precision (TF32 or bf16 tensor cores), in another
+  # order of summation.
+  assert_close(dense(x).astype(jnp.float32), conv(x).astype(jnp.float32),
+               1e-2)
 
 
 def test_fresh_layer_matches_masked_nnx_conv():

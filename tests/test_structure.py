@@ -66,6 +66,30 @@ def test_hwio_and_oihw_describe_the_same_nonzeros():
     assert np.all(np.diff(cols) > 0)
 
 
+@pytest.mark.parametrize("layout", ["HWIO", "OIHW"])
+@pytest.mark.parametrize("to", ["OHWI", "IOHW", "HWIO", "OIHW"])
+def test_todense_in_another_layout(layout, to):
+  """todense(layout) scatters into any permutation of OIHW: the recorded
+  layout's kernel transposed, and its gradient is the values' positions."""
+  rng = np.random.default_rng(103)
+  hwio = random_pruned_kernel(rng, (3, 2, 4, 5), 0.6)
+  kernel = hwio if layout == "HWIO" else hwio.transpose(3, 2, 0, 1)
+  sk = SparseKernel.from_dense(kernel, layout)
+  dense = np.asarray(sk.todense(to))
+  np.testing.assert_array_equal(
+      dense, kernel.transpose([layout.index(d) for d in to]))
+  weights = jnp.asarray(rng.standard_normal(dense.shape), jnp.float32)
+  grad = jax.grad(lambda v: (sk.with_values(v).todense(to) * weights).sum())(
+      sk.values)
+  pos = sk.structure.dense_positions()
+  np.testing.assert_array_equal(
+      np.asarray(grad),
+      np.asarray(weights).transpose(
+          [to.index(d) for d in layout])[pos])
+  with pytest.raises(ValueError, match="a permutation of 'OIHW'"):
+    sk.todense("OHW")
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, np.float32])
 def test_from_dense_keeps_dtype(dtype):
   rng = np.random.default_rng(103)

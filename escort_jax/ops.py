@@ -92,9 +92,9 @@ class KernelConfig:
   long and the grid is small (batch 1). nonzero_lanes: 0 for the escort
   kernel above; K > 0 runs the forward pass on the kernel of
   pallas_kernels/nonzero_lanes_conv.py instead, one output row per program
-  taking K of its nonzeros per step (for small grids; rows_per_program,
-  groups_per_program and split must then be 1, and of the launch only
-  block_q, num_warps, num_stages and nhwc_out apply).
+  taking K of its nonzeros per step (for small grids; rows_per_program and
+  groups_per_program must then be 1, and of the launch only block_q,
+  num_warps, num_stages, nhwc_out and split apply).
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100
@@ -114,13 +114,12 @@ class KernelConfig:
   nonzero_lanes: int = 0
 
   def __post_init__(self):
-    if self.nonzero_lanes and (self.rows_per_program, self.split,
-                               self.groups_per_program) != (1, 1, 1):
+    if self.nonzero_lanes and (self.rows_per_program,
+                               self.groups_per_program) != (1, 1):
       raise ValueError(
           "KernelConfig.nonzero_lanes runs one row per program: "
-          "rows_per_program, split and groups_per_program must be 1, got "
-          f"{self.rows_per_program}, {self.split}, "
-          f"{self.groups_per_program}")
+          "rows_per_program and groups_per_program must be 1, got "
+          f"{self.rows_per_program}, {self.groups_per_program}")
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -385,9 +384,9 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
     # The zero run is one padded output row long: next to fewer than four
     # planes (or rows) it would grow the input (or dy) by a quarter or more.
     config = dataclasses.replace(config, unmasked=False)
+  forward_rows = split_rows(problem.rows, g.out_channels, config.split)
   forward = pack_row_groups(
-      split_rows(problem.rows, g.out_channels, config.split),
-      problem.offsets, g.out_channels * config.split,
+      forward_rows, problem.offsets, g.out_channels * config.split,
       config.rows_per_program, config.unroll,
       zeros_offset=g.num_planes * g.plane_len if config.unmasked else None)
   # dx[plane, p] = sum w * dy[k, p - shift]: read dy padded in front by
@@ -400,8 +399,8 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
       zeros_offset=g.out_channels * dy_row_len if config.unmasked else None)
   nonzero_rows = transposed_rows = transposed_order = None
   if config.nonzero_lanes:
-    nonzero_rows = pack_nonzero_rows(problem.rows, problem.offsets,
-                                     g.out_channels)
+    nonzero_rows = pack_nonzero_rows(forward_rows, problem.offsets,
+                                     g.out_channels * config.split)
     transposed_order = np.argsort(problem.planes, kind="stable")
     transposed_rows = pack_nonzero_rows(problem.planes[transposed_order],
                                         t_offsets[transposed_order],
@@ -606,31 +605,31 @@ class _SparseCall:
       plan = escort_plan(self.structure, g,
                          self._forward_config(g, x_nhwc.dtype.itemsize))
       x_flat = flat_input(x_nhwc, g, plan.x_tail)
-      split = plan.config.split
+      c = plan.config
+      split = c.split
       # The forward nonzeros are in CSR order, so the kernel reads the
       # values as they are (no gather pass).
-      nhwc = g.nhwc_output() if plan.config.nhwc_out else None
-      if plan.nonzero_rows is not None or split == 1:
-        c = plan.config
-        if plan.nonzero_rows is not None:
-          kernel, meta = nonzero_lanes_conv, plan.nonzero_rows
-          launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
-                        num_warps=c.num_warps, num_stages=c.num_stages)
-        else:
-          kernel, meta = direct_sparse_conv, plan.forward
-          launch = dict(values_by_row=True, **_launch(c))
+      nhwc = g.nhwc_output() if c.nhwc_out else None
+      if plan.nonzero_rows is not None:
+        kernel, meta = nonzero_lanes_conv, plan.nonzero_rows
+        launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
+                      num_warps=c.num_warps, num_stages=c.num_stages)
+      else:
+        kernel, meta = direct_sparse_conv, plan.forward
+        launch = dict(values_by_row=True, **_launch(c))
+      if split == 1:
         y = sharding.kernel_call(
             kernel, x_flat, values, meta, out_len=g.out_len, relu=self.relu,
             out_dtype=self.out_dtype, nhwc=nhwc, interpret=not on_gpu(),
             **bias_kw, **launch)
         return (), (y if nhwc is not None else cg.from_wide_output(y, g),)
       # Partial outputs in the accumulator dtype; bias and activation after
-      # their sum.
+      # their sum, which is elementwise: inside a network XLA fuses it into
+      # the ops that follow (a batch norm, say).
       acc = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
       y = sharding.kernel_call(
-          direct_sparse_conv, x_flat, values, plan.forward,
-          out_len=g.out_len, out_dtype=acc, values_by_row=True, nhwc=nhwc,
-          interpret=not on_gpu(), **_launch(plan.config))
+          kernel, x_flat, values, meta, out_len=g.out_len, out_dtype=acc,
+          nhwc=nhwc, interpret=not on_gpu(), **launch)
       if nhwc is None:
         y = cg.from_wide_output(y, g)
       y = sum_in_order(y.reshape(y.shape[:3] + (g.out_channels, split)),

@@ -544,12 +544,17 @@ def test_sampled_dense_dense_kernel_nnz0_and_bf16():
                                                  split=4),
                                     KernelConfig(1, 32, nhwc_out=True,
                                                  nonzero_lanes=8),
-                                    KernelConfig(1, 16, nonzero_lanes=4)])
+                                    KernelConfig(1, 16, nonzero_lanes=4),
+                                    KernelConfig(1, 32, nhwc_out=True,
+                                                 nonzero_lanes=4, split=3),
+                                    KernelConfig(1, 16, nonzero_lanes=2,
+                                                 split=2)])
 def test_escort_nhwc_store_matches_lax(config):
   """KernelConfig(nhwc_out=True): the forward kernel writes NHWC itself
-  (with split=4, float32 partial outputs summed by XLA; with nonzero_lanes,
+  (with split, float32 partial outputs summed by XLA; with nonzero_lanes,
   the kernel that takes several nonzeros of a row per step, which also
-  writes wide rows); gradients are those of the default config."""
+  writes wide rows, and splits rows the same way); gradients are those of
+  the default config."""
   rng = np.random.default_rng(77)
   for kw in (dict(n=2, hw=(7, 9), c=5, o=6, strides=(1, 1)),
              dict(n=3, hw=(9, 8), c=4, o=8, strides=(2, 1), groups=2)):
@@ -580,7 +585,21 @@ def test_nonzero_lanes_config_runs_one_row_per_program():
   with pytest.raises(ValueError, match="one row per program"):
     KernelConfig(rows_per_program=4, nonzero_lanes=16)
   with pytest.raises(ValueError, match="one row per program"):
-    KernelConfig(1, split=2, nonzero_lanes=16)
+    KernelConfig(1, groups_per_program=2, nonzero_lanes=16)
+
+
+def test_nonzero_lanes_split_packs_partial_rows():
+  """With split S the nonzero-lanes kernel runs S partial rows per output
+  channel (split_rows), each with its part of the row's nonzeros."""
+  from escort_jax import conv_geometry as cg
+  from escort_jax.ops import escort_plan
+  rng = np.random.default_rng(79)
+  x, _, sk, _, _ = make_problem(rng, n=1, hw=(7, 7), c=6, o=5)
+  g = cg.make_geometry(x.shape, sk.structure, (1, 1), "SAME", (1, 1), 1)
+  for split in (1, 3):
+    plan = escort_plan(sk.structure, g, KernelConfig(
+        1, 16, nonzero_lanes=4, split=split))
+    assert plan.nonzero_rows.num_rows == 5 * split
 
 
 def test_split_rows_parts_and_low_precision():

@@ -1,15 +1,18 @@
 """Whole-network kernel time with the escort layers' nonzero-lanes configs
-split into S parts (KernelConfig.split), one run for every S.
+changed by each of several overrides, in one run.
 
-  PYTHONPATH=. python benchmarks/network_split_probe.py --net resnet50 \
-      --batch 1 --precision default --splits 1 2 3 4 --out DIR
+  PYTHONPATH=. python benchmarks/network_config_probe.py --net resnet50 \
+      --batch 1 --precision default --variants "" split=2 unpadded=1 \
+      --out DIR
 
-A split layer writes S float32 partial outputs and sums them with
-elementwise adds, which XLA can fuse into the ops after the layer (a batch
-norm and ReLU in these networks), so a split that loses alone (its sum is
-a pass of its own there) may win inside the network. Writes
-DIR/network_split_probe.json: for the dense model and each S, the total
-kernel time per forward and every kernel name's time.
+Each variant is a comma-separated list of KernelConfig fields (short names
+as `bench --config`) set on every nonzero-lanes config the sparse model's
+layers get (plans or defaults); "" leaves them. Changes that interact with
+the ops around a layer show here and not in a layer's own timing: a split
+layer's elementwise sum of partial outputs fuses into the batch norm after
+it, and the unpadded planes' transpose into the batch norm before it.
+Writes DIR/network_config_probe.json: for the dense model and each variant,
+the total kernel time per forward and every kernel name's time.
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax import bench, bench_network, ops
+from escort_jax.bench import parse_config
 from escort_jax.convert import dense_fallback
+
+
+def overrides(variant: str) -> dict:
+  """The KernelConfig fields that a variant ("split=2,unpadded=1") sets."""
+  if not variant:
+    return {}
+  parsed, pairs = parse_config(variant)
+  return {name: getattr(parsed, name) for name, _ in pairs}
 
 
 def main():
@@ -32,7 +44,7 @@ def main():
   ap.add_argument("--net", default="resnet50")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--precision", default="default")
-  ap.add_argument("--splits", type=int, nargs="+", default=[1, 2, 3, 4])
+  ap.add_argument("--variants", nargs="+", default=["", "split=2"])
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   a = ap.parse_args()
   dense, sparse = bench_network.build_networks(a.net)
@@ -47,20 +59,22 @@ def main():
   out = {"net": a.net, "batch": a.batch, "precision": a.precision,
          "device": jax.devices()[0].device_kind,
          "jax_version": jax.__version__, "runs": {}}
-  runs = [("dense", dense, None)] + [(f"split{s}", sparse, s)
-                                     for s in a.splits]
-  for name, model, split in runs:
-    split_layers = set()
-    if split is not None:
-      def config(self, g, itemsize, split=split):
+  runs = [("dense", dense, None)] + [(v or "plans", sparse, v)
+                                     for v in a.variants]
+  for name, model, variant in runs:
+    changed = set()
+    if variant is not None:
+      fields = overrides(variant)
+
+      def config(self, g, itemsize, fields=fields):
         cfg = chosen(self, g, itemsize)
         if isinstance(cfg, ops.KernelConfig) and cfg.nonzero_lanes:
-          cfg = dataclasses.replace(cfg, split=split)
-          split_layers.add((g, cfg))
+          cfg = dataclasses.replace(cfg, **fields)
+          changed.add((g, cfg))
         return cfg
       ops._SparseCall._forward_config = config
     # Inner jitted functions (SparseConv's call) keep their traces across
-    # outer jits: without this every S would reuse the first S's trace.
+    # outer jits: without this every variant would reuse the first's trace.
     jax.clear_caches()
     try:
       f = bench_network.forward(model, a.precision)
@@ -70,11 +84,11 @@ def main():
     kernels = dict(sorted(t.kernels_us.items(), key=lambda kv: -kv[1]))
 
     out["runs"][name] = {"total_us": t.median_us, "spread_us": t.spread_us,
-                         "split_layers": len(split_layers),
+                         "changed_configs": len(changed),
                          "kernels_us": kernels}
     print(f"{name}: {t.median_us:.1f} us (±{t.spread_us:.1f}), "
-          f"{len(split_layers)} layers split", flush=True)
-  with open(os.path.join(a.out, "network_split_probe.json"), "w") as fh:
+          f"{len(changed)} distinct configs changed", flush=True)
+  with open(os.path.join(a.out, "network_config_probe.json"), "w") as fh:
     json.dump(out, fh, indent=1)
 
 

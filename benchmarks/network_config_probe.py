@@ -2,15 +2,15 @@
 changed by each of several overrides, in one run.
 
   PYTHONPATH=. python benchmarks/network_config_probe.py --net resnet50 \
-      --batch 1 --precision default --variants "" split=2 unpadded=1 \
-      --out DIR
+      --batch 1 --precision default --variants "" split=2 --out DIR
 
 Each variant is a comma-separated list of KernelConfig fields (short names
 as `bench --config`) set on every nonzero-lanes config the sparse model's
 layers get (plans or defaults); "" leaves them. Changes that interact with
 the ops around a layer show here and not in a layer's own timing: a split
 layer's elementwise sum of partial outputs fuses into the batch norm after
-it, and the unpadded planes' transpose into the batch norm before it.
+it (and the input transpose of commit 9406aeb's unpadded planes, since
+reverted, into the batch norm before it).
 Writes DIR/network_config_probe.json: for the dense model and each variant,
 the total kernel time per forward and every kernel name's time.
 """

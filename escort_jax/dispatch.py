@@ -48,6 +48,21 @@ DENSE_MODEL = {  # (dtype, precision): (FLOP/s, s per k, s)
     ("bfloat16", None): (585e12, 1.09e-9, 6.5e-6),
     ("float16", None): (585e12, 1.09e-9, 6.5e-6),
 }
+# Grouped convolutions (1 < groups < input channels) ran slower than the
+# model above predicts, by these factors: the geometric mean of measured
+# over predicted on caffenet conv2, conv4 and conv5 (groups 2) at batch 1
+# and 32 (benchmarks/results/*T2200*-b1-nonzero-lanes.json, *T1705*,
+# *T1929*; 2.3-3.0x in bf16, 2.8-8.1x at default precision, 0.7-2.2x at
+# fp32 HIGHEST), where the ungrouped layers' ratios have geometric means of
+# 1.00-1.09. Without it the model picked TF32 cuDNN for CaffeNet's conv4
+# and conv5 at batch 1 (88 µs measured, 11 predicted) over escort (13 µs).
+# Depthwise convolutions (groups = channels) were not measured: no factor.
+DENSE_GROUPED_FACTOR = {  # (dtype, precision): factor
+    ("float32", "highest"): 1.6,
+    ("float32", None): 4.9,
+    ("bfloat16", None): 2.8,
+    ("float16", None): 2.8,
+}
 # Escort path (input pass, kernel, output): useful FLOPs / rate + the
 # layout passes' bytes / bandwidth + the longest serial loop (nonzeros per
 # output channel) x latency + fixed. Median error 9 % (float32), 5 %
@@ -161,11 +176,15 @@ def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
     waste = max(1.0, MIN_DOT / vector_width)
     times["vector"] = (useful * waste / VECTOR_FLOPS.get(name, 8e12) +
                        layout_bytes / 2 / VECTOR_BYTES_PER_S + VECTOR_FIXED_S)
-  rate, per_k, fixed = DENSE_MODEL.get(
-      (name, precision_name(precision)),
-      DENSE_MODEL.get((name, None), DENSE_MODEL[("float32", "highest")]))
+  key = (name, precision_name(precision))
+  if key not in DENSE_MODEL:
+    key = (name, None) if (name, None) in DENSE_MODEL else (
+        "float32", "highest")
+  rate, per_k, fixed = DENSE_MODEL[key]
   k = g.in_channels // g.groups * g.kernel_h * g.kernel_w
   times["dense"] = g.flops / rate + k * per_k + fixed
+  if 1 < g.groups < g.in_channels:
+    times["dense"] *= DENSE_GROUPED_FACTOR[key]
   return times
 
 

@@ -89,6 +89,46 @@ def test_cost_model_on_a_measured_layer(batch, precision, want):
   assert min(t, key=t.get) == want, t
 
 
+@pytest.mark.parametrize("dtype, precision, dense_us, want", [
+    # caffenet conv4 (groups 2) at batch 1 on the H100 (benchmarks/results/
+    # 2026-11-24T2200-*-b1-nonzero-lanes.json): escort 13.0 us (float32)
+    # and 13.9 us (bf16) against TF32 cuDNN 87.6 us, fp32 HIGHEST 106.1 us,
+    # bf16 cuDNN 25.2 us.
+    (jnp.float32, None, 87.6, "escort"),
+    (jnp.float32, "highest", 106.1, "escort"),
+    (jnp.bfloat16, None, 25.2, None),
+])
+def test_cost_model_slows_grouped_dense_convolutions(dtype, precision,
+                                                     dense_us, want):
+  """Grouped (not depthwise) convolutions pay DENSE_GROUPED_FACTOR on the
+  dense side: the prediction for caffenet conv4 lands within 2x of the
+  measured cuDNN time (it was 2-8x too fast), and the model picks escort
+  in float32 as measured, where it had picked TF32 cuDNN."""
+  from escort_jax import workload as wl
+  layer = wl.find_layers(["caffenet/conv4"])[0]
+  sk = ej.SparseKernel.from_dense(wl.make_kernel(layer))
+  conv = layer.conv_kwargs()
+  g = make_geometry((1, 13, 13, 384), sk.structure, conv["window_strides"],
+                    conv["padding"], (1, 1), conv["feature_group_count"])
+  t = dispatch.predicted_seconds(g, sk.nnz, dtype, precision)
+  assert 0.5 < t["dense"] * 1e6 / dense_us < 2.0, t
+  if want is not None:
+    assert min(t, key=t.get) == want, t
+  key = (jnp.dtype(dtype).name, dispatch.precision_name(precision))
+  rate, per_k, fixed = dispatch.DENSE_MODEL[key]
+  k = 192 * 9
+  assert t["dense"] == pytest.approx(dispatch.DENSE_GROUPED_FACTOR[key] * (
+      g.flops / rate + k * per_k + fixed))
+  # Depthwise (groups = channels) and ungrouped: no factor.
+  for shape, groups in (((3, 3, 1, 64), 64), ((3, 3, 64, 64), 1)):
+    other = _layer(12, shape, density=0.5)
+    g2 = make_geometry((1, 13, 13, 64), other.structure, (1, 1), "SAME",
+                       (1, 1), groups)
+    t2 = dispatch.predicted_seconds(g2, other.nnz, dtype, precision)
+    k2 = shape[2] * 9
+    assert t2["dense"] == pytest.approx(g2.flops / rate + k2 * per_k + fixed)
+
+
 def test_tune_records_a_plan_that_dispatch_finds(plan_dir):
   sk = _layer(3)
   entry = tune.tune_layer(

@@ -49,20 +49,30 @@ DENSE_MODEL = {  # (dtype, precision): (FLOP/s, s per k, s)
     ("float16", None): (585e12, 1.09e-9, 6.5e-6),
 }
 # Grouped convolutions (1 < groups < input channels) ran slower than the
-# model above predicts, by these factors: the geometric mean of measured
-# over predicted on caffenet conv2, conv4 and conv5 (groups 2) at batch 1
-# and 32 (benchmarks/results/*T2200*-b1-nonzero-lanes.json, *T1705*,
-# *T1929*; 2.3-3.0x in bf16, 2.8-8.1x at default precision, 0.7-2.2x at
-# fp32 HIGHEST), where the ungrouped layers' ratios have geometric means of
-# 1.00-1.09. Without it the model picked TF32 cuDNN for CaffeNet's conv4
+# model above predicts, by these factors at batch 1 and at batch 32: the
+# geometric means of measured over predicted on caffenet conv2, conv4 and
+# conv5 (groups 2; benchmarks/results/*T2200*-b1-nonzero-lanes.json,
+# *T1705*, *T1929*), where the ungrouped layers' ratios have geometric means
+# of 1.00-1.09. Between the two batches the factor is interpolated in
+# log(batch). Without it the model picked TF32 cuDNN for CaffeNet's conv4
 # and conv5 at batch 1 (88 µs measured, 11 predicted) over escort (13 µs).
 # Depthwise convolutions (groups = channels) were not measured: no factor.
-DENSE_GROUPED_FACTOR = {  # (dtype, precision): factor
-    ("float32", "highest"): 1.6,
-    ("float32", None): 4.9,
-    ("bfloat16", None): 2.8,
-    ("float16", None): 2.8,
+DENSE_GROUPED_FACTOR = {  # (dtype, precision): (batch 1, batch 32)
+    ("float32", "highest"): (1.87, 1.32),
+    ("float32", None): (7.37, 3.31),
+    ("bfloat16", None): (2.93, 2.68),
+    ("float16", None): (2.93, 2.68),
 }
+
+
+def grouped_factor(key: tuple[str, str | None], batch: int) -> float:
+  """DENSE_GROUPED_FACTOR[key] at this batch (log-linear in the batch
+  between 1 and 32, constant outside)."""
+  at_1, at_32 = DENSE_GROUPED_FACTOR[key]
+  t = min(max(math.log(max(batch, 1)) / math.log(32), 0.0), 1.0)
+  return math.exp((1 - t) * math.log(at_1) + t * math.log(at_32))
+
+
 # Escort path (input pass, kernel, output): useful FLOPs / rate + the
 # layout passes' bytes / bandwidth + the longest serial loop (nonzeros per
 # output channel) x latency + fixed. Median error 9 % (float32), 5 %
@@ -184,7 +194,7 @@ def predicted_seconds(geometry: ConvGeometry, nnz: int, dtype,
   k = g.in_channels // g.groups * g.kernel_h * g.kernel_w
   times["dense"] = g.flops / rate + k * per_k + fixed
   if 1 < g.groups < g.in_channels:
-    times["dense"] *= DENSE_GROUPED_FACTOR[key]
+    times["dense"] *= grouped_factor(key, g.batch)
   return times
 
 

@@ -101,9 +101,9 @@ def test_cost_model_on_a_measured_layer(batch, precision, want):
 def test_cost_model_slows_grouped_dense_convolutions(dtype, precision,
                                                      dense_us, want):
   """Grouped (not depthwise) convolutions pay DENSE_GROUPED_FACTOR on the
-  dense side: the prediction for caffenet conv4 lands within 2x of the
-  measured cuDNN time (it was 2-8x too fast), and the model picks escort
-  in float32 as measured, where it had picked TF32 cuDNN."""
+  dense side: the prediction for caffenet conv4 at batch 1 lands within 2x
+  of the measured cuDNN time (it was 2-8x too fast), and the model picks
+  escort in float32 as measured, where it had picked TF32 cuDNN."""
   from escort_jax import workload as wl
   layer = wl.find_layers(["caffenet/conv4"])[0]
   sk = ej.SparseKernel.from_dense(wl.make_kernel(layer))
@@ -117,8 +117,18 @@ def test_cost_model_slows_grouped_dense_convolutions(dtype, precision,
   key = (jnp.dtype(dtype).name, dispatch.precision_name(precision))
   rate, per_k, fixed = dispatch.DENSE_MODEL[key]
   k = 192 * 9
-  assert t["dense"] == pytest.approx(dispatch.DENSE_GROUPED_FACTOR[key] * (
+  assert t["dense"] == pytest.approx(dispatch.DENSE_GROUPED_FACTOR[key][0] * (
       g.flops / rate + k * per_k + fixed))
+  # At batch 32 the batch-32 factor; log-linear between.
+  g32 = make_geometry((32, 13, 13, 384), sk.structure, conv["window_strides"],
+                      conv["padding"], (1, 1), conv["feature_group_count"])
+  t32 = dispatch.predicted_seconds(g32, sk.nnz, dtype, precision)
+  assert t32["dense"] == pytest.approx(dispatch.DENSE_GROUPED_FACTOR[key][1] *
+                                       (g32.flops / rate + k * per_k + fixed))
+  f1, f32 = dispatch.DENSE_GROUPED_FACTOR[key]
+  assert dispatch.grouped_factor(key, 4) == pytest.approx(
+      f1 ** 0.6 * f32 ** 0.4)
+  assert dispatch.grouped_factor(key, 256) == pytest.approx(f32)
   # Depthwise (groups = channels) and ungrouped: no factor.
   for shape, groups in (((3, 3, 1, 64), 64), ((3, 3, 64, 64), 1)):
     other = _layer(12, shape, density=0.5)

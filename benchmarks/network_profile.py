@@ -2,7 +2,7 @@
 dense (which kernels the sparse layers add or remove inside the network).
 
   PYTHONPATH=. python benchmarks/network_profile.py --net resnet50 \
-      --batch 1 --precision highest --out DIR
+      --batch 1 --precision highest [--dtype bfloat16] [--hlo] --out DIR
 
 Writes DIR/network_profile.json: for each model the total kernel time per
 call and every kernel name's time (escort_jax.bench.device_time_us). With
@@ -32,11 +32,13 @@ def main():
   ap.add_argument("--precision", default="highest")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   ap.add_argument("--hlo", action="store_true")
+  ap.add_argument("--dtype", default="float32")
   a = ap.parse_args()
-  dense, sparse = bench_network.build_networks(a.net)
+  dtype = jnp.dtype(a.dtype)
+  dense, sparse = bench_network.build_networks(a.net, dtype=dtype)
   h, w, c = bench_network.input_hwc(a.net)
   rng = np.random.default_rng(0)
-  xs = [jnp.asarray(rng.standard_normal((a.batch, h, w, c)), jnp.float32)
+  xs = [jnp.asarray(rng.standard_normal((a.batch, h, w, c)), dtype)
         for _ in range(3)]
   with jax.default_matmul_precision(bench_network.precision_arg(
       a.precision)):

@@ -152,11 +152,6 @@ def _call_args(window_strides, padding, rhs_dilation, feature_group_count,
 # --------------------------------------------------------------------------
 # Dense: lax.conv_general_dilated of the densified kernel.
 
-# The filter layout of cuDNN's NHWC convolutions (KRSC): a kernel held in it
-# goes to them as it is, where an HWIO kernel that is an argument of the
-# jitted call is transposed on every call.
-CUDNN_KERNEL_LAYOUT = "OHWI"
-
 
 @functools.partial(jax.jit,
                    static_argnames=("static", "empty", "layout", "activation",
@@ -202,7 +197,8 @@ def make_dense_conv(sk: SparseKernel,
       TF32 tensor cores for float32 on Hopper; lax.Precision.HIGHEST: fp32).
     kernel_layout: the layout the dense kernel is held in, a permutation of
       "OIHW" (None: sk.layout, as a Flax user's HWIO kernel;
-      CUDNN_KERNEL_LAYOUT, as escort_jax.nnx.DenseConv holds it).
+      escort_jax.ops.CUDNN_KERNEL_LAYOUT, as escort_jax.nnx.DenseConv
+      holds it).
 
   Returns:
     fn(x) with x in layout dimension_numbers[0] (N, H, W, C by default),

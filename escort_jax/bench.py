@@ -78,7 +78,7 @@ import numpy as np
 from escort_jax import KernelConfig, sparse_conv
 from escort_jax import baselines as bl
 from escort_jax import workload as wl
-from escort_jax.ops import VectorConfig, dispatch_choice
+from escort_jax.ops import CUDNN_KERNEL_LAYOUT, VectorConfig, dispatch_choice
 from escort_jax.structure import ALIGNED_COLUMNS, VECTOR_WIDTHS, SparseKernel
 
 # --------------------------------------------------------------------------
@@ -1110,7 +1110,7 @@ def _method_fn(spec: MethodSpec, skd: SparseKernel, conv: dict, x,
     choice = dispatch_choice(x, skd, method="auto", config=config, **conv)
     row["chosen"] = choice.method
     if choice.method == "dense":
-      return bl.make_dense_conv(skd, kernel_layout=bl.CUDNN_KERNEL_LAYOUT,
+      return bl.make_dense_conv(skd, kernel_layout=CUDNN_KERNEL_LAYOUT,
                                 **conv)
     method, config = choice.method, choice.config
   op = jax.jit(functools.partial(sparse_conv, method=method, config=config,

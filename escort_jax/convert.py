@@ -17,9 +17,9 @@ method="auto" once, for the shapes the model gives each layer on inputs
 like x: a SparseConv that would run dense becomes a dense convolution
 again (an escort_jax.nnx.DenseConv holding its kernel as OHWI, or with
 kernel_layout="HWIO" an nnx.Conv), so that jitted inference does not
-rebuild its dense kernel from the values on every call. This is Escoin's conversion-time
-fallback; the plain "auto" layer decides at trace time and densifies per
-call.
+rebuild its dense kernel from the values on every call. This is Escoin's
+conversion-time fallback; the plain "auto" layer decides at trace time and
+densifies per call.
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax import dispatch
-from escort_jax.baselines import CUDNN_KERNEL_LAYOUT
 from escort_jax.nnx import (SparseConv, _get_value, _is_concrete,
                             conv_unsupported_reason)
-from escort_jax.ops import KernelConfig, VectorConfig
+from escort_jax.ops import CUDNN_KERNEL_LAYOUT, KernelConfig, VectorConfig
 
 __all__ = ["sparsify", "dense_fallback", "probe_calls", "path_str"]
 
@@ -249,10 +248,6 @@ def probe_calls(model, x, call: Callable | None = None
     x: the model's input: an array, a jax.ShapeDtypeStruct, or a shape
       (float32).
     call: (model, x) -> output, if the model is not called as model(x).
-    kernel_layout: how those layers hold their kernel: "OHWI", as an
-      escort_jax.nnx.DenseConv (SparseConv.to_dense_conv), the layout
-      cuDNN's NHWC convolutions read, so that no transpose of the kernel
-      runs per call; or "HWIO", as an nnx.Conv (SparseConv.to_conv).
 
   Returns:
     Dotted path -> that layer's calls, in the order of first calls; layers

@@ -55,8 +55,9 @@ DENSE_MODEL = {  # (dtype, precision): (FLOP/s, s per k, s)
 # *T1705*, *T1929*), where the ungrouped layers' ratios have geometric means
 # of 1.00-1.09; at batch 32 fp32 HIGHEST the three ratios straddle 1
 # (0.7-2.2), so no factor there. Between the two batches the factor is
-# interpolated in log(batch). Without it the model picked TF32 cuDNN for CaffeNet's conv4
-# and conv5 at batch 1 (88 µs measured, 11 predicted) over escort (13 µs).
+# interpolated in log(batch). Without it the model picked TF32 cuDNN for
+# CaffeNet's conv4 and conv5 at batch 1 (88 µs measured, 11 predicted) over
+# escort (13 µs).
 # Depthwise convolutions (groups = channels) were not measured: no factor.
 DENSE_GROUPED_FACTOR = {  # (dtype, precision): (batch 1, batch 32)
     ("float32", "highest"): (1.87, 1.0),

@@ -36,8 +36,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from escort_jax.ops import (ACTIVATIONS, METHODS, KernelConfig, VectorConfig,
-                            sparse_conv)
+from escort_jax.ops import (ACTIVATIONS, CUDNN_KERNEL_LAYOUT, METHODS,
+                            KernelConfig, VectorConfig, sparse_conv)
 from escort_jax.prune import magnitude_mask
 from escort_jax.structure import SparseKernel, SparseStructure
 
@@ -494,7 +494,7 @@ class SparseConv(nnx.Module):
     jitted call (escort_jax.convert.dense_fallback's default)."""
     bias = _get_value(self.bias) if self.use_bias else None
     new = DenseConv(
-        self.sparse_kernel.todense("OHWI"), bias,
+        self.sparse_kernel.todense(CUDNN_KERNEL_LAYOUT), bias,
         strides=self.strides, padding=self.padding,
         kernel_dilation=self.kernel_dilation,
         feature_group_count=self.feature_group_count, dtype=self.dtype,
@@ -634,7 +634,7 @@ class DenseConv(nnx.Module):
     y = lax.conv_general_dilated(
         inputs, kernel, self.strides, self.padding,
         rhs_dilation=self.kernel_dilation,
-        dimension_numbers=("NHWC", "OHWI", "NHWC"),
+        dimension_numbers=("NHWC", CUDNN_KERNEL_LAYOUT, "NHWC"),
         feature_group_count=self.feature_group_count,
         precision=self.precision,
         preferred_element_type=self.preferred_element_type)

@@ -71,6 +71,10 @@ SUPPORTED_DTYPES = tuple(
     jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16,
                            jnp.float64))
 DEFAULT_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+# The filter layout of cuDNN's NHWC convolutions (KRSC): a dense kernel held
+# in it goes to them as it is, where an HWIO kernel that is an argument of
+# the jitted call is transposed on every call (escort_jax.nnx.DenseConv).
+CUDNN_KERNEL_LAYOUT = "OHWI"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -777,10 +777,12 @@ def _sparse_conv_path(x_nhwc, values, bias, structure, spec: ConvSpec,
 def _dense_conv(x_nhwc, values, bias, structure, spec: ConvSpec, activation,
                 precision):
   g = spec.geometry
-  kernel = SparseKernel(values, structure).todense()
+  # Scattered straight into the layout the NHWC convolution reads, so that
+  # no transpose of the kernel follows the scatter.
+  kernel = SparseKernel(values, structure).todense(CUDNN_KERNEL_LAYOUT)
   y = lax.conv_general_dilated(
       x_nhwc, kernel, g.strides, g.padding, rhs_dilation=g.dilation,
-      dimension_numbers=("NHWC", structure.layout, "NHWC"),
+      dimension_numbers=("NHWC", CUDNN_KERNEL_LAYOUT, "NHWC"),
       feature_group_count=g.groups, precision=precision,
       preferred_element_type=spec.out_dtype)
   if bias is not None:

@@ -161,7 +161,8 @@ def test_to_dense_conv_keeps_dtypes_and_rejects_bad_input():
 def test_dense_conv_kernel_is_not_transposed_per_call_on_gpu(dtype):
   """The point of DenseConv: with the parameters as arguments of the jitted
   forward, nnx.Conv's HWIO kernel is transposed on every call (XLA's
-  layout assignment for cuDNN), DenseConv's OHWI kernel is not."""
+  layout assignment for cuDNN), DenseConv's OHWI kernel is not, nor the
+  kernel that a SparseConv's dense path scatters from its values."""
   conv = nnx.Conv(64, 64, (3, 3), param_dtype=dtype, kernel_init=np_init,
                   rngs=nnx.Rngs(0))
   dense = SparseConv.from_conv(conv, method="dense").to_dense_conv()
@@ -177,6 +178,10 @@ def test_dense_conv_kernel_is_not_transposed_per_call_on_gpu(dtype):
             if " transpose(" in l or "wrapped_transpose" in l.split("=")[0]]
   assert transposes(compiled_hlo(conv)), "nnx.Conv: expected a transpose"
   assert not transposes(compiled_hlo(dense)), transposes(compiled_hlo(dense))
+  # The op's own dense path scatters the values into that layout too.
+  per_call = SparseConv.from_conv(conv, method="dense")
+  assert not transposes(compiled_hlo(per_call)), transposes(
+      compiled_hlo(per_call))
   # Both at default precision (TF32 or bf16 tensor cores), in another
   # order of summation.
   assert_close(dense(x).astype(jnp.float32), conv(x).astype(jnp.float32),

@@ -53,9 +53,11 @@ def build_networks(name: str, *, dtype=jnp.float32, seed: int = 0,
                    method: str = "auto"):
   """(dense, sparse): the SkimCaffe-pruned `name` ("caffenet", "googlenet"
   or "resnet50", random weights) and its copy with the pruned layers
-  (density <= PRUNED_DENSITY) as SparseConvs of `method`."""
+  (density <= PRUNED_DENSITY) as SparseConvs of `method`: the convolutions,
+  and the fully connected layers as SparseLinears."""
   model = build_model(name, pruned=True, seed=seed, param_dtype=dtype)
-  return model, sparsify(model, max_density=PRUNED_DENSITY, method=method)
+  return model, sparsify(model, max_density=PRUNED_DENSITY, method=method,
+                         linear=True)
 
 
 def input_hwc(name: str, in_hw: int | None = None) -> tuple[int, int, int]:

@@ -141,6 +141,14 @@ DEFAULT_CONFIG = KernelConfig()
 # give the same bits (tests/test_sharding.py).
 SMALL_GRID_PROGRAMS = 1024
 NONZERO_LANES_TILE = 2048
+# With at most this many positions per image (a 1x1 map: a fully connected
+# layer as a 1x1 convolution, escort_jax.nnx.SparseLinear) BQ is the
+# positions rounded up to a power of two and K is TINY_MAP_LANES: 2.2-3.0x
+# faster than the dense matmul on caffenet fc6-fc8 and resnet50 fc1000 at
+# batch 1, where BQ 16 x K 32 lost to it (K 64 and 256 within 15 % of 128;
+# benchmarks/results/2026-11-25T0450-*-sparse-linear-probe.json).
+TINY_MAP_POSITIONS = 16
+TINY_MAP_LANES = 128
 
 
 # 2-byte inputs on large grids: with fused multiply-adds, 8 positions per
@@ -161,6 +169,10 @@ def default_kernel_config(num_rows: int, out_len: int, itemsize: int = 4,
   if programs >= SMALL_GRID_PROGRAMS:
     return HALF_CONFIG if itemsize <= 2 else c
   per_image = out_len // batch
+  if per_image <= TINY_MAP_POSITIONS:
+    return dataclasses.replace(
+        c, rows_per_program=1, block_q=1 << max(per_image - 1, 0).bit_length(),
+        nhwc_out=True, nonzero_lanes=TINY_MAP_LANES)
   block_q = 64 if per_image <= 64 else 128 if per_image <= 1024 else 256
   return dataclasses.replace(c, rows_per_program=1, block_q=block_q,
                              nhwc_out=True,

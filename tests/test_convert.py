@@ -323,3 +323,48 @@ def test_dense_fallback_follows_the_plan_of_each_layer(plan_dir,
   assert type(fast.b) is DenseConv
   monkeypatch.undo()
   assert_close(fast(x), model(x), F32_BOUND)
+
+
+class _WithHead(nnx.Module):
+  """conv -> global mean -> two Linears (one pruned, one dense)."""
+
+  def __init__(self):
+    rngs = nnx.Rngs(5)
+    self.conv = nnx.Conv(3, 8, (3, 3), precision=HIGHEST, kernel_init=np_init,
+                         rngs=rngs)
+    self.fc = nnx.Linear(8, 16, precision=HIGHEST, kernel_init=np_init,
+                         rngs=rngs)
+    self.out = nnx.Linear(16, 4, precision=HIGHEST, kernel_init=np_init,
+                          rngs=rngs)
+    for layer, sparsity in ((self.conv, 0.7), (self.fc, 0.8)):
+      k = _get_value(layer.kernel)
+      _set_value(layer.kernel, jnp.where(magnitude_mask(k, sparsity), k, 0))
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.fc(self.conv(x).mean(axis=(1, 2)))))
+
+
+def test_sparsify_linear_layers():
+  """linear=True also turns the selected nnx.Linear layers into
+  SparseLinears (by density and name, as convs); the default leaves them;
+  the function and the original model do not change; dense_fallback
+  turns a SparseLinear's 1x1 conv into a DenseConv where it runs dense."""
+  from escort_jax.convert import dense_fallback
+  from escort_jax.nnx import SparseLinear
+  model = _WithHead()
+  x = _x((2, 8, 8, 3))
+  plain = sparsify(model, max_density=0.5, warn=False)
+  assert type(plain.fc) is nnx.Linear and isinstance(plain.conv, SparseConv)
+  sparse = sparsify(model, max_density=0.5, warn=False, linear=True)
+  assert isinstance(sparse.fc, SparseLinear)
+  assert type(sparse.out) is nnx.Linear  # dense: above max_density
+  assert sparse.fc.nnz == np.count_nonzero(_get_value(model.fc.kernel))
+  assert type(model.fc) is nnx.Linear
+  assert_close(sparse(x), model(x), F32_BOUND)
+  only_fc = sparsify(model, filter="^fc$", warn=False, linear=True)
+  assert type(only_fc.conv) is nnx.Conv and isinstance(only_fc.fc,
+                                                         SparseLinear)
+  fast = dense_fallback(sparse, x)  # on the CPU "auto" runs dense
+  assert isinstance(fast.fc, SparseLinear)
+  assert type(fast.fc.conv) is DenseConv
+  assert_close(fast(x), model(x), F32_BOUND)

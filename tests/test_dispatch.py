@@ -206,6 +206,14 @@ def test_default_config_takes_nonzeros_across_lanes_on_small_grids():
     other = ops.default_kernel_config(16, out_len, 4, batch)
     assert (other.block_q, other.nonzero_lanes) == (
         block_q, ops.NONZERO_LANES_TILE // block_q)
+  # A 1x1 map (a fully connected layer): BQ the positions of one image,
+  # rounded up to a power of two, and TINY_MAP_LANES nonzeros per step.
+  for out_len, batch, block_q in ((1, 1, 1), (3, 1, 4), (9, 1, 16),
+                                  (2 * 3, 2, 4)):
+    tiny = ops.default_kernel_config(1000, out_len, 4, batch)
+    assert (tiny.rows_per_program, tiny.nhwc_out) == (1, True)
+    assert (tiny.block_q, tiny.nonzero_lanes) == (block_q,
+                                                   ops.TINY_MAP_LANES)
   big = ops.default_kernel_config(256, 28 * 30 * 32)
   assert big == ops.DEFAULT_CONFIG and big.nonzero_lanes == 0
   # 2-byte inputs: 8 positions per thread on large grids only.

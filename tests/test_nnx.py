@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from escort_jax.nnx import (DenseConv, SparseConv, UnsupportedConvError,
-                            _get_value, _set_value, magnitude_mask)
+from escort_jax.nnx import (DenseConv, SparseConv, SparseLinear,
+                            UnsupportedConvError, _get_value, _set_value,
+                            magnitude_mask)
 from escort_jax.structure import SparseKernel
 from tests.conftest import assert_close, requires_gpu
 
@@ -390,3 +391,68 @@ def test_package_exports():
   for name in ("sharding", "bench_sharded"):
     assert name in ej.__all__
     assert getattr(ej, name).__name__ == f"escort_jax.{name}"
+
+
+# --------------------------------------------------------------------------
+# SparseLinear: a pruned nnx.Linear, run as a 1x1 SparseConv.
+
+
+def _pruned_linear(in_features=12, out_features=7, sparsity=0.6, seed=0,
+                   **kw):
+  lin = nnx.Linear(in_features, out_features, precision=HIGHEST,
+                   kernel_init=np_init, rngs=nnx.Rngs(seed), **kw)
+  keep = magnitude_mask(_get_value(lin.kernel), sparsity)
+  _set_value(lin.kernel, jnp.where(keep, _get_value(lin.kernel), 0))
+  if lin.bias is not None and _get_value(lin.bias) is not None:
+    _set_value(lin.bias, _x((out_features,), seed=9))
+  return lin, keep
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_sparse_linear_matches_nnx_linear(use_bias):
+  """from_linear keeps exactly the nonzeros and the bias; the outputs equal
+  nnx.Linear's for any number of batch dimensions; gradients reach the
+  values; the same rngs initialise the same kernel."""
+  lin, keep = _pruned_linear(use_bias=use_bias)
+  sl = SparseLinear.from_linear(lin, method="dense")
+  assert sl.nnz == keep.sum() and sl.density == pytest.approx(keep.mean())
+  chex.assert_trees_all_equal(sl.dense_kernel(), _get_value(lin.kernel))
+  for shape in [(3, 12), (12,), (2, 3, 12)]:
+    x = _x(shape, seed=len(shape))
+    y = sl(x)
+    chex.assert_shape(y, shape[:-1] + (7,))
+    assert_close(y, lin(x), F32_BOUND, f"input {shape}")
+  x = _x((4, 12))
+  g = nnx.grad(lambda m: (m(x) ** 2).sum())(sl)
+  want = jax.grad(lambda w: ((x @ w + (
+      _get_value(lin.bias) if use_bias else 0)) ** 2).sum())(
+          _get_value(lin.kernel))
+  _, _, c, k = sl.conv.structure.dense_positions()  # CSR order
+  assert_close(_grad(g["conv"], "values"), want[c, k], 1e-5, "gradient")
+  fresh = SparseLinear(12, 7, kernel_init=np_init, rngs=nnx.Rngs(4))
+  chex.assert_trees_all_equal(
+      fresh.dense_kernel(),
+      _get_value(nnx.Linear(12, 7, kernel_init=np_init,
+                            rngs=nnx.Rngs(4)).kernel))
+
+
+def test_sparse_linear_escort_and_construction():
+  """The escort kernel (Pallas interpreter) computes the same as the dense
+  matmul at HIGHEST; mask= and sparsity= prune the initialised kernel; bad
+  inputs name the problem."""
+  lin, _ = _pruned_linear(in_features=40, out_features=24, sparsity=0.8)
+  sl = SparseLinear.from_linear(lin, method="escort")
+  x = _x((3, 40))
+  assert_close(sl(x), lin(x), F32_BOUND)
+  mask = np.random.default_rng(2).random((40, 24)) < 0.25
+  masked = SparseLinear(40, 24, mask=mask, kernel_init=np_init,
+                        rngs=nnx.Rngs(1))
+  np.testing.assert_array_equal(np.asarray(masked.dense_kernel()) != 0, mask)
+  pruned = SparseLinear(40, 24, sparsity=0.9, rngs=nnx.Rngs(1))
+  assert pruned.nnz == round(40 * 24 * 0.1)
+  with pytest.raises(ValueError, match=r"expects \(\.\.\., 40\)"):
+    sl(_x((3, 41)))
+  with pytest.raises(ValueError, match="mask has shape"):
+    SparseLinear(40, 24, mask=mask.T, rngs=nnx.Rngs(1))
+  with pytest.raises(UnsupportedConvError, match="not an nnx.Linear"):
+    SparseLinear.from_linear(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)))

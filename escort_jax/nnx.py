@@ -652,7 +652,7 @@ class SparseLinear(nnx.Module):
   escort kernels, dispatch, plans, tuning and dense_fallback all serve it as
   they serve convolutions (on a GPU at batch 1 the escort path was 2.2-3.0x
   faster than the dense matmul on the SkimCaffe-pruned fc layers:
-  benchmarks/results/2026-11-25T0450-*-sparse-linear-probe.json).
+  benchmarks/results/2026-11-25T0446-*-sparse-linear-probe.json).
 
   Layouts: inputs (..., in_features), any number of batch dimensions or
   none; kernel (in_features, out_features) as nnx.Linear's; outputs

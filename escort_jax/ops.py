@@ -146,7 +146,7 @@ NONZERO_LANES_TILE = 2048
 # positions rounded up to a power of two and K is TINY_MAP_LANES: 2.2-3.0x
 # faster than the dense matmul on caffenet fc6-fc8 and resnet50 fc1000 at
 # batch 1, where BQ 16 x K 32 lost to it (K 64 and 256 within 15 % of 128;
-# benchmarks/results/2026-11-25T0450-*-sparse-linear-probe.json).
+# benchmarks/results/2026-11-25T0446-*-sparse-linear-probe.json).
 TINY_MAP_POSITIONS = 16
 TINY_MAP_LANES = 128
 

@@ -208,9 +208,11 @@ def test_default_config_takes_nonzeros_across_lanes_on_small_grids():
         block_q, ops.NONZERO_LANES_TILE // block_q)
   # A 1x1 map (a fully connected layer): BQ the positions of one image,
   # rounded up to a power of two, and TINY_MAP_LANES nonzeros per step.
-  for out_len, batch, block_q in ((1, 1, 1), (3, 1, 4), (9, 1, 16),
-                                  (2 * 3, 2, 4)):
-    tiny = ops.default_kernel_config(1000, out_len, 4, batch)
+  for rows, out_len, batch, block_q in ((1000, 1, 1, 1), (4096, 1, 1, 1),
+                                        (64, 3, 1, 4), (64, 9, 1, 16),
+                                        (64, 2 * 3, 2, 4),
+                                        (4096, 32, 32, 1)):
+    tiny = ops.default_kernel_config(rows, out_len, 4, batch)
     assert (tiny.rows_per_program, tiny.nhwc_out) == (1, True)
     assert (tiny.block_q, tiny.nonzero_lanes) == (block_q,
                                                    ops.TINY_MAP_LANES)

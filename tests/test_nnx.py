@@ -424,7 +424,7 @@ def test_sparse_linear_matches_nnx_linear(use_bias):
     assert_close(y, lin(x), F32_BOUND, f"input {shape}")
   x = _x((4, 12))
   g = nnx.grad(lambda m: (m(x) ** 2).sum())(sl)
-  want = jax.grad(lambda w: ((x @ w + (
+  want = jax.grad(lambda w: ((jnp.dot(x, w, precision=HIGHEST) + (
       _get_value(lin.bias) if use_bias else 0)) ** 2).sum())(
           _get_value(lin.kernel))
   _, _, c, k = sl.conv.structure.dense_positions()  # CSR order

@@ -518,7 +518,12 @@ def flat_input(x_nhwc, g: cg.ConvGeometry, tail: int) -> jax.Array:
   fusion on the H100 (2-byte inputs at batch 32, 1.06-1.67x, and batch 1,
   1.5-2.4x; float32 at batch 32 is mixed, so it stays with XLA;
   benchmarks/results/*T1450*-flat-layout.json, *T1455*), else XLA's. The
-  kernel covers stride 1 without cropping."""
+  kernel covers stride 1 without cropping. Where the flat layout is the
+  input itself (one 1x1 image, no padding, no tail: a fully connected
+  layer), a reshape."""
+  if (g.batch * g.in_h * g.in_w == 1 and tail == 0 and g.strides == (1, 1)
+      and all(p == (0, 0) for p in g.padding)):
+    return x_nhwc.reshape(-1)
   if (on_gpu() and g.strides == (1, 1)
       and min(min(p) for p in g.padding) >= 0
       and (jnp.dtype(x_nhwc.dtype).itemsize <= 2 or g.batch == 1)):
@@ -623,7 +628,11 @@ class _SparseCall:
     else:
       plan = escort_plan(self.structure, g,
                          self._forward_config(g, x_nhwc.dtype.itemsize))
-      x_flat = flat_input(x_nhwc, g, plan.x_tail)
+      # The nonzero-lanes kernel masks every read, so it needs only what
+      # the last plane's wide columns read past its end, not the zero run
+      # (with a 1x1 kernel nothing: then a 1x1 map is its own flat layout).
+      x_flat = flat_input(x_nhwc, g, g.max_shift
+                          if plan.nonzero_rows is not None else plan.x_tail)
       c = plan.config
       split = c.split
       # The forward nonzeros are in CSR order, so the kernel reads the

@@ -630,3 +630,24 @@ def test_split_rows_parts_and_low_precision():
   assert_close(y.astype(jnp.float32), ref, LOW_BOUND)
   with pytest.raises(ValueError, match="split must be a positive int"):
     sparse_conv(x, sk, method="escort", config=KernelConfig(split=0))
+
+
+def test_flat_input_of_one_pixel_is_a_reshape():
+  """One 1x1 image with no padding and no tail is its own flat layout (a
+  fully connected layer as a 1x1 conv): flat_input reshapes, and agrees
+  with conv_geometry.to_flat_input; a stride or a tail takes the general
+  route."""
+  from escort_jax import conv_geometry as cg
+  from escort_jax.ops import flat_input
+  rng = np.random.default_rng(93)
+  x = random_array(rng, (1, 1, 1, 6))
+  sk = SparseKernel.from_dense(random_pruned_kernel(rng, (1, 1, 6, 3), 0.5))
+  g = cg.make_geometry(x.shape, sk.structure, (1, 1), "VALID", (1, 1), 1)
+  jaxpr = str(jax.make_jaxpr(lambda x: flat_input(x, g, 0))(x))
+  assert "reshape" in jaxpr and "pallas_call" not in jaxpr and "pad" not in (
+      jaxpr)
+  np.testing.assert_array_equal(flat_input(x, g, 0), cg.to_flat_input(x, g, 0))
+  for other, tail in ((cg.make_geometry(x.shape, sk.structure, (2, 2),
+                                        "VALID", (1, 1), 1), 0), (g, 4)):
+    np.testing.assert_array_equal(flat_input(x, other, tail),
+                                  cg.to_flat_input(x, other, tail))

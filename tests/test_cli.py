@@ -687,7 +687,7 @@ def test_bench_tune_precision(flag, want, tmp_path, capsys, monkeypatch):
 
 
 def test_bench_tune_network(tmp_path, capsys, monkeypatch):
-  """`bench --tune --network resnet50` tunes the 16 sparse layers of the
+  """`bench --tune --network resnet50` tunes the 17 sparse layers of the
   network that `bench --network` runs, with the shapes they get there, under
   the precision asked for."""
   from escort_jax import tune  # pylint: disable=g-import-not-at-top
@@ -705,15 +705,22 @@ def test_bench_tune_network(tmp_path, capsys, monkeypatch):
                    "--plan-dir", str(tmp_path), "--json"])
   captured = capsys.readouterr()
   assert code == 0, captured.err[-3000:]
-  assert len(seen) == 16  # the pruned 3x3 layers, once each
+  # The pruned 3x3 layers and fc1000 (a SparseLinear: a 1x1 SparseConv on a
+  # 1x1 map), once each.
+  assert len(seen) == 17
+  fc = [s for s in seen if s[1] == (1, 1, 2048, 1000)]
+  assert [s[0] for s in fc] == [(2, 1, 1, 2048)]
+  convs = [s for s in seen if s[1] != (1, 1, 2048, 1000)]
   # res2a: 32 -> 16 (stem, stride 2) -> 8 (max pool); res5c: 1.
-  assert seen[0][:2] == ((2, 8, 8, 64), (3, 3, 64, 64))
-  assert seen[-1][:2] == ((2, 1, 1, 512), (3, 3, 512, 512))
+  assert convs[0][:2] == ((2, 8, 8, 64), (3, 3, 64, 64))
+  assert convs[-1][:2] == ((2, 1, 1, 512), (3, 3, 512, 512))
   assert {s[3] for s in seen} == {jnp.dtype(jnp.float32)}
   assert {s[4] for s in seen} == {"highest"}
   report = json.loads(captured.out)
-  assert [r["layer"] for r in report][:2] == ["res2a.branch2b",
-                                              "res2b.branch2b"]
+  layers = [r["layer"] for r in report]
+  assert "fc1000.conv" in layers
+  assert [l for l in layers if l != "fc1000.conv"][:2] == ["res2a.branch2b",
+                                                           "res2b.branch2b"]
   assert "resnet50 b=2 float32 res2a.branch2b (2, 8, 8, 64): escort" in (
       captured.err)
 

@@ -215,6 +215,13 @@ _OPTIONAL_CONV_ARGS = ("promote_dtype", "preferred_element_type")
 _CONV_PARAMETERS = frozenset(inspect.signature(nnx.Conv.__init__).parameters)
 
 
+def _keep_plain_attributes(source, target) -> None:
+  """Copies the _PLAIN_ATTRIBUTES_KEPT that `source` has onto `target`."""
+  for name in _PLAIN_ATTRIBUTES_KEPT:
+    if hasattr(source, name):
+      setattr(target, name, getattr(source, name))
+
+
 def _optional_args(layer, accepted=_OPTIONAL_CONV_ARGS) -> dict:
   """The _OPTIONAL_CONV_ARGS that `layer` has and `accepted` names (by
   default all: SparseConv takes each of them)."""
@@ -432,9 +439,7 @@ class SparseConv(nnx.Module):
         method=method, activation=activation, config=config, **kwargs)
     # Plain attributes that models hang on their layers (the model zoo's
     # `caffe_name`) are not constructor arguments; keep them.
-    for name in _PLAIN_ATTRIBUTES_KEPT:
-      if hasattr(layer, name):
-        setattr(new, name, getattr(layer, name))
+    _keep_plain_attributes(layer, new)
     return new
 
   # ------------------------------------------------------------------------
@@ -480,9 +485,7 @@ class SparseConv(nnx.Module):
     _set_value(conv.kernel, self.dense_kernel())
     if self.use_bias:
       _set_value(conv.bias, _get_value(self.bias))
-    for name in _PLAIN_ATTRIBUTES_KEPT:
-      if hasattr(self, name):
-        setattr(conv, name, getattr(self, name))
+    _keep_plain_attributes(self, conv)
     if self.activation is None:
       return conv
     return nnx.Sequential(conv, nnx.relu)
@@ -501,9 +504,7 @@ class SparseConv(nnx.Module):
         precision=self.precision, promote_dtype=self.promote_dtype,
         preferred_element_type=self.preferred_element_type,
         activation=self.activation)
-    for name in _PLAIN_ATTRIBUTES_KEPT:
-      if hasattr(self, name):
-        setattr(new, name, getattr(self, name))
+    _keep_plain_attributes(self, new)
     return new
 
   def __call__(self, inputs: jax.Array) -> jax.Array:

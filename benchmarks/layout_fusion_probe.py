@@ -12,6 +12,11 @@ For each input shape (ResNet-50's 3x3 layers), jitted functions of
   bn_relu_kernel the same NHWC, then the Pallas layout kernel (padded
                  planes and a zero tail): the escort layers now
   bn_relu_xla    the same, then conv_geometry.to_flat_input as XLA's fusion
+  bn_relu_onepad the same, then the layout as one pad (rows, columns and the
+                 tail as extra channels) before one transpose, so that the
+                 pad is in the transpose's prologue
+  kernel_alone, xla_alone, onepad_alone: the layouts with no op before
+Each variant runs in float32 and bfloat16, at batch 1 and 32.
 Writes DIR/layout_fusion_probe.json: device time and kernel names of each.
 """
 
@@ -31,7 +36,18 @@ from escort_jax.structure import SparseStructure
 from pallas_kernels.flat_layout import flat_layout
 
 SHAPES = [(1, 56, 56, 64), (1, 28, 28, 128), (1, 14, 14, 256),
-          (1, 7, 7, 512)]
+          (1, 7, 7, 512), (32, 28, 28, 128), (32, 14, 14, 256)]
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def one_pad_layout(x, g, tail):
+  """to_flat_input at stride 1 as one pad (the tail as zero channels)
+  before one transpose."""
+  (pt, pb), (pl_, pr) = g.padding
+  extra = -(-tail // g.plane_len)
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                  ((0, 0, 0), (pt, pb, 0), (pl_, pr, 0), (0, extra, 0)))
+  return jnp.transpose(x, (3, 1, 2, 0)).reshape(-1)
 
 
 def _geometry(shape):
@@ -54,6 +70,12 @@ def variants(shape):
           bn_relu(x, a, b), g.padding, -(-tail // g.plane_len)),
       "bn_relu_xla": lambda x, a, b: cg.to_flat_input(bn_relu(x, a, b), g,
                                                       tail),
+      "bn_relu_onepad": lambda x, a, b: one_pad_layout(bn_relu(x, a, b), g,
+                                                       tail),
+      "kernel_alone": lambda x, a, b: flat_layout(
+          x, g.padding, -(-tail // g.plane_len)),
+      "xla_alone": lambda x, a, b: cg.to_flat_input(x, g, tail),
+      "onepad_alone": lambda x, a, b: one_pad_layout(x, g, tail),
   }
 
 
@@ -66,18 +88,29 @@ def main():
          "jax_version": jax.__version__, "rows": []}
   for shape in SHAPES:
     c = shape[-1]
-    inputs = [(jnp.asarray(rng.standard_normal(shape), jnp.float32),
-               jnp.asarray(rng.random(c) + 0.5, jnp.float32),
-               jnp.asarray(rng.standard_normal(c), jnp.float32))
-              for _ in range(5)]
-    for name, fn in variants(shape).items():
-      t = bench.device_time_us(jax.jit(fn), inputs)
-      out["rows"].append({"shape": shape, "variant": name,
-                          "time_us": t.median_us, "spread_us": t.spread_us,
-                          "kernels_us": t.kernels_us})
-      print(f"{str(shape):18s} {name:15s} {t.median_us:6.2f} us  "
-            f"{len(t.kernels_us)} kernel(s): {sorted(t.kernels_us)}",
-            flush=True)
+    for dtype in DTYPES:
+      inputs = [(jnp.asarray(rng.standard_normal(shape), dtype),
+                 jnp.asarray(rng.random(c) + 0.5, dtype),
+                 jnp.asarray(rng.standard_normal(c), dtype))
+                for _ in range(5)]
+      want = None
+      for name, fn in variants(shape).items():
+        f = jax.jit(fn)
+        same = None
+        if name.startswith("bn_relu_") and name != "bn_relu_chwn":
+          got = np.asarray(f(*inputs[0]).astype(jnp.float32))
+          if want is None:
+            want = got
+          # Every padded layout must equal the others, bit for bit.
+          same = bool(np.array_equal(got, want))
+        t = bench.device_time_us(f, inputs)
+        out["rows"].append({"shape": shape, "dtype": jnp.dtype(dtype).name,
+                            "variant": name, "time_us": t.median_us,
+                            "spread_us": t.spread_us, "same_bits": same,
+                            "kernels_us": t.kernels_us})
+        print(f"{str(shape):18s} {jnp.dtype(dtype).name:8s} {name:15s} "
+              f"{t.median_us:6.2f} us  same={same} {len(t.kernels_us)} kernel(s): "
+              f"{sorted(t.kernels_us)}", flush=True)
   with open(os.path.join(a.out, "layout_fusion_probe.json"), "w") as fh:
     json.dump(out, fh, indent=1)
 

@@ -31,12 +31,35 @@ from escort_jax.bench import parse_config
 from escort_jax.convert import dense_fallback
 
 
-def overrides(variant: str) -> dict:
-  """The KernelConfig fields that a variant ("split=2,unpadded=1") sets."""
-  if not variant:
-    return {}
-  parsed, pairs = parse_config(variant)
-  return {name: getattr(parsed, name) for name, _ in pairs}
+def one_pad_flat_input(x_nhwc, g, tail):
+  """The input layout at stride 1 as XLA's fusion of one pad (rows,
+  columns, and the tail as zero channels) before one transpose, so that XLA
+  can fuse it into the op before; otherwise ops.flat_input."""
+  if g.strides != (1, 1) or min(min(p) for p in g.padding) < 0:
+    return FLAT_INPUT(x_nhwc, g, tail)
+  (pt, pb), (pl_, pr) = g.padding
+  extra = -(-tail // g.plane_len)
+  x = jax.lax.pad(x_nhwc, jnp.zeros((), x_nhwc.dtype),
+                  ((0, 0, 0), (pt, pb, 0), (pl_, pr, 0), (0, extra, 0)))
+  return jnp.transpose(x, (3, 1, 2, 0)).reshape(-1)
+
+
+FLAT_INPUT = ops.flat_input
+LAYOUTS = {"plans": FLAT_INPUT, "onepad": one_pad_flat_input,
+           "xla": lambda x, g, tail: ops.cg.to_flat_input(x, g, tail)}
+
+
+def overrides(variant: str) -> tuple[dict, str]:
+  """The KernelConfig fields that a variant ("split=2,layout=onepad") sets,
+  and its input layout (LAYOUTS; "layout=" is not a config field)."""
+  parts = [p for p in variant.split(",") if p.strip()]
+  layouts = [p.split("=", 1)[1] for p in parts if p.startswith("layout=")]
+  rest = ",".join(p for p in parts if not p.startswith("layout="))
+  layout = layouts[-1] if layouts else "plans"
+  if not rest:
+    return {}, layout
+  parsed, pairs = parse_config(rest)
+  return {name: getattr(parsed, name) for name, _ in pairs}, layout
 
 
 def main():
@@ -64,7 +87,8 @@ def main():
   for name, model, variant in runs:
     changed = set()
     if variant is not None:
-      fields = overrides(variant)
+      fields, layout = overrides(variant)
+      ops.flat_input = LAYOUTS[layout]
 
       def config(self, g, itemsize, fields=fields):
         cfg = chosen(self, g, itemsize)
@@ -81,6 +105,7 @@ def main():
       t = bench.device_time_us(f, xs)
     finally:
       ops._SparseCall._forward_config = chosen
+      ops.flat_input = FLAT_INPUT
     kernels = dict(sorted(t.kernels_us.items(), key=lambda kv: -kv[1]))
 
     out["runs"][name] = {"total_us": t.median_us, "spread_us": t.spread_us,

@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only these nets (caffenet, googlenet, resnet50)")
   bench.add_argument("--layers", nargs="+", metavar="NAME",
                      help="'net/layer' names or substrings (comma or space "
-                     "separated); default: the 39 pruned layers")
+                     "separated); default: the 39 pruned layers. With --tune "
+                     "--network: only the layers whose path contains one")
   bench.add_argument("--batch", nargs="+", metavar="N",
                      help="batch sizes (default: 1 32)")
   bench.add_argument("--dtype", nargs="+", metavar="DTYPE",
@@ -344,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "for jax.default_matmul_precision('highest') or "
                      "precision=HIGHEST calls)")
   bench.add_argument("--candidates",
-                     choices=("all", "vector", "escort", "escort-large"),
+                     choices=("all", "vector", "escort", "escort-large",
+                              "layer"),
                      default="all",
                      help="with --tune: which kernel configs to time "
                      "(escort_jax.tune.CANDIDATE_SETS): all (default) every "
@@ -352,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "vector one; vector the vector candidates against the "
                      "escort kernel at its default config only; escort the "
                      "escort candidates only; escort-large those for large "
-                     "grids (batch 32) only")
+                     "grids (batch 32) only; layer only each layer's own "
+                     "default tile and, on tiny maps (fully connected "
+                     "layers), its variants. Every set includes the "
+                     "layer's default")
   bench.add_argument("--plan-dir", metavar="DIR",
                      help="with --tune: where to write plans (default: "
                      "$ESCORT_JAX_PLAN_DIR, else the package's plans/)")
@@ -816,8 +821,15 @@ def _cmd_bench(args) -> int:
     return usage(str(e))
   selectors = _split_list(args.layers)
   nets = _split_list(args.net)
+  if args.network and selectors and not args.tune:
+    return usage("--layers with --network goes with --tune (it picks the "
+                 "network layers to tune)")
   try:
-    if args.sweep:
+    if args.network:
+      # Network layers are paths in the model, not workload rows: --layers
+      # filters them in _tune_networks.
+      layers = [None]
+    elif args.sweep:
       pool = wl.load_layers()
       layers = wl.find_layers(selectors or list(bench.SWEEP_LAYERS),
                               nets=nets, pool=pool)
@@ -1031,7 +1043,8 @@ def _tune_networks(nets, batches, dtypes, args, console, *, max_hw=None,
   """`bench --tune --network NET`: records a plan for every sparse layer of
   the pruned network that `bench --network` runs (the same seeded model), at
   each batch and dtype and at --precision, so that its "auto" layers follow
-  tuned plans (escort_jax.tune.tune_model)."""
+  tuned plans (escort_jax.tune.tune_model). --layers keeps the layers whose
+  path contains one of its names (e.g. "fc" for the fully connected ones)."""
   import jax
   import jax.numpy as jnp
   from escort_jax import bench_network, tune
@@ -1051,7 +1064,8 @@ def _tune_networks(nets, batches, dtypes, args, console, *, max_hw=None,
             sparse, jax.ShapeDtypeStruct((batch, h, w, c), jnp.dtype(dtype)),
             precision=precision, candidates=candidates,
             vector_candidates=vector_candidates,
-            num_inputs=num_inputs or 10, directory=directory, on_layer=show)
+            num_inputs=num_inputs or 10, directory=directory, on_layer=show,
+            layers=_split_list(args.layers) or None)
   if args.json:
     print(json.dumps(report, indent=1))
   return EXIT_OK

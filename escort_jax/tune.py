@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax import dispatch, plans
-from escort_jax.ops import (KernelConfig, VectorConfig, make_spec,
-                            sparse_conv, structure_vector_width)
+from escort_jax.ops import (TINY_MAP_POSITIONS, KernelConfig, VectorConfig,
+                            default_kernel_config, make_spec, sparse_conv,
+                            structure_vector_width)
 from escort_jax.structure import SparseKernel
 
 # Candidates from the H100 tile sweeps of 2026-11-24
@@ -90,6 +91,32 @@ DEFAULT_VECTOR_CANDIDATES = (
 
 VECTOR_PREFIX = "vector:"
 
+# Tiny maps (at most TINY_MAP_POSITIONS positions per image: fully connected
+# layers, 1x1 maps) have grids of their own, so the tuner also tries their
+# default tile with K nonzeros per step and W warps from these.
+TINY_MAP_LANES_CHOICES = (32, 64, 128, 256)
+TINY_MAP_WARPS_CHOICES = (1, 2, 4, 8)
+
+
+def layer_candidates(geometry, itemsize: int,
+                     candidates: Sequence[KernelConfig]
+                     ) -> tuple[KernelConfig, ...]:
+  """The escort configs that tune_layer times on one layer: `candidates`,
+  then the layer's own default (ops.default_kernel_config, what it runs
+  with no plan, so that a plan is never slower than no plan), and on tiny
+  maps that default's K x warps variants (TINY_MAP_*_CHOICES; warps only
+  as many as the K x BQ tile fills). No config twice."""
+  g = geometry
+  default = default_kernel_config(g.out_channels, g.out_len, itemsize,
+                                  g.batch)
+  extra = [default]
+  if g.out_len // g.batch <= TINY_MAP_POSITIONS:
+    extra += [dataclasses.replace(default, nonzero_lanes=k, num_warps=w)
+              for k in TINY_MAP_LANES_CHOICES
+              for w in TINY_MAP_WARPS_CHOICES
+              if 32 * w <= k * default.block_q]
+  return tuple(dict.fromkeys(tuple(candidates) + tuple(extra)))
+
 # Named candidate sets, (escort candidates, vector candidates), for
 # `escort-jax bench --tune --candidates NAME`:
 #   all     every escort and (on vector-sparse layers) every vector candidate
@@ -98,11 +125,15 @@ VECTOR_PREFIX = "vector:"
 #   escort  the escort candidates only, no vector kernel
 #   escort-large  the escort candidates for large grids only (batch 32:
 #           the small-grid configs never win there), no vector kernel
+#   layer   none but what layer_candidates adds: each layer's own default
+#           and, on tiny maps (fully connected layers), its K x warps
+#           variants; no vector kernel
 CANDIDATE_SETS = {
     "all": (DEFAULT_CANDIDATES, DEFAULT_VECTOR_CANDIDATES),
     "vector": ((KernelConfig(),), DEFAULT_VECTOR_CANDIDATES),
     "escort": (DEFAULT_CANDIDATES, ()),
     "escort-large": (LARGE_GRID_CANDIDATES, ()),
+    "layer": ((), ()),
 }
 
 
@@ -151,7 +182,8 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
     sk: the SparseKernel (its values are cast to `dtype`).
     dtype: the input dtype to tune for.
     precision: the precision of the dense alternative (and of the plan key).
-    candidates: escort kernel configs to try.
+    candidates: escort kernel configs to try (with the layer's default and,
+      on tiny maps, its variants: layer_candidates).
     vector_candidates: vector kernel configs to try where the structure is
       vector-sparse on this geometry (V >= 8); () to skip the vector kernel.
     save: record the plan (escort_jax.plans.record).
@@ -202,7 +234,8 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
         best_cfg, best_t = cfg, t
     return best_cfg, best_t
 
-  best = {"escort": fastest("escort", candidates)}
+  best = {"escort": fastest("escort", layer_candidates(
+      spec.geometry, jnp.dtype(dtype).itemsize, candidates))}
   vector_width = structure_vector_width(skd.structure, spec.geometry)
   if vector_width >= 8 and vector_candidates:
     best["vector"] = fastest("vector", vector_candidates)
@@ -235,7 +268,8 @@ def tune_model(model, example_input, *, call=None, precision=None,
                vector_candidates: Sequence[VectorConfig] = (
                    DEFAULT_VECTOR_CANDIDATES),
                num_inputs: int = 10, seed: int = 0, save: bool = True,
-               directory=None, on_layer=None) -> dict[str, list[dict]]:
+               directory=None, on_layer=None,
+               layers: Sequence[str] | None = None) -> dict[str, list[dict]]:
   """Tunes every SparseConv of an NNX model for the inputs it gets.
 
   One forward pass of `example_input` is traced abstractly
@@ -257,6 +291,8 @@ def tune_model(model, example_input, *, call=None, precision=None,
     candidates, vector_candidates, num_inputs, seed, save, directory: as
       for tune_layer.
     on_layer: called as on_layer(path, input_shape, entry) after each.
+    layers: tune only the SparseConvs whose dotted path contains one of
+      these strings (None: all of them).
 
   Returns:
     Dotted layer path -> the plan entries of its distinct input shapes.
@@ -274,6 +310,8 @@ def tune_model(model, example_input, *, call=None, precision=None,
       if not isinstance(node, SparseConv):
         continue
       name = convert.path_str(path)
+      if layers is not None and not any(part in name for part in layers):
+        continue
       sk = node.sparse_kernel
       bias = None if node.bias is None else _get_value(node.bias)
       seen = set()

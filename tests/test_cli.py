@@ -723,6 +723,13 @@ def test_bench_tune_network(tmp_path, capsys, monkeypatch):
                                                            "res2b.branch2b"]
   assert "resnet50 b=2 float32 res2a.branch2b (2, 8, 8, 64): escort" in (
       captured.err)
+  # --layers keeps the layers whose path contains one of the names.
+  seen.clear()
+  code = cli.main(["bench", "--tune", "--network", "resnet50", "--max-hw",
+                   "32", "--batch", "2", "--layers", "fc,res5c",
+                   "--plan-dir", str(tmp_path)])
+  assert code == 0, capsys.readouterr().err[-3000:]
+  assert sorted(s[1] for s in seen) == [(1, 1, 2048, 1000), (3, 3, 512, 512)]
 
 
 def test_spread_indices():

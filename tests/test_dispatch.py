@@ -145,12 +145,14 @@ def test_tune_records_a_plan_that_dispatch_finds(plan_dir):
       (1, 6, 6, 4), sk, candidates=(ej.KernelConfig(2, 32, 4, 1, 1),),
       num_inputs=2, directory=plan_dir)
   assert entry["method"] in ("escort", "dense")
-  assert set(entry["times_us"]) == {
-      "dense", tune.config_label(ej.KernelConfig(2, 32, 4, 1, 1))}
+  g = make_geometry((1, 6, 6, 4), sk.structure, (1, 1), "SAME", (1, 1), 1)
+  assert set(entry["times_us"]) == {"dense"} | {
+      tune.config_label(c) for c in tune.layer_candidates(
+          g, 4, (ej.KernelConfig(2, 32, 4, 1, 1),))}
+  assert len(entry["times_us"]) == 3  # dense, the candidate, the default
   assert tune.config_label(ej.KernelConfig(2, 32, 4, 1, 1)).startswith(
       "rows_per_program=2,block_q=32,num_warps=4,num_stages=1,unroll=1")
   assert all(t > 0 for t in entry["times_us"].values())
-  g = make_geometry((1, 6, 6, 4), sk.structure, (1, 1), "SAME", (1, 1), 1)
   found = plans.lookup(plans.plan_key(sk.structure.digest, g, jnp.float32,
                                       None))
   assert found == entry

@@ -2,6 +2,8 @@
 timed beside the escort kernel's and dense, and the plan it records says
 which kernel its config belongs to (on the CPU)."""
 
+import dataclasses
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -30,10 +32,15 @@ def _unstructured_kernel(seed=0, shape=(3, 3, 4, 16)):
   return ej.SparseKernel.from_dense(k * (rng.random(shape) < 0.4))
 
 
+# What the layer's own default config (tune.layer_candidates: timed after
+# the escort candidates) takes in the fake timings: it never wins there.
+SLOW_DEFAULT = 999.0
+
+
 def _fake_times(monkeypatch, times):
   """device_time_us returns `times` in call order (dense, escort
-  candidates, vector candidates) without running anything (the real route
-  is test_real_timing_of_a_vector_layer's)."""
+  candidates, the layer's default config, vector candidates) without
+  running anything (the real route is test_real_timing_of_a_vector_layer's)."""
   queue = list(times)
 
   def fake(fn, inputs, **kwargs):
@@ -64,7 +71,8 @@ def test_default_vector_candidates():
 
 def test_vector_wins_and_dispatch_follows(plan_dir, monkeypatch):
   sk = _vector_kernel()
-  queue = _fake_times(monkeypatch, [100.0, 50.0, 40.0, 30.0, 10.0])
+  queue = _fake_times(monkeypatch,
+                      [100.0, 50.0, 40.0, SLOW_DEFAULT, 30.0, 10.0])
   entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT,
                           vector_candidates=VECTOR, num_inputs=1,
                           directory=plan_dir)
@@ -74,8 +82,10 @@ def test_vector_wins_and_dispatch_follows(plan_dir, monkeypatch):
   assert entry["config"] == {"block_q": 16, "block_k": 16, "num_warps": 4,
                              "num_stages": 2}
   assert entry["best_configs"]["escort"]["rows_per_program"] == 4
+  g, _ = _key(sk)
   assert set(entry["times_us"]) == {"dense"} | {
-      tune.time_key("escort", c) for c in ESCORT} | {
+      tune.time_key("escort", c)
+      for c in tune.layer_candidates(g, 4, ESCORT)} | {
           tune.time_key("vector", c) for c in VECTOR}
   assert plans.config_from_entry(entry) == VECTOR[1]
   # The best config of the kernel that lost is kept too (best_configs).
@@ -95,7 +105,7 @@ def test_vector_wins_and_dispatch_follows(plan_dir, monkeypatch):
 def test_dense_wins_config_of_the_faster_sparse_kernel(plan_dir,
                                                        monkeypatch):
   sk = _vector_kernel(seed=1)
-  _fake_times(monkeypatch, [1.0, 20.0, 30.0, 40.0, 50.0])
+  _fake_times(monkeypatch, [1.0, 20.0, 30.0, SLOW_DEFAULT, 40.0, 50.0])
   entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT,
                           vector_candidates=VECTOR, num_inputs=1,
                           directory=plan_dir)
@@ -108,7 +118,7 @@ def test_dense_wins_config_of_the_faster_sparse_kernel(plan_dir,
 
 def test_unstructured_layer_times_no_vector_kernel(plan_dir, monkeypatch):
   sk = _unstructured_kernel()
-  queue = _fake_times(monkeypatch, [100.0, 50.0, 40.0, 1.0])
+  queue = _fake_times(monkeypatch, [100.0, 50.0, 40.0, SLOW_DEFAULT, 1.0])
   entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT,
                           vector_candidates=VECTOR, num_inputs=1,
                           directory=plan_dir)
@@ -162,6 +172,7 @@ def test_candidate_sets():
   assert tune.CANDIDATE_SETS["vector"] == ((KernelConfig(),),
                                            tune.DEFAULT_VECTOR_CANDIDATES)
   assert tune.CANDIDATE_SETS["escort"] == (tune.DEFAULT_CANDIDATES, ())
+  assert tune.CANDIDATE_SETS["layer"] == ((), ())
 
 
 class _TwoLayers(nnx.Module):
@@ -189,7 +200,7 @@ def test_tune_model_plans_are_the_ones_its_calls_look_up(plan_dir,
   model = _TwoLayers(nnx.Rngs(0))
   x = jax.ShapeDtypeStruct((2, 9, 9, 4), jnp.float32)
   # Per tuned (layer, shape): dense, then the candidates; the second wins.
-  queue = _fake_times(monkeypatch, [100.0, 50.0, 20.0] * 2)
+  queue = _fake_times(monkeypatch, [100.0, 50.0, 20.0, SLOW_DEFAULT] * 2)
   seen = []
   result = tune.tune_model(model, x, precision="highest", candidates=ESCORT,
                            num_inputs=1, directory=plan_dir,
@@ -210,7 +221,7 @@ def test_tune_model_plans_are_the_ones_its_calls_look_up(plan_dir,
 def test_tune_model_keeps_an_enclosing_precision(plan_dir, monkeypatch):
   model = _TwoLayers(nnx.Rngs(0))
   x = jax.ShapeDtypeStruct((1, 9, 9, 4), jnp.float32)
-  _fake_times(monkeypatch, [100.0, 50.0, 20.0] * 2)
+  _fake_times(monkeypatch, [100.0, 50.0, 20.0, SLOW_DEFAULT] * 2)
   with jax.default_matmul_precision("highest"):
     tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
                     directory=plan_dir)
@@ -226,7 +237,7 @@ def test_tune_model_tunes_in_the_dtype_the_layer_computes_in(plan_dir,
                                     param_dtype=jnp.bfloat16,
                                     rngs=nnx.Rngs(1)))
   x = jax.ShapeDtypeStruct((1, 7, 7, 4), jnp.float32)
-  _fake_times(monkeypatch, [100.0, 50.0, 20.0])
+  _fake_times(monkeypatch, [100.0, 50.0, 20.0, SLOW_DEFAULT])
   (entry,), = tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
                               directory=plan_dir).values()
   g = make_geometry((1, 7, 7, 4), model.layers[0].structure, (1, 1),
@@ -234,3 +245,47 @@ def test_tune_model_tunes_in_the_dtype_the_layer_computes_in(plan_dir,
   key = plans.plan_key(model.layers[0].structure.digest, g, jnp.float32,
                        None)
   assert plans.lookup(key) == entry
+
+
+def test_layer_candidates_add_the_layers_default():
+  """The layer's own default config joins the candidates (a plan is never
+  slower than no plan); on a tiny map also its K x warps variants."""
+  sk = _unstructured_kernel()
+  g, _ = _key(sk)
+  default = ops.default_kernel_config(g.out_channels, g.out_len, 4, g.batch)
+  assert tune.layer_candidates(g, 4, ESCORT) == ESCORT + (default,)
+  # Already a candidate: not twice.
+  assert tune.layer_candidates(g, 4, ESCORT + (default,)) == (
+      ESCORT + (default,))
+  # A fully connected layer: a 1x1 map.
+  fc = ej.SparseKernel.from_dense(
+      np.where(np.random.default_rng(0).random((1, 1, 64, 32)) < 0.2, 1.0,
+               0.0).astype(np.float32))
+  for batch in (1, 4):
+    gf = make_geometry((batch, 1, 1, 64), fc.structure, (1, 1), "VALID",
+                       (1, 1), 1)
+    got = tune.layer_candidates(gf, 4, ESCORT)
+    tiny = ops.default_kernel_config(gf.out_channels, gf.out_len, 4, batch)
+    # Tiles per image (one position), whatever the batch.
+    assert tiny.nonzero_lanes and tiny.block_q == 1
+    assert got[:len(ESCORT) + 1] == ESCORT + (tiny,)
+    variants = got[len(ESCORT) + 1:]
+    assert {(c.nonzero_lanes, c.num_warps) for c in variants} == {
+        (k, w) for k in tune.TINY_MAP_LANES_CHOICES
+        for w in tune.TINY_MAP_WARPS_CHOICES
+        if 32 * w <= k} - {(tiny.nonzero_lanes, tiny.num_warps)}
+    # Only K and the warps change; every variant is a valid config.
+    assert all(dataclasses.replace(c, nonzero_lanes=tiny.nonzero_lanes,
+                                   num_warps=tiny.num_warps) == tiny
+               for c in variants)
+
+
+def test_tune_model_layers_filter(plan_dir, monkeypatch):
+  model = _TwoLayers(nnx.Rngs(0))
+  x = jax.ShapeDtypeStruct((1, 9, 9, 4), jnp.float32)
+  queue = _fake_times(monkeypatch, [100.0, 50.0, 20.0, SLOW_DEFAULT])
+  result = tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
+                           directory=plan_dir, layers=["b"])
+  assert not queue and set(result) == {"b"}
+  assert tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
+                         directory=plan_dir, layers=["nothing"]) == {}

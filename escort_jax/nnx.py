@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax.ops import (ACTIVATIONS, CUDNN_KERNEL_LAYOUT, METHODS,
-                            KernelConfig, VectorConfig, sparse_conv)
+                            KernelConfig, VectorConfig, dense_conv_ohwi,
+                            sparse_conv)
 from escort_jax.prune import magnitude_mask
 from escort_jax.structure import SparseKernel, SparseStructure
 
@@ -576,8 +577,10 @@ class DenseConv(nnx.Module):
   Build one with SparseConv.to_dense_conv() (escort_jax.convert.
   dense_fallback does, for the layers that run faster dense) or from its
   arrays. It computes lax.conv_general_dilated + bias, then the activation
-  (None or "relu"); its gradients are XLA's, and nothing holds pruned
-  weights at zero: fine-tune the SparseConv, not this.
+  (None or "relu"); a 1x1 kernel on a 1x1 map (a SparseLinear's fallback)
+  runs as nnx.Linear's matmul (escort_jax.ops.dense_conv_ohwi). Its
+  gradients are XLA's, and nothing holds pruned weights at zero: fine-tune
+  the SparseConv, not this.
   """
 
   def __init__(self, kernel_ohwi: jax.Array, bias: jax.Array | None = None,
@@ -632,10 +635,9 @@ class DenseConv(nnx.Module):
     bias = _get_value(self.bias) if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias),
                                               dtype=self.dtype)
-    y = lax.conv_general_dilated(
+    y = dense_conv_ohwi(
         inputs, kernel, self.strides, self.padding,
         rhs_dilation=self.kernel_dilation,
-        dimension_numbers=("NHWC", CUDNN_KERNEL_LAYOUT, "NHWC"),
         feature_group_count=self.feature_group_count,
         precision=self.precision,
         preferred_element_type=self.preferred_element_type)

@@ -798,15 +798,45 @@ def _sparse_conv_path(x_nhwc, values, bias, structure, spec: ConvSpec,
 # The dense path.
 
 
+def dense_conv_ohwi(x_nhwc: jax.Array, kernel_ohwi: jax.Array,
+                    strides: Sequence[int], padding, *,
+                    rhs_dilation: Sequence[int] = (1, 1),
+                    feature_group_count: int = 1,
+                    precision: lax.PrecisionLike = None,
+                    preferred_element_type=None) -> jax.Array:
+  """lax.conv_general_dilated of x (N, H, W, C) with an OHWI kernel
+  (K, kh, kw, C // groups) -> (N, Ho, Wo, K); padding as lax's (a string
+  or pairs).
+
+  A 1x1 kernel on a 1x1 map (stride 1, no padding, no groups) is a fully
+  connected layer, and runs as the matmul that nnx.Linear runs: cuDNN's
+  convolution of that shape was 1.15-1.9x slower at TF32 on the H100 for
+  1000 outputs, and 6-21x at fp32 HIGHEST (benchmarks/results/
+  2026-11-25T0642-*-pointwise-dense-probe.json).
+  """
+  k, kh, kw, c = kernel_ohwi.shape
+  unpadded = padding in ("SAME", "VALID") or all(
+      tuple(p) == (0, 0) for p in padding)
+  if ((kh, kw) == (1, 1) and x_nhwc.shape[1:3] == (1, 1) and unpadded
+      and tuple(strides) == (1, 1) and feature_group_count == 1):
+    return lax.dot_general(
+        x_nhwc, kernel_ohwi.reshape(k, c), (((3,), (1,)), ((), ())),
+        precision=precision, preferred_element_type=preferred_element_type)
+  return lax.conv_general_dilated(
+      x_nhwc, kernel_ohwi, strides, padding, rhs_dilation=rhs_dilation,
+      dimension_numbers=("NHWC", CUDNN_KERNEL_LAYOUT, "NHWC"),
+      feature_group_count=feature_group_count, precision=precision,
+      preferred_element_type=preferred_element_type)
+
+
 def _dense_conv(x_nhwc, values, bias, structure, spec: ConvSpec, activation,
                 precision):
   g = spec.geometry
   # Scattered straight into the layout the NHWC convolution reads, so that
   # no transpose of the kernel follows the scatter.
   kernel = SparseKernel(values, structure).todense(CUDNN_KERNEL_LAYOUT)
-  y = lax.conv_general_dilated(
+  y = dense_conv_ohwi(
       x_nhwc, kernel, g.strides, g.padding, rhs_dilation=g.dilation,
-      dimension_numbers=("NHWC", CUDNN_KERNEL_LAYOUT, "NHWC"),
       feature_group_count=g.groups, precision=precision,
       preferred_element_type=spec.out_dtype)
   if bias is not None:

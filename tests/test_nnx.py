@@ -14,8 +14,9 @@ import pytest
 from escort_jax.nnx import (DenseConv, SparseConv, SparseLinear,
                             UnsupportedConvError, _get_value, _set_value,
                             magnitude_mask)
+from escort_jax.ops import dense_conv_ohwi
 from escort_jax.structure import SparseKernel
-from tests.conftest import assert_close, requires_gpu
+from tests.conftest import assert_close, enable_x64, requires_gpu
 
 HIGHEST = lax.Precision.HIGHEST
 F32_BOUND = 1e-5
@@ -154,6 +155,49 @@ def test_to_dense_conv_keeps_dtypes_and_rejects_bad_input():
     DenseConv(jnp.ones((6, 3, 3, 4)), feature_group_count=4)
   with pytest.raises(ValueError, match="activation"):
     DenseConv(jnp.ones((6, 3, 3, 4)), activation="gelu")
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, strides, padding, matmul", [
+    ((3, 1, 1, 10), (7, 1, 1, 10), (1, 1), "SAME", True),
+    ((1, 1, 1, 10), (7, 1, 1, 10), (1, 1), ((0, 0), (0, 0)), True),
+    ((2, 1, 1, 10), (7, 1, 1, 10), (1, 1), ((1, 0), (0, 1)), False),
+    ((2, 1, 1, 10), (7, 1, 1, 10), (2, 2), "VALID", False),
+    ((2, 3, 5, 10), (7, 1, 1, 10), (1, 1), "SAME", False),
+    ((2, 3, 3, 10), (7, 3, 3, 10), (1, 1), "SAME", False),
+])
+def test_dense_conv_ohwi_is_lax_conv(x_shape, kernel_shape, strides, padding,
+                                     matmul):
+  """ops.dense_conv_ohwi equals lax.conv (float64); a 1x1 kernel on a 1x1
+  map with nothing else (no padding, stride 1) is the matmul nnx.Linear
+  runs, every other case the convolution."""
+  with enable_x64():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(x_shape))
+    k = jnp.asarray(np.random.default_rng(1).standard_normal(kernel_shape))
+    y = dense_conv_ohwi(x, k, strides, padding)
+    want = lax.conv_general_dilated(x, k, strides, padding,
+                                    dimension_numbers=("NHWC", "OHWI",
+                                                       "NHWC"))
+    chex.assert_trees_all_close(y, want, rtol=1e-12, atol=1e-12)
+    prims = {e.primitive.name for e in jax.make_jaxpr(
+        lambda x, k: dense_conv_ohwi(x, k, strides, padding))(x, k).eqns}
+  # (The matmul reshapes the OHWI kernel to (K, C).)
+  assert prims - {"reshape"} == ({"dot_general"} if matmul else
+                                 {"conv_general_dilated"}), prims
+
+
+def test_sparse_linear_dense_fallback_is_a_matmul():
+  """A SparseLinear that runs dense (its conv a DenseConv after
+  dense_fallback, or method="dense") computes nnx.Linear's matmul, not a
+  1x1 convolution."""
+  from escort_jax.convert import dense_fallback
+  lin, _ = _pruned_linear()
+  sl = SparseLinear.from_linear(lin, method="dense")
+  x = _x((4, 12))
+  for model in (sl, dense_fallback(sl, x)):
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(
+        lambda x: model(x))(x)), type(model.conv)
+    assert_close(model(x), lin(x), F32_BOUND)
+  assert type(dense_fallback(sl, x).conv) is DenseConv
 
 
 @pytest.mark.gpu

@@ -812,7 +812,7 @@ def dense_conv_ohwi(x_nhwc: jax.Array, kernel_ohwi: jax.Array,
   connected layer, and runs as the matmul that nnx.Linear runs: cuDNN's
   convolution of that shape was 1.15-1.9x slower at TF32 on the H100 for
   1000 outputs, and 6-21x at fp32 HIGHEST (benchmarks/results/
-  2026-11-25T0642-*-pointwise-dense-probe.json).
+  2026-11-25T0640-*-pointwise-dense-probe.json).
   """
   k, kh, kw, c = kernel_ohwi.shape
   unpadded = padding in ("SAME", "VALID") or all(

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax.structure import SparseStructure
+from pallas_kernels.nonzero_lanes_conv import MAX_TAPS, PlaneBounds
 from pallas_kernels.output_layout import NhwcOutput
 from pallas_kernels.vector_sparse_conv import vector_width_of
 
@@ -266,6 +267,85 @@ def stretched_problem(structure: SparseStructure,
         "large for int32 offsets; split the batch")
   return StretchedProblem(rows=k, offsets=offsets, planes=planes,
                           shifts=shifts)
+
+
+# --------------------------------------------------------------------------
+# Unpadded planes: the input as (C, H, W, N), reads masked at the borders.
+
+
+def reads_unpadded_planes(g: ConvGeometry) -> bool:
+  """Whether the convolution can read its input as unpadded planes
+  (plane_problem): stride 1, wide output rows as wide as the input rows
+  (Wo <= W, as with 'SAME' or 'VALID'), and at most MAX_TAPS taps."""
+  return (g.strides == (1, 1) and 0 < g.out_w <= g.in_w and g.out_h > 0
+          and g.kernel_h * g.kernel_w <= MAX_TAPS)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PlaneProblem:
+  """The convolution as a row problem on unpadded planes.
+
+  Output position q = (ho * W + wo) * N + n (wide rows of the input's width
+  W; columns wo >= Wo are cropped) reads x_planes[offset - base + q], masked
+  to the plane (pallas_kernels.nonzero_lanes_conv.PlaneBounds).
+
+  Attributes:
+    rows: (nnz,) output channel of each nonzero, CSR order.
+    offsets: (nnz,) its offset into x_planes, plus bounds.base (>= 0).
+    taps: (nnz,) r * kernel_w + s.
+    bounds: the planes' PlaneBounds.
+    out_len: wide output positions, Ho * W * N.
+    nhwc: where they land in the (N, Ho, Wo, K) output.
+  """
+
+  rows: np.ndarray
+  offsets: np.ndarray
+  taps: np.ndarray
+  bounds: PlaneBounds
+  out_len: int
+  nhwc: NhwcOutput
+
+
+@functools.lru_cache(maxsize=4096)
+def plane_problem(structure: SparseStructure,
+                  geometry: ConvGeometry) -> PlaneProblem:
+  """Offsets of every nonzero into the unpadded planes of `geometry`.
+
+  Raises:
+    ValueError: if not reads_unpadded_planes(geometry).
+  """
+  g = geometry
+  if not reads_unpadded_planes(g):
+    raise ValueError(
+        f"unpadded planes need stride 1 and Wo <= W; got strides "
+        f"{g.strides}, output width {g.out_w}, input width {g.in_w}")
+  k, c, r, s = structure.coordinates()
+  (pad_top, _), (pad_left, _) = g.padding
+  c_global = (k // (g.out_channels // g.groups)) * (
+      g.in_channels // g.groups) + c
+  base = max(0, (pad_top * g.in_w + pad_left) * g.batch)
+  offsets = (((c_global * g.in_h + r * g.dilation[0] - pad_top) * g.in_w
+              + s * g.dilation[1] - pad_left) * g.batch + base)
+  out_len = g.out_h * g.in_w * g.batch
+  if offsets.size and offsets.max() + out_len > np.iinfo(np.int32).max:
+    raise OverflowError(
+        f"the input ({g.batch}x{g.in_h}x{g.in_w}x{g.in_channels}) is too "
+        "large for int32 offsets; split the batch")
+  bounds = PlaneBounds(height=g.in_h, width=g.in_w, batch=g.batch,
+                       kernel_h=g.kernel_h, kernel_w=g.kernel_w,
+                       dilation=g.dilation,
+                       pad_top=pad_top, pad_left=pad_left, base=base)
+  return PlaneProblem(
+      rows=k, offsets=offsets, taps=r * g.kernel_w + s, bounds=bounds,
+      out_len=out_len,
+      nhwc=NhwcOutput(batch=g.batch, out_h=g.out_h, row_width=g.in_w,
+                      out_w=g.out_w))
+
+
+def to_unpadded_planes(x_nhwc: jax.Array) -> jax.Array:
+  """(N, H, W, C) -> x_planes (C * H * W * N,): a plain transpose, which XLA
+  fuses into the elementwise ops that produce x."""
+  return jnp.transpose(x_nhwc, (3, 1, 2, 0)).reshape(-1)
 
 
 @functools.lru_cache(maxsize=4096)

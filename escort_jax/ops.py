@@ -98,7 +98,13 @@ class KernelConfig:
   pallas_kernels/nonzero_lanes_conv.py instead, one output row per program
   taking K of its nonzeros per step (for small grids; rows_per_program and
   groups_per_program must then be 1, and of the launch only block_q,
-  num_warps, num_stages, nhwc_out and split apply).
+  num_warps, num_stages, nhwc_out, split and unpadded apply). unpadded:
+  with nonzero_lanes, read the input as unpadded (C, H, W, N) planes with
+  masked reads at the borders (conv_geometry.plane_problem), so that its
+  pass is a plain transpose, which XLA fuses into the ops before (a batch
+  norm and ReLU) instead of a layout kernel of its own; the output is then
+  stored NHWC. Where the geometry does not allow it (stride > 1, Wo > W)
+  the padded layout is used.
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100
@@ -116,6 +122,7 @@ class KernelConfig:
   nhwc_out: bool = False
   split: int = 1
   nonzero_lanes: int = 0
+  unpadded: bool = False
 
   def __post_init__(self):
     if self.nonzero_lanes and (self.rows_per_program,
@@ -356,6 +363,10 @@ class EscortPlan:
   # (rows: input planes), and where its entries sit in the values vector.
   transposed_rows: NonzeroRows | None = None
   transposed_order: np.ndarray | None = None
+  # With config.nonzero_lanes and config.unpadded, where the geometry allows
+  # it: the forward problem on unpadded planes (it replaces nonzero_rows).
+  planes: cg.PlaneProblem | None = None
+  plane_rows: NonzeroRows | None = None
 
   @property
   def dy_row_len(self) -> int:
@@ -417,9 +428,16 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
       config.unroll,
       zeros_offset=g.out_channels * dy_row_len if config.unmasked else None)
   nonzero_rows = transposed_rows = transposed_order = None
-  if config.nonzero_lanes:
+  planes = plane_rows = None
+  if config.nonzero_lanes and config.unpadded and cg.reads_unpadded_planes(g):
+    planes = cg.plane_problem(structure, g)
+    plane_rows = pack_nonzero_rows(forward_rows, planes.offsets,
+                                   g.out_channels * config.split,
+                                   taps=planes.taps, bounds=planes.bounds)
+  elif config.nonzero_lanes:
     nonzero_rows = pack_nonzero_rows(forward_rows, problem.offsets,
                                      g.out_channels * config.split)
+  if config.nonzero_lanes:
     transposed_order = np.argsort(problem.planes, kind="stable")
     transposed_rows = pack_nonzero_rows(problem.planes[transposed_order],
                                         t_offsets[transposed_order],
@@ -428,7 +446,8 @@ def escort_plan(structure, geometry: cg.ConvGeometry,
                     transposed=transposed, config=config,
                     nonzero_rows=nonzero_rows,
                     transposed_rows=transposed_rows,
-                    transposed_order=transposed_order)
+                    transposed_order=transposed_order, planes=planes,
+                    plane_rows=plane_rows)
 
 
 def transposed_lanes_config(plan: EscortPlan, itemsize: int) -> KernelConfig:
@@ -628,17 +647,28 @@ class _SparseCall:
     else:
       plan = escort_plan(self.structure, g,
                          self._forward_config(g, x_nhwc.dtype.itemsize))
-      # The nonzero-lanes kernel masks every read, so it needs only what
-      # the last plane's wide columns read past its end, not the zero run
-      # (with a 1x1 kernel nothing: then a 1x1 map is its own flat layout).
-      x_flat = flat_input(x_nhwc, g, g.max_shift
-                          if plan.nonzero_rows is not None else plan.x_tail)
       c = plan.config
       split = c.split
+      out_len = g.out_len
       # The forward nonzeros are in CSR order, so the kernel reads the
       # values as they are (no gather pass).
       nhwc = g.nhwc_output() if c.nhwc_out else None
-      if plan.nonzero_rows is not None:
+      if plan.planes is not None:
+        # A plain transpose: XLA fuses it into the ops that produce x.
+        x_flat = cg.to_unpadded_planes(x_nhwc)
+        out_len, nhwc = plan.planes.out_len, plan.planes.nhwc
+      else:
+        # The nonzero-lanes kernel masks every read, so it needs only what
+        # the last plane's wide columns read past its end, not the zero run
+        # (with a 1x1 kernel nothing: then a 1x1 map is its own flat
+        # layout).
+        x_flat = flat_input(x_nhwc, g, g.max_shift
+                            if plan.nonzero_rows is not None else plan.x_tail)
+      if plan.planes is not None:
+        kernel, meta = nonzero_lanes_conv, plan.plane_rows
+        launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
+                      num_warps=c.num_warps, num_stages=c.num_stages)
+      elif plan.nonzero_rows is not None:
         kernel, meta = nonzero_lanes_conv, plan.nonzero_rows
         launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
                       num_warps=c.num_warps, num_stages=c.num_stages)
@@ -647,7 +677,7 @@ class _SparseCall:
         launch = dict(values_by_row=True, **_launch(c))
       if split == 1:
         y = sharding.kernel_call(
-            kernel, x_flat, values, meta, out_len=g.out_len, relu=self.relu,
+            kernel, x_flat, values, meta, out_len=out_len, relu=self.relu,
             out_dtype=self.out_dtype, nhwc=nhwc, interpret=not on_gpu(),
             **bias_kw, **launch)
         return (), (y if nhwc is not None else cg.from_wide_output(y, g),)
@@ -656,7 +686,7 @@ class _SparseCall:
       # the ops that follow (a batch norm, say).
       acc = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
       y = sharding.kernel_call(
-          kernel, x_flat, values, meta, out_len=g.out_len, out_dtype=acc,
+          kernel, x_flat, values, meta, out_len=out_len, out_dtype=acc,
           nhwc=nhwc, interpret=not on_gpu(), **launch)
       if nhwc is None:
         y = cg.from_wide_output(y, g)

@@ -18,11 +18,19 @@ summing pass, unlike a split row. The order of each output's sum is set by
 K, BQ and the launch, so runs are bitwise reproducible (escort_jax chooses
 them per image, not per batch, for the same bits on any share of a batch).
 
+With `PlaneBounds` the input is instead the unpadded planes, (C, H, W, N)
+flattened (batch innermost), and each read is masked to the plane: a tap
+that falls outside it reads zero, as the padding would. Then the input pass
+is a plain transpose, which XLA fuses into the op that produces the input (a
+batch norm and ReLU), where the padded layout costs a pass of its own.
+
 Layout:
-  x_flat: (in_len,) the input, any float dtype (escort_jax.conv_geometry).
+  x_flat: (in_len,) the input, any float dtype (escort_jax.conv_geometry),
+          or with bounds the (C, H, W, N) planes.
   values: (nnz,) the weights in CSR order (rows ascending).
   tables: row_ptr (num_rows + 1,) and offsets (nnz,) in units of
-          offset_unit, CSR order (`NonzeroRows`).
+          offset_unit, CSR order (`NonzeroRows`); with bounds also each
+          nonzero's tap t = r * kernel_w + s as the bit 1 << t.
   y:      (num_rows, out_len) row-major; or, with `nhwc`, the (N, Ho, Wo,
           num_rows) output written directly (output_layout.NhwcOutput).
 
@@ -52,6 +60,59 @@ from pallas_kernels.output_layout import (MAX_GRID_AXIS, NhwcOutput,
 from pallas_kernels.static_tables import pack_tables
 
 
+@dataclasses.dataclass(frozen=True)
+class PlaneBounds:
+  """Reads of unpadded input planes, (C, H, W, N) flattened.
+
+  Output position q (wide rows of `width`: q = (ho * width + wo) * batch + n)
+  reads, for a nonzero at tap (r, s) with offset o, the input element
+  o - base + q, which is pixel (ho + r * dilation_h - pad_top,
+  wo + s * dilation_w - pad_left) of the nonzero's plane; where that pixel
+  lies outside the height x width plane the read is masked and counts zero.
+  base (>= pad_top * width + pad_left, times batch) keeps every offset
+  non-negative. Taps are r * kernel_w + s, fewer than MAX_TAPS.
+  """
+
+  height: int
+  width: int
+  batch: int
+  kernel_h: int
+  kernel_w: int
+  dilation: tuple[int, int]
+  pad_top: int
+  pad_left: int
+  base: int
+
+  def __post_init__(self):
+    if self.kernel_h * self.kernel_w > MAX_TAPS:
+      raise ValueError(f"a {self.kernel_h}x{self.kernel_w} kernel has more "
+                       f"than {MAX_TAPS} taps, the bits of an int32 code")
+
+  @property
+  def plane_len(self) -> int:
+    return self.height * self.width * self.batch
+
+  def tap_code(self, q, out_len: int):
+    """q: int32 positions (any shape) -> int32 codes: bit t set where tap t
+    of that position reads inside its plane, 0 past out_len."""
+    pixel = q // self.batch
+    out_row = pixel // self.width
+    out_col = pixel - out_row * self.width
+    code = jnp.zeros_like(q)
+    for r in range(self.kernel_h):
+      h = out_row + (r * self.dilation[0] - self.pad_top)
+      h_ok = (h >= 0) & (h < self.height)
+      for s in range(self.kernel_w):
+        w = out_col + (s * self.dilation[1] - self.pad_left)
+        ok = h_ok & (w >= 0) & (w < self.width)
+        code = code | jnp.where(ok, 1 << (r * self.kernel_w + s), 0)
+    return jnp.where(q < out_len, code, 0)
+
+
+# Taps per kernel with unpadded planes: each is a bit of an int32 code.
+MAX_TAPS = 31
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class NonzeroRows:
   """CSR form of a sparse row problem, as this kernel reads it.
@@ -64,6 +125,9 @@ class NonzeroRows:
     offset_unit: every offset is a multiple of it (the kernel multiplies by
       the static number, so that Triton sees aligned loads).
     max_offset: the largest offset, in elements.
+    taps: (nnz,) int32 r * kernel_w + s of each nonzero, with bounds.
+    bounds: the unpadded planes that the offsets address (PlaneBounds), or
+      None for the padded flat layout (no masks).
   """
 
   num_rows: int
@@ -71,6 +135,8 @@ class NonzeroRows:
   offsets: np.ndarray
   offset_unit: int
   max_offset: int
+  taps: np.ndarray | None = None
+  bounds: PlaneBounds | None = None
 
   @property
   def nnz(self) -> int:
@@ -78,13 +144,18 @@ class NonzeroRows:
 
 
 def pack_nonzero_rows(rows: np.ndarray, offsets: np.ndarray,
-                      num_rows: int) -> NonzeroRows:
+                      num_rows: int, *, taps: np.ndarray | None = None,
+                      bounds: PlaneBounds | None = None) -> NonzeroRows:
   """rows, offsets: (nnz,) destination row and source offset (elements) of
-  each weight, rows ascending (CSR order).
+  each weight, rows ascending (CSR order); with bounds (unpadded planes),
+  taps: (nnz,) the r * bounds.kernel_w + s of each weight.
 
   Raises:
-    ValueError: if rows are not ascending or out of range.
+    ValueError: if rows are not ascending or out of range, or taps and
+      bounds do not come together.
   """
+  if (taps is None) != (bounds is None):
+    raise ValueError("taps and bounds go together (unpadded planes)")
   rows = np.asarray(rows, np.int64)
   offsets = np.asarray(offsets, np.int64)
   if rows.shape != offsets.shape or rows.ndim != 1:
@@ -98,24 +169,45 @@ def pack_nonzero_rows(rows: np.ndarray, offsets: np.ndarray,
     raise ValueError("offsets must be non-negative")
   row_ptr = np.concatenate([[0], np.cumsum(np.bincount(
       rows, minlength=num_rows))])
+  if taps is not None:
+    taps = np.asarray(taps, np.int64)
+    if taps.shape != offsets.shape:
+      raise ValueError(f"taps must have shape {offsets.shape}, got "
+                       f"{taps.shape}")
+    if taps.size and (taps.min() < 0 or
+                      taps.max() >= bounds.kernel_h * bounds.kernel_w):
+      raise ValueError(f"taps must lie in [0, {bounds.kernel_h} x "
+                       f"{bounds.kernel_w}), got {taps.min()}..{taps.max()}")
+    taps = taps.astype(np.int32)
   unit = max(1, int(np.gcd.reduce(offsets))) if offsets.size else 1
   return NonzeroRows(num_rows=num_rows, row_ptr=row_ptr.astype(np.int32),
                      offsets=(offsets // unit).astype(np.int32),
                      offset_unit=unit,
-                     max_offset=int(offsets.max(initial=0)))
+                     max_offset=int(offsets.max(initial=0)), taps=taps,
+                     bounds=bounds)
 
 
 def _nonzero_lanes_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref, *,
                           table_starts, lanes, block_q, out_len, row_len,
                           num_rows, offset_unit, relu, acc_dtype, nhwc,
-                          spare_region, fused_fma):
-  ptr_at, offsets_at = table_starts
+                          spare_region, fused_fma, bounds):
+  ptr_at, offsets_at = table_starts[:2]
   row = pl.program_id(0)
   q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
   q_ok = q < out_len
   begin = tables_ref[ptr_at + row]
   end = tables_ref[ptr_at + row + 1]
   lane = jnp.arange(lanes, dtype=jnp.int32)
+  read_at = q
+  if bounds is not None:
+    read_at = q - bounds.base
+    # Bit t of code: tap t of this position reads inside the plane. Each
+    # nonzero carries 1 << its tap, so a read's mask is one AND (a lane
+    # past the row carries 0, a position past out_len has code 0): as cheap
+    # as the padded layout's j_ok & q_ok. (Ten integer operations per read,
+    # the tap's row and column tested against the plane, made the kernel
+    # 1.4-2x slower: benchmarks/NOTES.md, "tenth".)
+    code = bounds.tap_code(q, out_len)
 
   def step(t, acc):
     j = begin + t * lanes + lane
@@ -124,8 +216,15 @@ def _nonzero_lanes_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref, *,
     # Lanes past the row weigh zero and read nothing (an input NaN must not
     # reach them).
     weights = plgpu.load(values_ref.at[j], mask=j_ok, other=0.0)
-    xs = plgpu.load(x_ref.at[(offsets * offset_unit)[:, None] + q[None, :]],
-                    mask=j_ok[:, None] & q_ok[None, :], other=0.0)
+    if bounds is None:
+      read = j_ok[:, None] & q_ok[None, :]
+    else:
+      tap_bits = plgpu.load(tables_ref.at[table_starts[2] + j], mask=j_ok,
+                            other=0)
+      read = (tap_bits[:, None] & code[None, :]) != 0
+    xs = plgpu.load(
+        x_ref.at[(offsets * offset_unit)[:, None] + read_at[None, :]],
+        mask=read, other=0.0)
     return multiply_add(
         jnp.broadcast_to(weights.astype(acc_dtype)[:, None], acc.shape), xs,
         acc, fused=fused_fma)
@@ -159,7 +258,7 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
 
   Args:
     x_flat: (in_len,) flat input; every offset + q with q < out_len must lie
-      inside it.
+      inside it. With nz.bounds: the (C, H, W, N) planes, exactly.
     values: (nnz,) weights in CSR order.
     nz: the static CSR tables.
     out_len: output positions per row.
@@ -186,7 +285,14 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
       raise ValueError(f"{name} must be a power of two, got {n}")
   if nhwc is not None:
     nhwc.check(out_len)
-  check_input_covers(x_flat.shape[0], nz.max_offset, out_len)
+  if nz.bounds is None:
+    check_input_covers(x_flat.shape[0], nz.max_offset, out_len)
+  elif x_flat.shape[0] % nz.bounds.plane_len or (
+      nz.max_offset - nz.bounds.base >= x_flat.shape[0]):
+    raise ValueError(
+        f"x_flat has {x_flat.shape[0]} elements: not whole planes of "
+        f"{nz.bounds.plane_len} ({nz.bounds.height}x{nz.bounds.width}x"
+        f"{nz.bounds.batch}) holding every offset")
   num_q_blocks = pl.cdiv(out_len, block_q)
   if num_q_blocks > MAX_GRID_AXIS:
     raise ValueError(f"{num_q_blocks} output blocks exceed Triton's grid "
@@ -201,13 +307,16 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
   check_int32(flat_input=x_flat.shape[0], output=out_size)
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
   acc_dtype = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
-  tables, table_starts = pack_tables(nz.row_ptr, nz.offsets)
+  tables, table_starts = pack_tables(
+      nz.row_ptr, nz.offsets,
+      *(() if nz.taps is None else (np.left_shift(1, nz.taps),)))
   kernel = functools.partial(
       _nonzero_lanes_kernel, table_starts=table_starts, lanes=lanes,
       block_q=block_q, out_len=out_len, row_len=row_len,
       num_rows=nz.num_rows, offset_unit=nz.offset_unit, relu=relu,
       acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region,
-      fused_fma=not interpret and acc_dtype == jnp.float32)
+      fused_fma=not interpret and acc_dtype == jnp.float32,
+      bounds=nz.bounds)
   kernel = with_optional_refs(kernel, (True, True, bias is not None, True,
                                       True))
   bias_args = () if bias is None else (bias,)
@@ -232,11 +341,33 @@ def nonzero_lanes_reference(x_flat: jax.Array, values: jax.Array,
                             nz: NonzeroRows, *, out_len: int,
                             bias: jax.Array | None = None,
                             relu: bool = False, out_dtype=None) -> jax.Array:
-  """Plain-JAX reference of the kernel, read from its packed tables:
-  y (num_rows, out_len), y[k, q] = sum over row k's nonzeros j of
-  values[j] * x_flat[offset_j + q]. Memory O(nnz * out_len): for tests."""
+  """Plain-JAX reference of the kernel, read from its packed tables, masks
+  included: y (num_rows, out_len), y[k, q] = sum over row k's nonzeros j of
+  values[j] * x_flat[offset_j + q] (padded layout), or with nz.bounds of
+  values[j] * x_flat[offset_j - base + q] where tap j of position q lies in
+  the plane, else 0. Memory O(nnz * out_len): for tests."""
   rows = np.repeat(np.arange(nz.num_rows), np.diff(nz.row_ptr))
-  return direct_sparse_conv_reference(
-      x_flat, values, rows, nz.offsets.astype(np.int64) * nz.offset_unit,
-      num_rows=nz.num_rows, out_len=out_len, bias=bias, relu=relu,
-      out_dtype=out_dtype)
+  offsets = nz.offsets.astype(np.int64) * nz.offset_unit
+  if nz.bounds is None:
+    return direct_sparse_conv_reference(
+        x_flat, values, rows, offsets, num_rows=nz.num_rows, out_len=out_len,
+        bias=bias, relu=relu, out_dtype=out_dtype)
+  out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
+  acc_dtype = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
+  b = nz.bounds
+  q = np.arange(out_len)
+  at = offsets[:, None] - b.base + q[None, :]
+  r, s = nz.taps // b.kernel_w, nz.taps % b.kernel_w
+  pixel = q // b.batch
+  h = (pixel // b.width)[None, :] + (r * b.dilation[0] - b.pad_top)[:, None]
+  w = (pixel % b.width)[None, :] + (s * b.dilation[1] - b.pad_left)[:, None]
+  inside = (h >= 0) & (h < b.height) & (w >= 0) & (w < b.width)
+  x = x_flat.astype(acc_dtype)[np.where(inside, at, 0)]
+  contrib = jnp.where(inside, values.astype(acc_dtype)[:, None] * x, 0)
+  y = jax.ops.segment_sum(contrib, rows.astype(np.int32),
+                          num_segments=nz.num_rows)
+  if bias is not None:
+    y = y + bias.astype(acc_dtype)[:, None]
+  if relu:
+    y = jnp.where(y < 0, jnp.zeros((), y.dtype), y)
+  return y.astype(out_dtype)

@@ -1,6 +1,7 @@
 """pallas_kernels/nonzero_lanes_conv.py (interpreted on the CPU) against
-direct_sparse_conv_reference: NaN-poisoned unread inputs, empty rows, odd
-lengths, bias and relu, wide and NHWC outputs, bf16."""
+direct_sparse_conv_reference and its own nonzero_lanes_reference:
+NaN-poisoned unread inputs, empty rows, odd lengths, bias and relu, wide and
+NHWC outputs, bf16, unpadded planes with masked borders."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.direct_sparse_conv import direct_sparse_conv_reference
-from pallas_kernels.nonzero_lanes_conv import (nonzero_lanes_conv,
+from pallas_kernels.nonzero_lanes_conv import (PlaneBounds,
+                                               nonzero_lanes_conv,
                                                nonzero_lanes_reference,
                                                pack_nonzero_rows)
 from pallas_kernels.output_layout import NhwcOutput
@@ -107,3 +109,90 @@ def test_bad_inputs_name_the_problem():
     pack_nonzero_rows(np.array([1, 0]), np.array([0, 1]), 2)
   with pytest.raises(ValueError, match="within"):
     pack_nonzero_rows(np.array([0, 2]), np.array([0, 1]), 2)
+
+
+def _plane_problem(rng, num_rows, nnz, bounds, num_planes, kernel_h):
+  """Random nonzeros (row, plane, tap) in CSR order and their offsets into
+  unpadded (planes, H, W, N) input."""
+  b = bounds
+  rows = np.sort(rng.integers(0, num_rows, nnz))
+  planes = rng.integers(0, num_planes, nnz)
+  taps = rng.integers(0, kernel_h * b.kernel_w, nnz)
+  r, s = taps // b.kernel_w, taps % b.kernel_w
+  offsets = (((planes * b.height + r * b.dilation[0] - b.pad_top) * b.width
+              + s * b.dilation[1] - b.pad_left) * b.batch + b.base)
+  return rows, planes, taps, offsets
+
+
+@pytest.mark.parametrize("batch,height,width,kernel,dilation,pads,lanes,bq", [
+    (1, 5, 7, (3, 3), (1, 1), (1, 1), 8, 16),   # SAME 3x3
+    (3, 4, 6, (3, 3), (1, 1), (1, 1), 16, 32),  # batch innermost
+    (2, 6, 5, (3, 2), (2, 1), (2, 0), 4, 8),    # dilated, one-sided
+    (1, 6, 6, (3, 3), (1, 1), (0, 0), 32, 64),  # VALID: nothing masked
+])
+def test_unpadded_planes_match_the_padded_layout(batch, height, width, kernel,
+                                                 dilation, pads, lanes, bq):
+  """With PlaneBounds the kernel reads unpadded (C, H, W, N) planes and masks
+  taps that leave the plane: the same as the padded flat layout (zeros
+  around each plane) read without masks, and as its own reference; the
+  NHWC store crops the wide columns past Wo."""
+  rng = np.random.default_rng([23, batch, height, width, lanes])
+  kh, kw = kernel
+  pt, pl = pads
+  base = (pt * width + pl) * batch
+  bounds = PlaneBounds(height=height, width=width, batch=batch, kernel_h=kh,
+                       kernel_w=kw, dilation=dilation, pad_top=pt,
+                       pad_left=pl, base=base)
+  num_rows, num_planes = 5, 3
+  rows, planes, taps, offsets = _plane_problem(rng, num_rows, 40, bounds,
+                                               num_planes, kh)
+  out_h = height + 2 * pt - (kh - 1) * dilation[0]
+  out_w = width + 2 * pl - (kw - 1) * dilation[1]
+  nhwc = NhwcOutput(batch=batch, out_h=out_h, row_width=width, out_w=out_w)
+  x = rng.standard_normal((num_planes, height, width, batch)).astype(
+      np.float32)
+  values = jnp.asarray(rng.standard_normal(rows.size), jnp.float32)
+  b = signed_bias(rng, num_rows)
+  nz = pack_nonzero_rows(rows, offsets, num_rows, taps=taps, bounds=bounds)
+  y = nonzero_lanes_conv(jnp.asarray(x.reshape(-1)), values, nz,
+                         out_len=nhwc.out_len, bias=b, relu=True, lanes=lanes,
+                         block_q=bq, nhwc=nhwc, interpret=True)
+  chex.assert_shape(y, (batch, out_h, out_w, num_rows))
+  ref = nonzero_lanes_reference(jnp.asarray(x.reshape(-1)), values, nz,
+                                out_len=nhwc.out_len, bias=b, relu=True)
+  assert_close(y, nhwc.from_wide(ref), 1e-5)
+  # The same convolution on the padded layout: planes padded by (pt, pl)
+  # in front and enough behind, wide rows of the padded width.
+  hp, wp = height + 2 * pt, width + 2 * pl
+  padded = np.pad(x, ((0, 0), (pt, pt), (pl, pl), (0, 0)))
+  r, s = taps // kw, taps % kw
+  p_offsets = ((planes * hp + r * dilation[0]) * wp
+               + s * dilation[1]) * batch
+  wide = direct_sparse_conv_reference(
+      jnp.asarray(np.pad(padded.reshape(-1), (0, wp * batch * 4))), values,
+      rows, p_offsets, num_rows=num_rows, out_len=out_h * wp * batch,
+      bias=b, relu=True)
+  want = NhwcOutput(batch=batch, out_h=out_h, row_width=wp,
+                    out_w=out_w).from_wide(wide)
+  assert_close(y, want, 1e-5)
+
+
+def test_unpadded_planes_bad_inputs():
+  bounds = PlaneBounds(height=3, width=4, batch=1, kernel_h=3, kernel_w=3,
+                       dilation=(1, 1), pad_top=1, pad_left=1, base=5)
+  rows, offsets, taps = np.array([0, 1]), np.array([5, 17]), np.array([4, 0])
+  with pytest.raises(ValueError, match="taps and bounds go together"):
+    pack_nonzero_rows(rows, offsets, 2, taps=taps)
+  with pytest.raises(ValueError, match="taps must have shape"):
+    pack_nonzero_rows(rows, offsets, 2, taps=taps[:1], bounds=bounds)
+  with pytest.raises(ValueError, match=r"taps must lie in \[0, 3 x 3\)"):
+    pack_nonzero_rows(rows, offsets, 2, taps=np.array([4, 9]),
+                      bounds=bounds)
+  with pytest.raises(ValueError, match="more than 31 taps"):
+    PlaneBounds(height=8, width=8, batch=1, kernel_h=4, kernel_w=8,
+                dilation=(1, 1), pad_top=1, pad_left=1, base=9)
+  nz = pack_nonzero_rows(rows, offsets, 2, taps=taps, bounds=bounds)
+  v = jnp.ones(2, jnp.float32)
+  with pytest.raises(ValueError, match="not whole planes of 12"):
+    nonzero_lanes_conv(jnp.ones(20, jnp.float32), v, nz, out_len=12,
+                       interpret=True)

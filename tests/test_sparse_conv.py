@@ -588,6 +588,58 @@ def test_nonzero_lanes_config_runs_one_row_per_program():
     KernelConfig(1, groups_per_program=2, nonzero_lanes=16)
 
 
+@pytest.mark.parametrize("case", [
+    dict(n=1, hw=(7, 7), c=6, o=5, kernel_hw=(3, 3), padding="SAME"),
+    dict(n=3, hw=(6, 9), c=4, o=8, kernel_hw=(3, 3), padding="VALID",
+         groups=2),
+    dict(n=2, hw=(8, 5), c=5, o=4, kernel_hw=(3, 2),
+         padding=((2, 0), (1, 0)), dilation=(2, 1)),
+    dict(n=1, hw=(5, 6), c=3, o=4, kernel_hw=(1, 1), padding="SAME"),
+    # Stride 2 cannot read unpadded planes: the padded layout serves it.
+    dict(n=2, hw=(9, 8), c=4, o=4, kernel_hw=(3, 3), padding="SAME",
+         strides=(2, 2)),
+])
+@pytest.mark.parametrize("config", [
+    KernelConfig(1, 16, nonzero_lanes=4, unpadded=True),
+    KernelConfig(1, 32, nonzero_lanes=8, unpadded=True, split=2,
+                 nhwc_out=True)])
+def test_unpadded_planes_match_lax(case, config):
+  """KernelConfig(unpadded=True): the nonzero-lanes forward reads the input
+  as (C, H, W, N) planes with masked borders (one transpose, no layout
+  kernel): equal to lax at HIGHEST, with bias and relu, and its gradients
+  to those of the default config."""
+  from escort_jax import conv_geometry as cg
+  from escort_jax.ops import escort_plan
+  case = dict(case)
+  strides = case.pop("strides", (1, 1))
+  padding = case.pop("padding")
+  dilation = case.pop("dilation", (1, 1))
+  groups = case.get("groups", 1)
+  rng = np.random.default_rng([91, case["n"], case["c"], case["o"]])
+  x, kernel, sk, b, _ = make_problem(rng, bias=True, **case)
+  g = cg.make_geometry(x.shape, sk.structure, strides, padding, dilation,
+                       groups)
+  plan = escort_plan(sk.structure, g, config)
+  assert (plan.planes is not None) == (strides == (1, 1))
+  conv = dict(rhs_dilation=dilation, feature_group_count=groups)
+
+  def f(values, x, config=config):
+    return sparse_conv(x, sk.with_values(values), strides, padding, bias=b,
+                       activation="relu", method="escort", config=config,
+                       **conv)
+  y = jax.jit(f)(sk.values, x)
+  ref = reference_conv(x, kernel, strides, padding, bias=b,
+                       activation="relu", **conv)
+  chex.assert_shape(y, ref.shape)
+  assert_close(y, ref, F32_BOUND)
+  ct = random_array(rng, y.shape)
+  got = jax.grad(lambda v, x: jnp.sum(ct * f(v, x)), (0, 1))(sk.values, x)
+  want = jax.grad(lambda v, x: jnp.sum(ct * f(v, x, None)), (0, 1))(
+      sk.values, x)
+  for a, e in zip(got, want):
+    assert_close(a, e, F32_BOUND, "gradient")
+
+
 def test_nonzero_lanes_split_packs_partial_rows():
   """With split S the nonzero-lanes kernel runs S partial rows per output
   channel (split_rows), each with its part of the row's nonzeros."""

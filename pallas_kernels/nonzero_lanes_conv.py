@@ -30,7 +30,8 @@ Layout:
   values: (nnz,) the weights in CSR order (rows ascending).
   tables: row_ptr (num_rows + 1,) and offsets (nnz,) in units of
           offset_unit, CSR order (`NonzeroRows`); with bounds also each
-          nonzero's tap t = r * kernel_w + s as the bit 1 << t.
+          nonzero's tap t = r * kernel_w + s as the bit 1 << t, and each
+          output position's code of the taps that read inside the plane.
   y:      (num_rows, out_len) row-major; or, with `nhwc`, the (N, Ho, Wo,
           num_rows) output written directly (output_layout.NhwcOutput).
 
@@ -92,21 +93,19 @@ class PlaneBounds:
   def plane_len(self) -> int:
     return self.height * self.width * self.batch
 
-  def tap_code(self, q, out_len: int):
-    """q: int32 positions (any shape) -> int32 codes: bit t set where tap t
-    of that position reads inside its plane, 0 past out_len."""
-    pixel = q // self.batch
-    out_row = pixel // self.width
-    out_col = pixel - out_row * self.width
-    code = jnp.zeros_like(q)
+  def tap_codes(self, out_len: int) -> np.ndarray:
+    """(out_len,) int32: bit t of entry q set where tap t of position q
+    reads inside its plane."""
+    pixel = np.arange(out_len) // self.batch
+    out_row, out_col = pixel // self.width, pixel % self.width
+    code = np.zeros(out_len, np.int64)
     for r in range(self.kernel_h):
       h = out_row + (r * self.dilation[0] - self.pad_top)
-      h_ok = (h >= 0) & (h < self.height)
       for s in range(self.kernel_w):
         w = out_col + (s * self.dilation[1] - self.pad_left)
-        ok = h_ok & (w >= 0) & (w < self.width)
-        code = code | jnp.where(ok, 1 << (r * self.kernel_w + s), 0)
-    return jnp.where(q < out_len, code, 0)
+        ok = (h >= 0) & (h < self.height) & (w >= 0) & (w < self.width)
+        code |= ok.astype(np.int64) << (r * self.kernel_w + s)
+    return code.astype(np.int32)
 
 
 # Taps per kernel with unpadded planes: each is a bit of an int32 code.
@@ -201,13 +200,15 @@ def _nonzero_lanes_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref, *,
   read_at = q
   if bounds is not None:
     read_at = q - bounds.base
-    # Bit t of code: tap t of this position reads inside the plane. Each
-    # nonzero carries 1 << its tap, so a read's mask is one AND (a lane
-    # past the row carries 0, a position past out_len has code 0): as cheap
-    # as the padded layout's j_ok & q_ok. (Ten integer operations per read,
-    # the tap's row and column tested against the plane, made the kernel
-    # 1.4-2x slower: benchmarks/NOTES.md, "tenth".)
-    code = bounds.tap_code(q, out_len)
+    # Bit t of code: tap t of this position reads inside the plane (a
+    # static table, PlaneBounds.tap_codes). Each nonzero carries 1 << its
+    # tap, so a read's mask is one AND (a lane past the row carries 0, a
+    # position past out_len has code 0), as cheap as the padded layout's
+    # j_ok & q_ok. (Ten integer operations per read, the tap's row and
+    # column tested against the plane, made the kernel 1.4-2x slower:
+    # benchmarks/NOTES.md, "tenth".)
+    code = plgpu.load(tables_ref.at[table_starts[3] + q], mask=q_ok,
+                      other=0)
 
   def step(t, acc):
     j = begin + t * lanes + lane
@@ -309,7 +310,8 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
   acc_dtype = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
   tables, table_starts = pack_tables(
       nz.row_ptr, nz.offsets,
-      *(() if nz.taps is None else (np.left_shift(1, nz.taps),)))
+      *(() if nz.bounds is None else (np.left_shift(1, nz.taps),
+                                      nz.bounds.tap_codes(out_len))))
   kernel = functools.partial(
       _nonzero_lanes_kernel, table_starts=table_starts, lanes=lanes,
       block_q=block_q, out_len=out_len, row_len=row_len,

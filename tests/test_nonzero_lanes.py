@@ -196,3 +196,21 @@ def test_unpadded_planes_bad_inputs():
   with pytest.raises(ValueError, match="not whole planes of 12"):
     nonzero_lanes_conv(jnp.ones(20, jnp.float32), v, nz, out_len=12,
                        interpret=True)
+
+
+def test_tap_codes():
+  """Bit r * 3 + s of position (ho, wo): tap (r, s) of a SAME 3x3 reads
+  inside the 2x3 plane; batch innermost repeats each pixel's code."""
+  b = PlaneBounds(height=2, width=3, batch=2, kernel_h=3, kernel_w=3,
+                  dilation=(1, 1), pad_top=1, pad_left=1, base=8)
+  codes = b.tap_codes(12)
+  chex.assert_shape(codes, (12,))
+  np.testing.assert_array_equal(codes[0::2], codes[1::2])
+
+  def bits(*taps):
+    return sum(1 << (r * 3 + s) for r, s in taps)
+  rows_ok = {0: (1, 2), 1: (0, 1)}      # ho -> taps r inside
+  cols_ok = {0: (1, 2), 1: (0, 1, 2), 2: (0, 1)}
+  want = [bits(*[(r, s) for r in rows_ok[ho] for s in cols_ok[wo]])
+          for ho in range(2) for wo in range(3)]
+  np.testing.assert_array_equal(codes[0::2], want)

@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "precision=HIGHEST calls)")
   bench.add_argument("--candidates",
                      choices=("all", "vector", "escort", "escort-large",
-                              "layer"),
+                              "small-grid", "layer"),
                      default="all",
                      help="with --tune: which kernel configs to time "
                      "(escort_jax.tune.CANDIDATE_SETS): all (default) every "
@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "vector one; vector the vector candidates against the "
                      "escort kernel at its default config only; escort the "
                      "escort candidates only; escort-large those for large "
-                     "grids (batch 32) only; layer only each layer's own "
+                     "grids (batch 32) only; small-grid those for small "
+                     "grids (batch 1) only; layer only each layer's own "
                      "default tile and, on tiny maps (fully connected "
                      "layers), its variants. Every set includes the "
                      "layer's default")
@@ -1043,8 +1044,10 @@ def _tune_networks(nets, batches, dtypes, args, console, *, max_hw=None,
   """`bench --tune --network NET`: records a plan for every sparse layer of
   the pruned network that `bench --network` runs (the same seeded model), at
   each batch and dtype and at --precision, so that its "auto" layers follow
-  tuned plans (escort_jax.tune.tune_model). --layers keeps the layers whose
-  path contains one of its names (e.g. "fc" for the fully connected ones)."""
+  tuned plans (escort_jax.tune.tune_model, which times each layer after an
+  elementwise op, as a batch norm and ReLU feed it there). --layers keeps
+  the layers whose path contains one of its names (e.g. "fc" for the fully
+  connected ones)."""
   import jax
   import jax.numpy as jnp
   from escort_jax import bench_network, tune

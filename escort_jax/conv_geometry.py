@@ -274,11 +274,14 @@ def stretched_problem(structure: SparseStructure,
 
 
 def reads_unpadded_planes(g: ConvGeometry) -> bool:
-  """Whether the convolution can read its input as unpadded planes
-  (plane_problem): stride 1, wide output rows as wide as the input rows
-  (Wo <= W, as with 'SAME' or 'VALID'), and at most MAX_TAPS taps."""
+  """Whether the convolution reads its input as unpadded planes
+  (plane_problem) with config.unpadded: stride 1, wide output rows as wide
+  as the input rows (Wo <= W, as with 'SAME'), at most MAX_TAPS taps, and
+  some padding (without, the flat layout is that same transpose already,
+  and the masks would buy nothing)."""
   return (g.strides == (1, 1) and 0 < g.out_w <= g.in_w and g.out_h > 0
-          and g.kernel_h * g.kernel_w <= MAX_TAPS)
+          and g.kernel_h * g.kernel_w <= MAX_TAPS
+          and any(p > 0 for pair in g.padding for p in pair))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -317,8 +320,9 @@ def plane_problem(structure: SparseStructure,
   g = geometry
   if not reads_unpadded_planes(g):
     raise ValueError(
-        f"unpadded planes need stride 1 and Wo <= W; got strides "
-        f"{g.strides}, output width {g.out_w}, input width {g.in_w}")
+        f"unpadded planes need stride 1, Wo <= W and some padding; got "
+        f"strides {g.strides}, output width {g.out_w}, input width "
+        f"{g.in_w}, padding {g.padding}")
   k, c, r, s = structure.coordinates()
   (pad_top, _), (pad_left, _) = g.padding
   c_global = (k // (g.out_channels // g.groups)) * (

@@ -103,8 +103,11 @@ class KernelConfig:
   masked reads at the borders (conv_geometry.plane_problem), so that its
   pass is a plain transpose, which XLA fuses into the ops before (a batch
   norm and ReLU) instead of a layout kernel of its own; the output is then
-  stored NHWC. Where the geometry does not allow it (stride > 1, Wo > W)
-  the padded layout is used.
+  stored NHWC. Alone the kernel is about 1 µs slower at batch 1 (its masks),
+  so it pays only after such an op: tune.tune_model times configs there.
+  Where the geometry does not allow it or gains nothing (stride > 1,
+  Wo > W, no padding: conv_geometry.reads_unpadded_planes) the padded
+  layout is used.
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100

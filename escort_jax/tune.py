@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax import dispatch, plans
+from escort_jax.conv_geometry import reads_unpadded_planes
 from escort_jax.ops import (TINY_MAP_POSITIONS, KernelConfig, VectorConfig,
                             default_kernel_config, make_spec, sparse_conv,
                             structure_vector_width)
@@ -99,13 +100,15 @@ TINY_MAP_WARPS_CHOICES = (1, 2, 4, 8)
 
 
 def layer_candidates(geometry, itemsize: int,
-                     candidates: Sequence[KernelConfig]
-                     ) -> tuple[KernelConfig, ...]:
+                     candidates: Sequence[KernelConfig], *,
+                     unpadded: bool = False) -> tuple[KernelConfig, ...]:
   """The escort configs that tune_layer times on one layer: `candidates`,
   then the layer's own default (ops.default_kernel_config, what it runs
   with no plan, so that a plan is never slower than no plan), and on tiny
   maps that default's K x warps variants (TINY_MAP_*_CHOICES; warps only
-  as many as the K x BQ tile fills). No config twice."""
+  as many as the K x BQ tile fills). With `unpadded`, where the geometry
+  reads unpadded planes (conv_geometry.reads_unpadded_planes), also every
+  nonzero-lanes config so. No config twice."""
   g = geometry
   default = default_kernel_config(g.out_channels, g.out_len, itemsize,
                                   g.batch)
@@ -115,7 +118,11 @@ def layer_candidates(geometry, itemsize: int,
               for k in TINY_MAP_LANES_CHOICES
               for w in TINY_MAP_WARPS_CHOICES
               if 32 * w <= k * default.block_q]
-  return tuple(dict.fromkeys(tuple(candidates) + tuple(extra)))
+  configs = tuple(candidates) + tuple(extra)
+  if unpadded and reads_unpadded_planes(g):
+    configs += tuple(dataclasses.replace(c, unpadded=True) for c in configs
+                     if c.nonzero_lanes)
+  return tuple(dict.fromkeys(configs))
 
 # Named candidate sets, (escort candidates, vector candidates), for
 # `escort-jax bench --tune --candidates NAME`:
@@ -125,6 +132,8 @@ def layer_candidates(geometry, itemsize: int,
 #   escort  the escort candidates only, no vector kernel
 #   escort-large  the escort candidates for large grids only (batch 32:
 #           the small-grid configs never win there), no vector kernel
+#   small-grid  the escort candidates for small grids only (one row per
+#           program: batch 1), no vector kernel
 #   layer   none but what layer_candidates adds: each layer's own default
 #           and, on tiny maps (fully connected layers), its K x warps
 #           variants; no vector kernel
@@ -133,6 +142,8 @@ CANDIDATE_SETS = {
     "vector": ((KernelConfig(),), DEFAULT_VECTOR_CANDIDATES),
     "escort": (DEFAULT_CANDIDATES, ()),
     "escort-large": (LARGE_GRID_CANDIDATES, ()),
+    "small-grid": (tuple(c for c in DEFAULT_CANDIDATES
+                         if c.rows_per_program == 1), ()),
     "layer": ((), ()),
 }
 
@@ -174,11 +185,17 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
                vector_candidates: Sequence[VectorConfig] = (
                    DEFAULT_VECTOR_CANDIDATES),
                num_inputs: int = 10, seed: int = 0, save: bool = True,
-               directory=None) -> dict:
+               directory=None, after_elementwise: bool = False) -> dict:
   """Times the candidates on random inputs and records the winner.
 
   Args:
     x_shape: the input shape in dimension_numbers[0] layout.
+    after_elementwise: time every candidate (and dense) on the output of
+      an elementwise op, relu(x * scale + shift) per channel, as a batch
+      norm and ReLU feed a network's convolutions, and try the unpadded
+      input planes too (layer_candidates): there their input pass is a
+      transpose that XLA fuses into that op, which a layer timed alone
+      cannot show (ResNet-50 at batch 1: 541.6 -> 532.3 µs, T0653).
     sk: the SparseKernel (its values are cast to `dtype`).
     dtype: the input dtype to tune for.
     precision: the precision of the dense alternative (and of the plan key).
@@ -201,23 +218,38 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
   inputs = [jnp.asarray(rng.standard_normal(tuple(x_shape)), dtype)
             for _ in range(num_inputs)]
   skd = sk.with_values(jnp.asarray(sk.values, dtype))
+  if after_elementwise:
+    # Per channel of the input layout, broadcast against x.
+    channel_shape = tuple(n if d == "C" else 1
+                          for d, n in zip(dimension_numbers[0], x_shape))
+    inputs = [(x, jnp.asarray(rng.random(channel_shape) + 0.5, dtype),
+               jnp.asarray(rng.standard_normal(channel_shape), dtype))
+              for x in inputs]
+
+  def timed(run):
+    """run(x) -> y, as the function device_time_us times: on x itself, or
+    after the elementwise op."""
+    if after_elementwise:
+      return jax.jit(lambda x, a, b: run(jax.nn.relu(x * a + b)))
+    return jax.jit(run)
   conv = dict(rhs_dilation=rhs_dilation,
               feature_group_count=feature_group_count,
               dimension_numbers=dimension_numbers, precision=precision)
-  spec = make_spec(inputs[0], skd, window_strides, padding, bias=None,
+  spec = make_spec(inputs[0][0] if after_elementwise else inputs[0], skd,
+                   window_strides, padding, bias=None,
                    activation=None, method="escort", lhs_dilation=None,
                    preferred_element_type=None, **{
                        k: v for k, v in conv.items() if k != "precision"})
   times: dict[str, float] = {}
-  dense = jax.jit(lambda x: sparse_conv(x, skd, window_strides, padding,
-                                        method="dense", **conv))
+  dense = timed(lambda x: sparse_conv(x, skd, window_strides, padding,
+                                      method="dense", **conv))
   times["dense"] = device_time_us(dense, inputs).median_us
 
   def fastest(method, configs):
     """(config, time) of the fastest of `configs` on `method`."""
     best_cfg, best_t = None, float("inf")
     for cfg in configs:
-      f = jax.jit(lambda x, cfg=cfg: sparse_conv(
+      f = timed(lambda x, cfg=cfg: sparse_conv(
           x, skd, window_strides, padding, method=method, config=cfg,
           **conv))
       label = time_key(method, cfg)
@@ -235,7 +267,8 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
     return best_cfg, best_t
 
   best = {"escort": fastest("escort", layer_candidates(
-      spec.geometry, jnp.dtype(dtype).itemsize, candidates))}
+      spec.geometry, jnp.dtype(dtype).itemsize, candidates,
+      unpadded=after_elementwise))}
   vector_width = structure_vector_width(skd.structure, spec.geometry)
   if vector_width >= 8 and vector_candidates:
     best["vector"] = fastest("vector", vector_candidates)
@@ -255,6 +288,8 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
       "jax_version": jax.__version__,
       "date": datetime.date.today().isoformat(),
   }
+  if after_elementwise:
+    entry["timed_after"] = "elementwise"
   if save:
     key = plans.plan_key(sk.structure.digest, spec.geometry,
                          spec.compute_dtype,
@@ -269,7 +304,8 @@ def tune_model(model, example_input, *, call=None, precision=None,
                    DEFAULT_VECTOR_CANDIDATES),
                num_inputs: int = 10, seed: int = 0, save: bool = True,
                directory=None, on_layer=None,
-               layers: Sequence[str] | None = None) -> dict[str, list[dict]]:
+               layers: Sequence[str] | None = None,
+               after_elementwise: bool = True) -> dict[str, list[dict]]:
   """Tunes every SparseConv of an NNX model for the inputs it gets.
 
   One forward pass of `example_input` is traced abstractly
@@ -293,6 +329,9 @@ def tune_model(model, example_input, *, call=None, precision=None,
     on_layer: called as on_layer(path, input_shape, entry) after each.
     layers: tune only the SparseConvs whose dotted path contains one of
       these strings (None: all of them).
+    after_elementwise: as tune_layer's; by default on, since inside a model
+      a convolution's input is mostly another op's output (a batch norm and
+      ReLU).
 
   Returns:
     Dotted layer path -> the plan entries of its distinct input shapes.
@@ -332,7 +371,8 @@ def tune_model(model, example_input, *, call=None, precision=None,
             feature_group_count=node.feature_group_count, dtype=dtype,
             precision=node.precision, candidates=candidates,
             vector_candidates=vector_candidates, num_inputs=num_inputs,
-            seed=seed, save=save, directory=directory)
+            seed=seed, save=save, directory=directory,
+            after_elementwise=after_elementwise)
         results.setdefault(name, []).append(entry)
         if on_layer is not None:
           on_layer(name, shape, entry)

@@ -4,6 +4,7 @@ which kernel its config belongs to (on the CPU)."""
 
 import dataclasses
 
+import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -173,6 +174,9 @@ def test_candidate_sets():
                                            tune.DEFAULT_VECTOR_CANDIDATES)
   assert tune.CANDIDATE_SETS["escort"] == (tune.DEFAULT_CANDIDATES, ())
   assert tune.CANDIDATE_SETS["layer"] == ((), ())
+  small, vector = tune.CANDIDATE_SETS["small-grid"]
+  assert small and vector == () and set(small) < set(tune.DEFAULT_CANDIDATES)
+  assert all(c.rows_per_program == 1 for c in small)
 
 
 class _TwoLayers(nnx.Module):
@@ -204,7 +208,8 @@ def test_tune_model_plans_are_the_ones_its_calls_look_up(plan_dir,
   seen = []
   result = tune.tune_model(model, x, precision="highest", candidates=ESCORT,
                            num_inputs=1, directory=plan_dir,
-                           on_layer=lambda *a: seen.append(a[:2]))
+                           on_layer=lambda *a: seen.append(a[:2]),
+                           after_elementwise=False)
   assert not queue  # layer a was tuned once, for its one input shape
   assert seen == [("a", (2, 9, 9, 4)), ("b", (2, 9, 9, 4))]
   assert set(result) == {"a", "b"}
@@ -224,7 +229,7 @@ def test_tune_model_keeps_an_enclosing_precision(plan_dir, monkeypatch):
   _fake_times(monkeypatch, [100.0, 50.0, 20.0, SLOW_DEFAULT] * 2)
   with jax.default_matmul_precision("highest"):
     tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
-                    directory=plan_dir)
+                    directory=plan_dir, after_elementwise=False)
   assert _probe_sources(model, x, "highest") == {
       "a": [("plan", ESCORT[1])] * 2, "b": [("plan", ESCORT[1])]}
 
@@ -239,7 +244,8 @@ def test_tune_model_tunes_in_the_dtype_the_layer_computes_in(plan_dir,
   x = jax.ShapeDtypeStruct((1, 7, 7, 4), jnp.float32)
   _fake_times(monkeypatch, [100.0, 50.0, 20.0, SLOW_DEFAULT])
   (entry,), = tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
-                              directory=plan_dir).values()
+                              directory=plan_dir,
+                              after_elementwise=False).values()
   g = make_geometry((1, 7, 7, 4), model.layers[0].structure, (1, 1),
                     "SAME", (1, 1), 1)
   key = plans.plan_key(model.layers[0].structure.digest, g, jnp.float32,
@@ -285,7 +291,66 @@ def test_tune_model_layers_filter(plan_dir, monkeypatch):
   x = jax.ShapeDtypeStruct((1, 9, 9, 4), jnp.float32)
   queue = _fake_times(monkeypatch, [100.0, 50.0, 20.0, SLOW_DEFAULT])
   result = tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
-                           directory=plan_dir, layers=["b"])
+                           directory=plan_dir, layers=["b"],
+                           after_elementwise=False)
   assert not queue and set(result) == {"b"}
   assert tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
                          directory=plan_dir, layers=["nothing"]) == {}
+
+
+def test_tune_after_an_elementwise_op(plan_dir, monkeypatch):
+  """after_elementwise (tune_model's default): every candidate and dense
+  are timed on relu(x * scale + shift) with per-channel parameters, and
+  the nonzero-lanes candidates also with unpadded planes where the layer
+  reads them (padding, stride 1); the plan says how it was timed."""
+  model = _TwoLayers(nnx.Rngs(0))
+  g = make_geometry((1, 9, 9, 4), model.a.structure, (1, 1), "SAME", (1, 1),
+                    1)
+  want = tune.layer_candidates(g, 4, ESCORT, unpadded=True)
+  assert not any(c.unpadded for c in tune.layer_candidates(g, 4, ESCORT))
+  padded = [c for c in want if not c.unpadded]
+  assert len(padded) < len(want)
+  timed = []
+
+  def fake(fn, inputs, **kwargs):
+    del fn, kwargs
+    x, scale, shift = inputs[0]
+    chex.assert_shape([scale, shift], (1, 1, 1, x.shape[-1]))
+    timed.append(x.shape)
+    # Dense and the padded candidates come first; the unpadded ones win.
+    return bench.Timing(median_us=10.0 if len(timed) > 1 + len(padded)
+                        else 50.0, spread_us=0.0, samples_us=[],
+                        timer=bench.TIMER_CPU)
+
+  monkeypatch.setattr(bench, "device_time_us", fake)
+  x = jax.ShapeDtypeStruct((1, 9, 9, 4), jnp.float32)
+  result = tune.tune_model(model, x, candidates=ESCORT, num_inputs=2,
+                           directory=plan_dir, layers=["a"])
+  (entry,), = result.values()
+  assert len(timed) == 1 + len(want)
+  assert entry["timed_after"] == "elementwise"
+  assert entry["config"]["unpadded"] is True
+  # b is strided: no unpadded planes.
+  gb = make_geometry((1, 9, 9, 4), model.b.structure, (2, 2), "VALID",
+                     (1, 1), 1)
+  assert not any(c.unpadded for c in tune.layer_candidates(
+      gb, 4, ESCORT, unpadded=True))
+
+
+def test_real_timing_after_an_elementwise_op(plan_dir):
+  """No fakes: the candidates, unpadded ones included, run after the
+  elementwise op (Pallas interpreter); the recorded config computes the
+  layer."""
+  sk = _unstructured_kernel(seed=3)
+  entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT[:1], num_inputs=1,
+                          directory=plan_dir, after_elementwise=True)
+  assert entry["timed_after"] == "elementwise"
+  assert any("unpadded=True" in k for k in entry["times_us"])
+  assert all(t > 0 for t in entry["times_us"].values())
+  cfg = plans.config_from_entry(entry, "escort")
+  x = jnp.asarray(np.random.default_rng(1).standard_normal(X_SHAPE),
+                  jnp.float32)
+  y = ej.sparse_conv(x, sk, method="escort", config=cfg)
+  ref = ops.sparse_conv(x, sk, method="dense",
+                        precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)

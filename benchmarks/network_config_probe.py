@@ -29,6 +29,7 @@ import numpy as np
 from escort_jax import bench, bench_network, ops
 from escort_jax.bench import parse_config
 from escort_jax.convert import dense_fallback
+from pallas_kernels import nonzero_lanes_conv as nlc
 
 
 def one_pad_flat_input(x_nhwc, g, tail):
@@ -82,10 +83,16 @@ def main():
   out = {"net": a.net, "batch": a.batch, "precision": a.precision,
          "device": jax.devices()[0].device_kind,
          "jax_version": jax.__version__, "runs": {}}
-  runs = [("dense", dense, None)] + [(v or "plans", sparse, v)
-                                     for v in a.variants]
+  runs = [("dense", dense, None)] + [
+      ((v or "plans") + (f" #{i}" if a.variants.count(v) > 1 else ""),
+       sparse, v) for i, v in enumerate(a.variants)]
   for name, model, variant in runs:
     changed = set()
+    nlc.TAPS_IN_OFFSETS = True
+    if variant is not None and "taps_table" in variant:
+      # The tap bits as a table of their own (one more load per nonzero).
+      nlc.TAPS_IN_OFFSETS = False
+      variant = ",".join(p for p in variant.split(",") if p != "taps_table")
     if variant is not None:
       fields, layout = overrides(variant)
       ops.flat_input = LAYOUTS[layout]

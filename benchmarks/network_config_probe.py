@@ -29,7 +29,6 @@ import numpy as np
 from escort_jax import bench, bench_network, ops
 from escort_jax.bench import parse_config
 from escort_jax.convert import dense_fallback
-from pallas_kernels import nonzero_lanes_conv as nlc
 
 
 def one_pad_flat_input(x_nhwc, g, tail):
@@ -88,11 +87,6 @@ def main():
        sparse, v) for i, v in enumerate(a.variants)]
   for name, model, variant in runs:
     changed = set()
-    nlc.TAPS_IN_OFFSETS = True
-    if variant is not None and "taps_table" in variant:
-      # The tap bits as a table of their own (one more load per nonzero).
-      nlc.TAPS_IN_OFFSETS = False
-      variant = ",".join(p for p in variant.split(",") if p != "taps_table")
     if variant is not None:
       fields, layout = overrides(variant)
       ops.flat_input = LAYOUTS[layout]

@@ -110,12 +110,6 @@ class PlaneBounds:
 
 # Taps per kernel with unpadded planes: each is a bit of an int32 code.
 MAX_TAPS = 31
-# With unpadded planes each nonzero's tap rides in the low TAP_BITS bits of
-# its offset entry, so that a step loads one table entry per nonzero, as
-# with the padded layout.
-TAP_BITS = 5
-TAP_MASK = (1 << TAP_BITS) - 1
-TAPS_IN_OFFSETS = True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -195,7 +189,7 @@ def pack_nonzero_rows(rows: np.ndarray, offsets: np.ndarray,
 def _nonzero_lanes_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref, *,
                           table_starts, lanes, block_q, out_len, row_len,
                           num_rows, offset_unit, relu, acc_dtype, nhwc,
-                          spare_region, fused_fma, bounds, taps_in_offsets):
+                          spare_region, fused_fma, bounds):
   ptr_at, offsets_at = table_starts[:2]
   row = pl.program_id(0)
   q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
@@ -213,7 +207,7 @@ def _nonzero_lanes_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref, *,
     # j_ok & q_ok. (Ten integer operations per read, the tap's row and
     # column tested against the plane, made the kernel 1.4-2x slower:
     # benchmarks/NOTES.md, "tenth".)
-    code = plgpu.load(tables_ref.at[table_starts[-1] + q], mask=q_ok,
+    code = plgpu.load(tables_ref.at[table_starts[3] + q], mask=q_ok,
                       other=0)
 
   def step(t, acc):
@@ -226,12 +220,10 @@ def _nonzero_lanes_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref, *,
     if bounds is None:
       read = j_ok[:, None] & q_ok[None, :]
     else:
-      if taps_in_offsets:
-        tap_bits = jnp.where(j_ok, 1 << (offsets & TAP_MASK), 0)
-        offsets = offsets >> TAP_BITS
-      else:
-        tap_bits = plgpu.load(tables_ref.at[table_starts[2] + j],
-                              mask=j_ok, other=0)
+      # (Its own table: packed into the offsets' low bits, one load per
+      # nonzero fewer, ResNet-50 took 10 µs more, T0721.)
+      tap_bits = plgpu.load(tables_ref.at[table_starts[2] + j], mask=j_ok,
+                            other=0)
       read = (tap_bits[:, None] & code[None, :]) != 0
     xs = plgpu.load(
         x_ref.at[(offsets * offset_unit)[:, None] + read_at[None, :]],
@@ -318,25 +310,17 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
   check_int32(flat_input=x_flat.shape[0], output=out_size)
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
   acc_dtype = accumulator_dtype(jnp.result_type(x_flat.dtype, values.dtype))
-  taps_in_offsets = nz.bounds is not None and TAPS_IN_OFFSETS
-  if nz.bounds is None:
-    tables, table_starts = pack_tables(nz.row_ptr, nz.offsets)
-  elif taps_in_offsets:
-    tables, table_starts = pack_tables(
-        nz.row_ptr,
-        (nz.offsets.astype(np.int64) << TAP_BITS) | nz.taps,
-        nz.bounds.tap_codes(out_len))
-  else:
-    tables, table_starts = pack_tables(
-        nz.row_ptr, nz.offsets, np.left_shift(1, nz.taps),
-        nz.bounds.tap_codes(out_len))
+  tables, table_starts = pack_tables(
+      nz.row_ptr, nz.offsets,
+      *(() if nz.bounds is None else (np.left_shift(1, nz.taps),
+                                      nz.bounds.tap_codes(out_len))))
   kernel = functools.partial(
       _nonzero_lanes_kernel, table_starts=table_starts, lanes=lanes,
       block_q=block_q, out_len=out_len, row_len=row_len,
       num_rows=nz.num_rows, offset_unit=nz.offset_unit, relu=relu,
       acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region,
       fused_fma=not interpret and acc_dtype == jnp.float32,
-      bounds=nz.bounds, taps_in_offsets=taps_in_offsets)
+      bounds=nz.bounds)
   kernel = with_optional_refs(kernel, (True, True, bias is not None, True,
                                       True))
   bias_args = () if bias is None else (bias,)

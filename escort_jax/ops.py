@@ -102,8 +102,7 @@ class KernelConfig:
   with nonzero_lanes, read the input as unpadded (C, H, W, N) planes with
   masked reads at the borders (conv_geometry.plane_problem), so that its
   pass is a plain transpose, which XLA fuses into the ops before (a batch
-  norm and ReLU) instead of a layout kernel of its own; the output is then
-  stored NHWC. Alone the kernel is about 1 µs slower at batch 1 (its masks),
+  norm and ReLU) instead of a layout kernel of its own. Alone the kernel is about 1 µs slower at batch 1 (its masks),
   so it pays only after such an op: tune.tune_model times configs there.
   Where the geometry does not allow it or gains nothing (stride > 1,
   Wo > W, no padding: conv_geometry.reads_unpadded_planes) the padded
@@ -655,11 +654,14 @@ class _SparseCall:
       out_len = g.out_len
       # The forward nonzeros are in CSR order, so the kernel reads the
       # values as they are (no gather pass).
-      nhwc = g.nhwc_output() if c.nhwc_out else None
+      # Where the wide output rows land in (N, Ho, Wo, K): the kernel
+      # writes there itself with nhwc_out, else XLA crops and transposes
+      # them (a transpose it can fuse into the ops that follow).
+      wide = g.nhwc_output()
       if plan.planes is not None:
         # A plain transpose: XLA fuses it into the ops that produce x.
         x_flat = cg.to_unpadded_planes(x_nhwc)
-        out_len, nhwc = plan.planes.out_len, plan.planes.nhwc
+        out_len, wide = plan.planes.out_len, plan.planes.nhwc
       else:
         # The nonzero-lanes kernel masks every read, so it needs only what
         # the last plane's wide columns read past its end, not the zero run
@@ -667,6 +669,7 @@ class _SparseCall:
         # layout).
         x_flat = flat_input(x_nhwc, g, g.max_shift
                             if plan.nonzero_rows is not None else plan.x_tail)
+      nhwc = wide if c.nhwc_out else None
       if plan.planes is not None:
         kernel, meta = nonzero_lanes_conv, plan.plane_rows
         launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
@@ -683,7 +686,7 @@ class _SparseCall:
             kernel, x_flat, values, meta, out_len=out_len, relu=self.relu,
             out_dtype=self.out_dtype, nhwc=nhwc, interpret=not on_gpu(),
             **bias_kw, **launch)
-        return (), (y if nhwc is not None else cg.from_wide_output(y, g),)
+        return (), (y if nhwc is not None else wide.from_wide(y),)
       # Partial outputs in the accumulator dtype; bias and activation after
       # their sum, which is elementwise: inside a network XLA fuses it into
       # the ops that follow (a batch norm, say).
@@ -692,7 +695,7 @@ class _SparseCall:
           kernel, x_flat, values, meta, out_len=out_len, out_dtype=acc,
           nhwc=nhwc, interpret=not on_gpu(), **launch)
       if nhwc is None:
-        y = cg.from_wide_output(y, g)
+        y = wide.from_wide(y)
       y = sum_in_order(y.reshape(y.shape[:3] + (g.out_channels, split)),
                        axis=-1)
       if bias is not None:

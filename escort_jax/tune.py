@@ -108,7 +108,7 @@ def layer_candidates(geometry, itemsize: int,
   maps that default's K x warps variants (TINY_MAP_*_CHOICES; warps only
   as many as the K x BQ tile fills). With `unpadded`, where the geometry
   reads unpadded planes (conv_geometry.reads_unpadded_planes), also every
-  nonzero-lanes config so. No config twice."""
+  nonzero-lanes config so, storing NHWC and rows. No config twice."""
   g = geometry
   default = default_kernel_config(g.out_channels, g.out_len, itemsize,
                                   g.batch)
@@ -120,8 +120,9 @@ def layer_candidates(geometry, itemsize: int,
               if 32 * w <= k * default.block_q]
   configs = tuple(candidates) + tuple(extra)
   if unpadded and reads_unpadded_planes(g):
-    configs += tuple(dataclasses.replace(c, unpadded=True) for c in configs
-                     if c.nonzero_lanes)
+    configs += tuple(dataclasses.replace(c, unpadded=True, nhwc_out=nhwc)
+                     for c in configs if c.nonzero_lanes
+                     for nhwc in (True, False))
   return tuple(dict.fromkeys(configs))
 
 # Named candidate sets, (escort candidates, vector candidates), for
@@ -185,17 +186,20 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
                vector_candidates: Sequence[VectorConfig] = (
                    DEFAULT_VECTOR_CANDIDATES),
                num_inputs: int = 10, seed: int = 0, save: bool = True,
-               directory=None, after_elementwise: bool = False) -> dict:
+               directory=None, in_context: bool = False) -> dict:
   """Times the candidates on random inputs and records the winner.
 
   Args:
     x_shape: the input shape in dimension_numbers[0] layout.
-    after_elementwise: time every candidate (and dense) on the output of
-      an elementwise op, relu(x * scale + shift) per channel, as a batch
-      norm and ReLU feed a network's convolutions, and try the unpadded
-      input planes too (layer_candidates): there their input pass is a
-      transpose that XLA fuses into that op, which a layer timed alone
-      cannot show (ResNet-50 at batch 1: 541.6 -> 532.3 µs, T0653).
+    in_context: time every candidate (and dense) between elementwise ops,
+      as batch norms surround a network's convolutions: on
+      relu(x * scale + shift), its output then scaled and shifted per
+      output channel. The nonzero-lanes candidates are then also tried on
+      unpadded input planes, storing NHWC or rows (layer_candidates):
+      there the input pass is a transpose that XLA fuses into the op
+      before, and rows a transpose it fuses into the op after, which a
+      layer timed alone cannot show (ResNet-50 at batch 1: 541.6 -> 532.3
+      µs with unpadded planes, T0653; 532.7 -> 531.5 with rows, T0725).
     sk: the SparseKernel (its values are cast to `dtype`).
     dtype: the input dtype to tune for.
     precision: the precision of the dense alternative (and of the plan key).
@@ -218,28 +222,33 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
   inputs = [jnp.asarray(rng.standard_normal(tuple(x_shape)), dtype)
             for _ in range(num_inputs)]
   skd = sk.with_values(jnp.asarray(sk.values, dtype))
-  if after_elementwise:
-    # Per channel of the input layout, broadcast against x.
-    channel_shape = tuple(n if d == "C" else 1
-                          for d, n in zip(dimension_numbers[0], x_shape))
-    inputs = [(x, jnp.asarray(rng.random(channel_shape) + 0.5, dtype),
-               jnp.asarray(rng.standard_normal(channel_shape), dtype))
+  conv = dict(rhs_dilation=rhs_dilation,
+              feature_group_count=feature_group_count,
+              dimension_numbers=dimension_numbers, precision=precision)
+  spec = make_spec(inputs[0], skd, window_strides, padding, bias=None,
+                   activation=None, method="escort", lhs_dilation=None,
+                   preferred_element_type=None, **{
+                       k: v for k, v in conv.items() if k != "precision"})
+  if in_context:
+    # Per channel of the input and output layouts, broadcast against them.
+    def per_channel(layout, channels):
+      return tuple(channels if d == "C" else 1 for d in layout)
+    in_shape = per_channel(dimension_numbers[0], spec.geometry.in_channels)
+    out_shape = per_channel(dimension_numbers[2],
+                            spec.geometry.out_channels)
+    inputs = [(x, jnp.asarray(rng.random(in_shape) + 0.5, dtype),
+               jnp.asarray(rng.standard_normal(in_shape), dtype),
+               jnp.asarray(rng.random(out_shape) + 0.5, dtype),
+               jnp.asarray(rng.standard_normal(out_shape), dtype))
               for x in inputs]
 
   def timed(run):
     """run(x) -> y, as the function device_time_us times: on x itself, or
-    after the elementwise op."""
-    if after_elementwise:
-      return jax.jit(lambda x, a, b: run(jax.nn.relu(x * a + b)))
+    between the elementwise ops."""
+    if in_context:
+      return jax.jit(lambda x, a, b, c, d: run(jax.nn.relu(x * a + b)) * c
+                     + d)
     return jax.jit(run)
-  conv = dict(rhs_dilation=rhs_dilation,
-              feature_group_count=feature_group_count,
-              dimension_numbers=dimension_numbers, precision=precision)
-  spec = make_spec(inputs[0][0] if after_elementwise else inputs[0], skd,
-                   window_strides, padding, bias=None,
-                   activation=None, method="escort", lhs_dilation=None,
-                   preferred_element_type=None, **{
-                       k: v for k, v in conv.items() if k != "precision"})
   times: dict[str, float] = {}
   dense = timed(lambda x: sparse_conv(x, skd, window_strides, padding,
                                       method="dense", **conv))
@@ -268,7 +277,7 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
 
   best = {"escort": fastest("escort", layer_candidates(
       spec.geometry, jnp.dtype(dtype).itemsize, candidates,
-      unpadded=after_elementwise))}
+      unpadded=in_context))}
   vector_width = structure_vector_width(skd.structure, spec.geometry)
   if vector_width >= 8 and vector_candidates:
     best["vector"] = fastest("vector", vector_candidates)
@@ -288,8 +297,8 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
       "jax_version": jax.__version__,
       "date": datetime.date.today().isoformat(),
   }
-  if after_elementwise:
-    entry["timed_after"] = "elementwise"
+  if in_context:
+    entry["timed_between"] = "elementwise ops"
   if save:
     key = plans.plan_key(sk.structure.digest, spec.geometry,
                          spec.compute_dtype,
@@ -305,7 +314,7 @@ def tune_model(model, example_input, *, call=None, precision=None,
                num_inputs: int = 10, seed: int = 0, save: bool = True,
                directory=None, on_layer=None,
                layers: Sequence[str] | None = None,
-               after_elementwise: bool = True) -> dict[str, list[dict]]:
+               in_context: bool = True) -> dict[str, list[dict]]:
   """Tunes every SparseConv of an NNX model for the inputs it gets.
 
   One forward pass of `example_input` is traced abstractly
@@ -329,9 +338,9 @@ def tune_model(model, example_input, *, call=None, precision=None,
     on_layer: called as on_layer(path, input_shape, entry) after each.
     layers: tune only the SparseConvs whose dotted path contains one of
       these strings (None: all of them).
-    after_elementwise: as tune_layer's; by default on, since inside a model
-      a convolution's input is mostly another op's output (a batch norm and
-      ReLU).
+    in_context: as tune_layer's; by default on, since inside a model
+      a convolution mostly sits between other ops (batch norms and
+      ReLUs).
 
   Returns:
     Dotted layer path -> the plan entries of its distinct input shapes.
@@ -372,7 +381,7 @@ def tune_model(model, example_input, *, call=None, precision=None,
             precision=node.precision, candidates=candidates,
             vector_candidates=vector_candidates, num_inputs=num_inputs,
             seed=seed, save=save, directory=directory,
-            after_elementwise=after_elementwise)
+            in_context=in_context)
         results.setdefault(name, []).append(entry)
         if on_layer is not None:
           on_layer(name, shape, entry)

@@ -209,7 +209,7 @@ def test_tune_model_plans_are_the_ones_its_calls_look_up(plan_dir,
   result = tune.tune_model(model, x, precision="highest", candidates=ESCORT,
                            num_inputs=1, directory=plan_dir,
                            on_layer=lambda *a: seen.append(a[:2]),
-                           after_elementwise=False)
+                           in_context=False)
   assert not queue  # layer a was tuned once, for its one input shape
   assert seen == [("a", (2, 9, 9, 4)), ("b", (2, 9, 9, 4))]
   assert set(result) == {"a", "b"}
@@ -229,7 +229,7 @@ def test_tune_model_keeps_an_enclosing_precision(plan_dir, monkeypatch):
   _fake_times(monkeypatch, [100.0, 50.0, 20.0, SLOW_DEFAULT] * 2)
   with jax.default_matmul_precision("highest"):
     tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
-                    directory=plan_dir, after_elementwise=False)
+                    directory=plan_dir, in_context=False)
   assert _probe_sources(model, x, "highest") == {
       "a": [("plan", ESCORT[1])] * 2, "b": [("plan", ESCORT[1])]}
 
@@ -245,7 +245,7 @@ def test_tune_model_tunes_in_the_dtype_the_layer_computes_in(plan_dir,
   _fake_times(monkeypatch, [100.0, 50.0, 20.0, SLOW_DEFAULT])
   (entry,), = tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
                               directory=plan_dir,
-                              after_elementwise=False).values()
+                              in_context=False).values()
   g = make_geometry((1, 7, 7, 4), model.layers[0].structure, (1, 1),
                     "SAME", (1, 1), 1)
   key = plans.plan_key(model.layers[0].structure.digest, g, jnp.float32,
@@ -292,17 +292,18 @@ def test_tune_model_layers_filter(plan_dir, monkeypatch):
   queue = _fake_times(monkeypatch, [100.0, 50.0, 20.0, SLOW_DEFAULT])
   result = tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
                            directory=plan_dir, layers=["b"],
-                           after_elementwise=False)
+                           in_context=False)
   assert not queue and set(result) == {"b"}
   assert tune.tune_model(model, x, candidates=ESCORT, num_inputs=1,
                          directory=plan_dir, layers=["nothing"]) == {}
 
 
-def test_tune_after_an_elementwise_op(plan_dir, monkeypatch):
-  """after_elementwise (tune_model's default): every candidate and dense
-  are timed on relu(x * scale + shift) with per-channel parameters, and
-  the nonzero-lanes candidates also with unpadded planes where the layer
-  reads them (padding, stride 1); the plan says how it was timed."""
+def test_tune_in_context(plan_dir, monkeypatch):
+  """in_context (tune_model's default): every candidate and dense are
+  timed on relu(x * scale + shift), their output scaled and shifted, with
+  per-channel parameters, and the nonzero-lanes candidates also with
+  unpadded planes where the layer reads them (padding, stride 1); the plan
+  says how it was timed."""
   model = _TwoLayers(nnx.Rngs(0))
   g = make_geometry((1, 9, 9, 4), model.a.structure, (1, 1), "SAME", (1, 1),
                     1)
@@ -314,8 +315,9 @@ def test_tune_after_an_elementwise_op(plan_dir, monkeypatch):
 
   def fake(fn, inputs, **kwargs):
     del fn, kwargs
-    x, scale, shift = inputs[0]
+    x, scale, shift, out_scale, out_shift = inputs[0]
     chex.assert_shape([scale, shift], (1, 1, 1, x.shape[-1]))
+    chex.assert_shape([out_scale, out_shift], (1, 1, 1, 4))
     timed.append(x.shape)
     # Dense and the padded candidates come first; the unpadded ones win.
     return bench.Timing(median_us=10.0 if len(timed) > 1 + len(padded)
@@ -328,8 +330,11 @@ def test_tune_after_an_elementwise_op(plan_dir, monkeypatch):
                            directory=plan_dir, layers=["a"])
   (entry,), = result.values()
   assert len(timed) == 1 + len(want)
-  assert entry["timed_after"] == "elementwise"
+  assert entry["timed_between"] == "elementwise ops"
   assert entry["config"]["unpadded"] is True
+  # Unpadded, each candidate storing NHWC and rows.
+  assert {(c.nhwc_out, c.unpadded) for c in want if c.unpadded} == {
+      (True, True), (False, True)}
   # b is strided: no unpadded planes.
   gb = make_geometry((1, 9, 9, 4), model.b.structure, (2, 2), "VALID",
                      (1, 1), 1)
@@ -337,14 +342,14 @@ def test_tune_after_an_elementwise_op(plan_dir, monkeypatch):
       gb, 4, ESCORT, unpadded=True))
 
 
-def test_real_timing_after_an_elementwise_op(plan_dir):
+def test_real_timing_in_context(plan_dir):
   """No fakes: the candidates, unpadded ones included, run after the
   elementwise op (Pallas interpreter); the recorded config computes the
   layer."""
   sk = _unstructured_kernel(seed=3)
   entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT[:1], num_inputs=1,
-                          directory=plan_dir, after_elementwise=True)
-  assert entry["timed_after"] == "elementwise"
+                          directory=plan_dir, in_context=True)
+  assert entry["timed_between"] == "elementwise ops"
   assert any("unpadded=True" in k for k in entry["times_us"])
   assert all(t > 0 for t in entry["times_us"].values())
   cfg = plans.config_from_entry(entry, "escort")

@@ -102,9 +102,11 @@ class KernelConfig:
   with nonzero_lanes, read the input as unpadded (C, H, W, N) planes with
   masked reads at the borders (conv_geometry.plane_problem), so that its
   pass is a plain transpose, which XLA fuses into the ops before (a batch
-  norm and ReLU) instead of a layout kernel of its own. Alone the kernel is about 1 µs slower at batch 1 (its masks),
-  so it pays only after such an op: tune.tune_model times configs there.
-  Where the geometry does not allow it or gains nothing (stride > 1,
+  norm and ReLU) instead of a layout kernel of its own; without nhwc_out
+  the kernel then writes rows whose transpose to NHWC XLA fuses into the
+  ops after. Alone the kernel is about 1 µs slower at batch 1 (its
+  masks), so it pays only between such ops: tune.tune_model times configs
+  there. Where the geometry does not allow it or gains nothing (stride > 1,
   Wo > W, no padding: conv_geometry.reads_unpadded_planes) the padded
   layout is used.
   """
@@ -670,12 +672,10 @@ class _SparseCall:
         x_flat = flat_input(x_nhwc, g, g.max_shift
                             if plan.nonzero_rows is not None else plan.x_tail)
       nhwc = wide if c.nhwc_out else None
-      if plan.planes is not None:
-        kernel, meta = nonzero_lanes_conv, plan.plane_rows
-        launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
-                      num_warps=c.num_warps, num_stages=c.num_stages)
-      elif plan.nonzero_rows is not None:
-        kernel, meta = nonzero_lanes_conv, plan.nonzero_rows
+      if c.nonzero_lanes:
+        kernel = nonzero_lanes_conv
+        meta = (plan.plane_rows if plan.planes is not None
+                else plan.nonzero_rows)
         launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
                       num_warps=c.num_warps, num_stages=c.num_stages)
       else:

@@ -71,7 +71,7 @@ class PlaneBounds:
   wo + s * dilation_w - pad_left) of the nonzero's plane; where that pixel
   lies outside the height x width plane the read is masked and counts zero.
   base (>= pad_top * width + pad_left, times batch) keeps every offset
-  non-negative. Taps are r * kernel_w + s, fewer than MAX_TAPS.
+  non-negative. Taps are numbered r * kernel_w + s; at most MAX_TAPS.
   """
 
   height: int

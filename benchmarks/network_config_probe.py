@@ -9,8 +9,10 @@ as `bench --config`) set on every nonzero-lanes config the sparse model's
 layers get (plans or defaults); "" leaves them. Changes that interact with
 the ops around a layer show here and not in a layer's own timing: a split
 layer's elementwise sum of partial outputs fuses into the batch norm after
-it (and the input transpose of commit 9406aeb's unpadded planes, since
-reverted, into the batch norm before it).
+it, and unpadded planes' input transpose into the batch norm before it
+("unpadded=1"). A "layout=onepad" or "layout=xla" entry instead replaces
+the padded input layout (LAYOUTS). A variant given twice runs twice (its
+names numbered), for the spread within one process.
 Writes DIR/network_config_probe.json: for the dense model and each variant,
 the total kernel time per forward and every kernel name's time.
 """

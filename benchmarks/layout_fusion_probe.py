@@ -109,8 +109,9 @@ def main():
                             "spread_us": t.spread_us, "same_bits": same,
                             "kernels_us": t.kernels_us})
         print(f"{str(shape):18s} {jnp.dtype(dtype).name:8s} {name:15s} "
-              f"{t.median_us:6.2f} us  same={same} {len(t.kernels_us)} kernel(s): "
-              f"{sorted(t.kernels_us)}", flush=True)
+              f"{t.median_us:6.2f} us  same={same} "
+              f"{len(t.kernels_us)} kernel(s): {sorted(t.kernels_us)}",
+              flush=True)
   with open(os.path.join(a.out, "layout_fusion_probe.json"), "w") as fh:
     json.dump(out, fh, indent=1)
 

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,18 +33,17 @@ from escort_jax import bench, bench_network, ops
 from escort_jax.bench import parse_config
 from escort_jax.convert import dense_fallback
 
+sys.path.insert(0, os.path.dirname(__file__))
+from layout_fusion_probe import one_pad_layout  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 def one_pad_flat_input(x_nhwc, g, tail):
-  """The input layout at stride 1 as XLA's fusion of one pad (rows,
-  columns, and the tail as zero channels) before one transpose, so that XLA
-  can fuse it into the op before; otherwise ops.flat_input."""
+  """The input layout at stride 1 as XLA's fusion of one pad before one
+  transpose (layout_fusion_probe.one_pad_layout), so that XLA can fuse it
+  into the op before; otherwise ops.flat_input."""
   if g.strides != (1, 1) or min(min(p) for p in g.padding) < 0:
     return FLAT_INPUT(x_nhwc, g, tail)
-  (pt, pb), (pl_, pr) = g.padding
-  extra = -(-tail // g.plane_len)
-  x = jax.lax.pad(x_nhwc, jnp.zeros((), x_nhwc.dtype),
-                  ((0, 0, 0), (pt, pb, 0), (pl_, pr, 0), (0, extra, 0)))
-  return jnp.transpose(x, (3, 1, 2, 0)).reshape(-1)
+  return one_pad_layout(x_nhwc, g, tail)
 
 
 FLAT_INPUT = ops.flat_input

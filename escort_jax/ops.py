@@ -98,10 +98,10 @@ class KernelConfig:
   pallas_kernels/nonzero_lanes_conv.py instead, one output row per program
   taking K of its nonzeros per step (for small grids; rows_per_program and
   groups_per_program must then be 1, and of the launch only block_q,
-  num_warps, num_stages, nhwc_out, split and unpadded apply). unpadded:
-  with nonzero_lanes, read the input as unpadded (C, H, W, N) planes with
-  masked reads at the borders (conv_geometry.plane_problem), so that its
-  pass is a plain transpose, which XLA fuses into the ops before (a batch
+  num_warps, num_stages, q_major, nhwc_out, split and unpadded apply).
+  unpadded: with nonzero_lanes, read the input as unpadded (C, H, W, N)
+  planes with masked reads at the borders (conv_geometry.plane_problem), so
+  that its pass is a plain transpose, which XLA fuses into the ops before (a batch
   norm and ReLU) instead of a layout kernel of its own; without nhwc_out
   the kernel then writes rows whose transpose to NHWC XLA fuses into the
   ops after. Alone the kernel is about 1 µs slower at batch 1 (its
@@ -677,7 +677,8 @@ class _SparseCall:
         meta = (plan.plane_rows if plan.planes is not None
                 else plan.nonzero_rows)
         launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
-                      num_warps=c.num_warps, num_stages=c.num_stages)
+                      num_warps=c.num_warps, num_stages=c.num_stages,
+                      q_major=c.q_major)
       else:
         kernel, meta = direct_sparse_conv, plan.forward
         launch = dict(values_by_row=True, **_launch(c))

@@ -189,10 +189,11 @@ def pack_nonzero_rows(rows: np.ndarray, offsets: np.ndarray,
 def _nonzero_lanes_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref, *,
                           table_starts, lanes, block_q, out_len, row_len,
                           num_rows, offset_unit, relu, acc_dtype, nhwc,
-                          spare_region, fused_fma, bounds):
+                          spare_region, fused_fma, bounds, q_major):
   ptr_at, offsets_at = table_starts[:2]
-  row = pl.program_id(0)
-  q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  row_axis, q_axis = (1, 0) if q_major else (0, 1)
+  row = pl.program_id(row_axis)
+  q = pl.program_id(q_axis) * block_q + jnp.arange(block_q, dtype=jnp.int32)
   q_ok = q < out_len
   begin = tables_ref[ptr_at + row]
   end = tables_ref[ptr_at + row + 1]
@@ -255,6 +256,7 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
                        bias: jax.Array | None = None, relu: bool = False,
                        out_dtype=None, lanes: int = 32, block_q: int = 64,
                        num_warps: int = 4, num_stages: int = 1,
+                       q_major: bool = False,
                        nhwc: NhwcOutput | None = None,
                        interpret: bool = False) -> jax.Array:
   """Runs the kernel.
@@ -271,6 +273,9 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
     lanes: K, nonzeros per step (a power of two).
     block_q: output positions per program (a power of two).
     num_warps, num_stages: Triton's.
+    q_major: put the output blocks on the grid's fastest axis, so that the
+      programs launched together (and sharing an SM and its L1) read the
+      same positions of the input for different rows.
     nhwc: write (N, Ho, Wo, num_rows) instead of rows; its out_len must be
       `out_len`.
     interpret: run through the Pallas interpreter (CPU).
@@ -320,14 +325,15 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
       num_rows=nz.num_rows, offset_unit=nz.offset_unit, relu=relu,
       acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region,
       fused_fma=not interpret and acc_dtype == jnp.float32,
-      bounds=nz.bounds)
+      bounds=nz.bounds, q_major=q_major)
   kernel = with_optional_refs(kernel, (True, True, bias is not None, True,
                                       True))
   bias_args = () if bias is None else (bias,)
   y = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype),
-      grid=(nz.num_rows, num_q_blocks),
+      grid=((num_q_blocks, nz.num_rows) if q_major
+            else (nz.num_rows, num_q_blocks)),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,

@@ -28,16 +28,19 @@ def _csr_problem(rng, num_rows, nnz, out_len, empty_rows, unit=1):
 
 
 @pytest.mark.parametrize(
-    "num_rows,nnz,out_len,lanes,block_q,bias,relu,empty_rows,unit",
+    "num_rows,nnz,out_len,lanes,block_q,bias,relu,empty_rows,unit,q_major",
     [
-        (11, 60, 37, 8, 16, True, True, True, 1),
-        (5, 90, 130, 16, 64, False, False, False, 1),  # rows of ~18 > lanes
-        (7, 21, 5, 32, 8, True, False, True, 2),  # fewer nonzeros than lanes
-        (3, 40, 50, 4, 32, False, True, False, 3),
-        (4, 0, 9, 8, 8, True, True, True, 1),  # nnz = 0: bias only
+        (11, 60, 37, 8, 16, True, True, True, 1, False),
+        (11, 60, 37, 8, 16, True, True, True, 1, True),  # blocks fastest
+        # rows of ~18 > lanes
+        (5, 90, 130, 16, 64, False, False, False, 1, True),
+        # fewer nonzeros than lanes
+        (7, 21, 5, 32, 8, True, False, True, 2, False),
+        (3, 40, 50, 4, 32, False, True, False, 3, False),
+        (4, 0, 9, 8, 8, True, True, True, 1, False),  # nnz = 0: bias only
     ])
 def test_matches_reference(num_rows, nnz, out_len, lanes, block_q, bias, relu,
-                           empty_rows, unit):
+                           empty_rows, unit, q_major):
   rng = np.random.default_rng([17, num_rows, nnz, out_len, lanes])
   rows, offsets, in_len = _csr_problem(rng, num_rows, nnz, out_len,
                                        empty_rows, unit)
@@ -51,7 +54,7 @@ def test_matches_reference(num_rows, nnz, out_len, lanes, block_q, bias, relu,
     assert nz.offset_unit % unit == 0
   y = nonzero_lanes_conv(jnp.asarray(x_poisoned), values, nz,
                          out_len=out_len, bias=b, relu=relu, lanes=lanes,
-                         block_q=block_q, interpret=True)
+                         block_q=block_q, q_major=q_major, interpret=True)
   ref = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
                                      num_rows=num_rows, out_len=out_len,
                                      bias=b, relu=relu)
@@ -124,14 +127,16 @@ def _plane_problem(rng, num_rows, nnz, bounds, num_planes, kernel_h):
   return rows, planes, taps, offsets
 
 
-@pytest.mark.parametrize("batch,height,width,kernel,dilation,pads,lanes,bq", [
-    (1, 5, 7, (3, 3), (1, 1), (1, 1), 8, 16),   # SAME 3x3
-    (3, 4, 6, (3, 3), (1, 1), (1, 1), 16, 32),  # batch innermost
-    (2, 6, 5, (3, 2), (2, 1), (2, 0), 4, 8),    # dilated, one-sided
-    (1, 6, 6, (3, 3), (1, 1), (0, 0), 32, 64),  # VALID: nothing masked
-])
+@pytest.mark.parametrize(
+    "batch,height,width,kernel,dilation,pads,lanes,bq,q_major", [
+        (1, 5, 7, (3, 3), (1, 1), (1, 1), 8, 16, False),   # SAME 3x3
+        (3, 4, 6, (3, 3), (1, 1), (1, 1), 16, 32, False),  # batch innermost
+        (2, 6, 5, (3, 2), (2, 1), (2, 0), 4, 8, True),     # dilated, 1-sided
+        (1, 6, 6, (3, 3), (1, 1), (0, 0), 32, 64, False),  # VALID: no masks
+    ])
 def test_unpadded_planes_match_the_padded_layout(batch, height, width, kernel,
-                                                 dilation, pads, lanes, bq):
+                                                 dilation, pads, lanes, bq,
+                                                 q_major):
   """With PlaneBounds the kernel reads unpadded (C, H, W, N) planes and masks
   taps that leave the plane: the same as the padded flat layout (zeros
   around each plane) read without masks, and as its own reference; the
@@ -156,7 +161,8 @@ def test_unpadded_planes_match_the_padded_layout(batch, height, width, kernel,
   nz = pack_nonzero_rows(rows, offsets, num_rows, taps=taps, bounds=bounds)
   y = nonzero_lanes_conv(jnp.asarray(x.reshape(-1)), values, nz,
                          out_len=nhwc.out_len, bias=b, relu=True, lanes=lanes,
-                         block_q=bq, nhwc=nhwc, interpret=True)
+                         block_q=bq, q_major=q_major, nhwc=nhwc,
+                         interpret=True)
   chex.assert_shape(y, (batch, out_h, out_w, num_rows))
   ref = nonzero_lanes_reference(jnp.asarray(x.reshape(-1)), values, nz,
                                 out_len=nhwc.out_len, bias=b, relu=True)

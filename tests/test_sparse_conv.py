@@ -545,6 +545,8 @@ def test_sampled_dense_dense_kernel_nnz0_and_bf16():
                                     KernelConfig(1, 32, nhwc_out=True,
                                                  nonzero_lanes=8),
                                     KernelConfig(1, 16, nonzero_lanes=4),
+                                    KernelConfig(1, 16, nonzero_lanes=4,
+                                                 q_major=True),
                                     KernelConfig(1, 32, nhwc_out=True,
                                                  nonzero_lanes=4, split=3),
                                     KernelConfig(1, 16, nonzero_lanes=2,
@@ -553,8 +555,8 @@ def test_escort_nhwc_store_matches_lax(config):
   """KernelConfig(nhwc_out=True): the forward kernel writes NHWC itself
   (with split, float32 partial outputs summed by XLA; with nonzero_lanes,
   the kernel that takes several nonzeros of a row per step, which also
-  writes wide rows, and splits rows the same way); gradients are those of
-  the default config."""
+  writes wide rows, splits rows the same way, and with q_major orders its
+  grid by output blocks); gradients are those of the default config."""
   rng = np.random.default_rng(77)
   for kw in (dict(n=2, hw=(7, 9), c=5, o=6, strides=(1, 1)),
              dict(n=3, hw=(9, 8), c=4, o=8, strides=(2, 1), groups=2)):
@@ -604,7 +606,7 @@ def test_nonzero_lanes_config_runs_one_row_per_program():
 @pytest.mark.parametrize("config", [
     KernelConfig(1, 16, nonzero_lanes=4, unpadded=True),
     KernelConfig(1, 32, nonzero_lanes=8, unpadded=True, split=2,
-                 nhwc_out=True)])
+                 nhwc_out=True, q_major=True)])
 def test_unpadded_planes_match_lax(case, config):
   """KernelConfig(unpadded=True): the nonzero-lanes forward reads the input
   as (C, H, W, N) planes with masked borders (one transpose, no layout

@@ -67,11 +67,12 @@ DEFAULT_CANDIDATES = LARGE_GRID_CANDIDATES + (
     KernelConfig(1, 128, 4, 1, 8, nhwc_out=True, split=2),
     KernelConfig(1, 64, 2, 1, 4, nhwc_out=True, split=2),
     # Small grids: a row's nonzeros across lanes (nonzero_lanes_conv), with
-    # the output blocks on the fastest grid axis, 32 to 64 of the K x BQ
-    # tile per thread: the seven best of sixteen on twelve layers at batch
-    # 1 in float32, each layer's best 3-26 % faster than with the three
-    # 16-per-thread tiles tried before (res5 8.5 -> 6.6 us at BQ 32, K 64
-    # on 2 warps; benchmarks/results/2026-11-25T0849-*-b1-lanes-sweep.json).
+    # the output blocks on the fastest grid axis, mostly 32 to 64 of the
+    # K x BQ tile per thread: seven of sixteen tiles on twelve layers at
+    # batch 1 in float32 (the five best on geometric mean, and the best on
+    # res4d and on res2), each layer's best 3-26 % faster than with the
+    # three 16-per-thread tiles tried before (res5 8.5 -> 6.6 us at BQ 32,
+    # K 64 on 2 warps; benchmarks/results/2026-11-25T0849-*-lanes-sweep.json).
     # Those three stay in through each layer's default
     # (ops.default_kernel_config, which layer_candidates adds).
     KernelConfig(1, 32, 2, 1, 4, nhwc_out=True, nonzero_lanes=64,

@@ -101,12 +101,12 @@ class KernelConfig:
   num_warps, num_stages, q_major, nhwc_out, split and unpadded apply).
   unpadded: with nonzero_lanes, read the input as unpadded (C, H, W, N)
   planes with masked reads at the borders (conv_geometry.plane_problem), so
-  that its pass is a plain transpose, which XLA fuses into the ops before (a batch
-  norm and ReLU) instead of a layout kernel of its own; without nhwc_out
-  the kernel then writes rows whose transpose to NHWC XLA fuses into the
-  ops after. Alone the kernel is about 1 µs slower at batch 1 (its
-  masks), so it pays only between such ops: tune.tune_model times configs
-  there. Where the geometry does not allow it or gains nothing (stride > 1,
+  that its pass is a plain transpose, which XLA fuses into the ops before
+  (a batch norm and ReLU) instead of a layout kernel of its own; without
+  nhwc_out the kernel then writes rows whose transpose to NHWC XLA fuses
+  into the ops after. Alone the kernel is about 1 µs slower at batch 1
+  (its masks), so it pays only between such ops: tune.tune_model times
+  configs there. Where the geometry does not allow it or gains nothing (stride > 1,
   Wo > W, no padding: conv_geometry.reads_unpadded_planes) the padded
   layout is used.
   """

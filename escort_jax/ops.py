@@ -106,9 +106,9 @@ class KernelConfig:
   nhwc_out the kernel then writes rows whose transpose to NHWC XLA fuses
   into the ops after. Alone the kernel is about 1 µs slower at batch 1
   (its masks), so it pays only between such ops: tune.tune_model times
-  configs there. Where the geometry does not allow it or gains nothing (stride > 1,
-  Wo > W, no padding: conv_geometry.reads_unpadded_planes) the padded
-  layout is used.
+  configs there. Where the geometry does not allow it or gains nothing
+  (stride > 1, Wo > W, no padding: conv_geometry.reads_unpadded_planes)
+  the padded layout is used.
   """
 
   # The best single config over 8 workload layers at batch 32 on an H100

@@ -55,7 +55,11 @@ def build_networks(name: str, *, dtype=jnp.float32, seed: int = 0,
   or "resnet50", random weights) and its copy with the pruned layers
   (density <= PRUNED_DENSITY) as SparseConvs of `method`: the convolutions,
   and the fully connected layers as SparseLinears."""
-  model = build_model(name, pruned=True, seed=seed, param_dtype=dtype)
+  # dtype as well as param_dtype: nnx.BatchNorm keeps its running
+  # statistics in float32, so with dtype=None a bfloat16 ResNet-50 computed
+  # in float32 after its first batch norm.
+  model = build_model(name, pruned=True, seed=seed, dtype=dtype,
+                      param_dtype=dtype)
   return model, sparsify(model, max_density=PRUNED_DENSITY, method=method,
                          linear=True)
 

@@ -707,6 +707,17 @@ def test_network_rows_in_bfloat16():
   assert row["rel_err_vs_dense"] < 0.05
 
 
+def test_networks_compute_in_their_dtype():
+  """The benchmark's bfloat16 ResNet-50, dense and sparse, computes in
+  bfloat16 to its output (its batch norms' float32 statistics had promoted
+  it to float32 after the first one)."""
+  from escort_jax import bench_network
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.bfloat16)
+  for model in bench_network.build_networks("resnet50", dtype=jnp.bfloat16):
+    apply, state = bench_network.apply_fn(model, None)
+    assert jax.eval_shape(apply, state, x).dtype == jnp.bfloat16
+
+
 def test_network_run_times_each_dtype_at_its_precisions(tmp_path,
                                                         monkeypatch):
   """bench_network.run: float32 at fp32 HIGHEST and default precision,

@@ -275,7 +275,8 @@ def nonzero_lanes_conv(x_flat: jax.Array, values: jax.Array,
     num_warps, num_stages: Triton's.
     q_major: put the output blocks on the grid's fastest axis, so that the
       programs launched together (and sharing an SM and its L1) read the
-      same positions of the input for different rows.
+      same positions of the input for different rows (1-3 % faster on 14x14
+      and 28x28 maps at batch 1; benchmarks/NOTES.md, "twelfth").
     nhwc: write (N, Ho, Wo, num_rows) instead of rows; its out_len must be
       `out_len`.
     interpret: run through the Pallas interpreter (CPU).

@@ -453,7 +453,10 @@ def build_model(name: str, *, pruned: bool = False, seed: int = 0,
       masks).
     seed: seeds nnx.Rngs(seed) when `rngs` is not given.
     rngs: the parameter RNGs.
-    num_classes, dtype, param_dtype: as the model classes take them.
+    num_classes, dtype, param_dtype: as the model classes take them. For
+      a model that computes in bfloat16 give both: with dtype=None each
+      nnx.BatchNorm (ResNet-50's) returns float32, its running statistics'
+      dtype, and what follows it computes in float32.
     vector_width: with pruned=True, prune V-wide output-channel vectors
       (prune.vector_mask); V must divide every pruned layer's outputs.
     column_multiple: with vector_width, each block keeps a multiple of this

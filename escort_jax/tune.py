@@ -75,20 +75,12 @@ DEFAULT_CANDIDATES = LARGE_GRID_CANDIDATES + (
     # K 64 on 2 warps; benchmarks/results/2026-11-25T0849-*-lanes-sweep.json).
     # Those three stay in through each layer's default
     # (ops.default_kernel_config, which layer_candidates adds).
-    KernelConfig(1, 32, 2, 1, 4, nhwc_out=True, nonzero_lanes=64,
-                 q_major=True),
-    KernelConfig(1, 64, 2, 1, 4, nhwc_out=True, nonzero_lanes=64,
-                 q_major=True),
-    KernelConfig(1, 128, 2, 1, 4, nhwc_out=True, nonzero_lanes=32,
-                 q_major=True),
-    KernelConfig(1, 256, 2, 1, 4, nhwc_out=True, nonzero_lanes=16,
-                 q_major=True),
-    KernelConfig(1, 256, 4, 1, 4, nhwc_out=True, nonzero_lanes=16,
-                 q_major=True),
-    KernelConfig(1, 256, 4, 1, 4, nhwc_out=True, nonzero_lanes=32,
-                 q_major=True),
-    KernelConfig(1, 256, 4, 1, 4, nhwc_out=True, nonzero_lanes=8,
-                 q_major=True),
+    *(KernelConfig(1, block_q, num_warps, 1, 4, nhwc_out=True,
+                   nonzero_lanes=lanes, q_major=True)
+      for block_q, num_warps, lanes in ((32, 2, 64), (64, 2, 64),
+                                        (128, 2, 32), (256, 2, 16),
+                                        (256, 4, 16), (256, 4, 32),
+                                        (256, 4, 8))),
 )
 
 # Vector-kernel candidates (block_q, block_k, num_warps, num_stages), tried

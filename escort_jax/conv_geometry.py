@@ -248,6 +248,23 @@ class StretchedProblem:
   shifts: np.ndarray
 
 
+def _input_channels(k: np.ndarray, c: np.ndarray,
+                    g: ConvGeometry) -> np.ndarray:
+  """The input channel (of all groups) that a nonzero of output channel k
+  and in-group input channel c reads."""
+  return (k // (g.out_channels // g.groups)) * (
+      g.in_channels // g.groups) + c
+
+
+def _check_int32_offsets(offsets: np.ndarray, out_len: int,
+                         g: ConvGeometry) -> None:
+  """Raises OverflowError where offset + output position can pass int32."""
+  if offsets.size and offsets.max() + out_len > np.iinfo(np.int32).max:
+    raise OverflowError(
+        f"the input ({g.batch}x{g.in_h}x{g.in_w}x{g.in_channels}) is too "
+        "large for int32 offsets; split the batch")
+
+
 @functools.lru_cache(maxsize=4096)
 def stretched_problem(structure: SparseStructure,
                       geometry: ConvGeometry) -> StretchedProblem:
@@ -256,15 +273,10 @@ def stretched_problem(structure: SparseStructure,
   g = geometry
   sh, sw = g.strides
   u, v = r * g.dilation[0], s * g.dilation[1]
-  c_global = (k // (g.out_channels // g.groups)) * (
-      g.in_channels // g.groups) + c
-  planes = (c_global * sh + u % sh) * sw + v % sw
+  planes = (_input_channels(k, c, g) * sh + u % sh) * sw + v % sw
   shifts = ((u // sh) * g.plane_w + v // sw) * g.batch
   offsets = planes * g.plane_len + shifts
-  if offsets.size and offsets.max() + g.out_len > np.iinfo(np.int32).max:
-    raise OverflowError(
-        f"the input ({g.batch}x{g.in_h}x{g.in_w}x{g.in_channels}) is too "
-        "large for int32 offsets; split the batch")
+  _check_int32_offsets(offsets, g.out_len, g)
   return StretchedProblem(rows=k, offsets=offsets, planes=planes,
                           shifts=shifts)
 
@@ -325,16 +337,12 @@ def plane_problem(structure: SparseStructure,
         f"{g.in_w}, padding {g.padding}")
   k, c, r, s = structure.coordinates()
   (pad_top, _), (pad_left, _) = g.padding
-  c_global = (k // (g.out_channels // g.groups)) * (
-      g.in_channels // g.groups) + c
   base = max(0, (pad_top * g.in_w + pad_left) * g.batch)
-  offsets = (((c_global * g.in_h + r * g.dilation[0] - pad_top) * g.in_w
-              + s * g.dilation[1] - pad_left) * g.batch + base)
+  offsets = (((_input_channels(k, c, g) * g.in_h + r * g.dilation[0]
+               - pad_top) * g.in_w + s * g.dilation[1] - pad_left) * g.batch
+             + base)
   out_len = g.out_h * g.in_w * g.batch
-  if offsets.size and offsets.max() + out_len > np.iinfo(np.int32).max:
-    raise OverflowError(
-        f"the input ({g.batch}x{g.in_h}x{g.in_w}x{g.in_channels}) is too "
-        "large for int32 offsets; split the batch")
+  _check_int32_offsets(offsets, out_len, g)
   bounds = PlaneBounds(height=g.in_h, width=g.in_w, batch=g.batch,
                        kernel_h=g.kernel_h, kernel_w=g.kernel_w,
                        dilation=g.dilation,

@@ -145,13 +145,19 @@ DEFAULT_CONFIG = KernelConfig()
 # a row's nonzeros across lanes (KernelConfig.nonzero_lanes) is 1.1-1.4x
 # faster again (*T2138*-b1-nonzero-lanes-sweep.json; tuned, the batch-1
 # plans pick it on 61 of 62 entries). The best configs there had K x BQ =
-# NONZERO_LANES_TILE with BQ 64 on 7x7 maps (at most 64 wide positions per
-# image), 128 up to 1024 and 256 above. The rule reads the positions of one
-# image, not of the batch: K and BQ set the order of each output's sum, and
-# a device's share of a batch must get the config of the whole batch to
-# give the same bits (tests/test_sharding.py).
+# NONZERO_LANES_TILE on 4 warps with BQ 128 up to 1024 wide positions per
+# image and 256 above. On 7x7 maps with a 3x3 kernel (at most 64 wide
+# positions per image) SEVEN_BY_SEVEN_TILE, (BQ, warps, K), is 1.11-1.26x
+# faster than BQ 64 there (res5a-c, inception_5a/5b 3x3, float32 and
+# bfloat16, no plans; its tiles on the larger maps were 0.74-1.07x,
+# benchmarks/results/2026-11-25T1102-*-default-tiles-*.json). The rule
+# reads the positions of one image, not of the batch: K and BQ set the
+# order of each output's sum, and a device's share of a batch must get the
+# config of the whole batch to give the same bits (tests/test_sharding.py).
 SMALL_GRID_PROGRAMS = 1024
 NONZERO_LANES_TILE = 2048
+SEVEN_BY_SEVEN_POSITIONS = 64
+SEVEN_BY_SEVEN_TILE = (32, 2, 64)
 # With at most this many positions per image (a 1x1 map: a fully connected
 # layer as a 1x1 convolution, escort_jax.nnx.SparseLinear) BQ is the
 # positions rounded up to a power of two and K is TINY_MAP_LANES: 2.2-3.0x
@@ -187,7 +193,12 @@ def default_kernel_config(num_rows: int, out_len: int, itemsize: int = 4,
               -(-out_len // c.block_q))
   if programs >= SMALL_GRID_PROGRAMS:
     return HALF_CONFIG if itemsize <= 2 else c
-  block_q = 64 if per_image <= 64 else 128 if per_image <= 1024 else 256
+  if per_image <= SEVEN_BY_SEVEN_POSITIONS:
+    block_q, num_warps, lanes = SEVEN_BY_SEVEN_TILE
+    return dataclasses.replace(c, rows_per_program=1, block_q=block_q,
+                               num_warps=num_warps, nhwc_out=True,
+                               nonzero_lanes=lanes, q_major=True)
+  block_q = 128 if per_image <= 1024 else 256
   return dataclasses.replace(c, rows_per_program=1, block_q=block_q,
                              nhwc_out=True,
                              nonzero_lanes=NONZERO_LANES_TILE // block_q)

@@ -73,8 +73,9 @@ DEFAULT_CANDIDATES = LARGE_GRID_CANDIDATES + (
     # res4d and on res2), each layer's best 3-26 % faster than with the
     # three 16-per-thread tiles tried before (res5 8.5 -> 6.6 us at BQ 32,
     # K 64 on 2 warps; benchmarks/results/2026-11-25T0849-*-lanes-sweep.json).
-    # Those three stay in through each layer's default
-    # (ops.default_kernel_config, which layer_candidates adds).
+    # Those three stay in through each layer's default above 7x7 maps
+    # (ops.default_kernel_config, which layer_candidates adds; on 7x7 maps
+    # the default is the first tile here).
     *(KernelConfig(1, block_q, num_warps, 1, 4, nhwc_out=True,
                    nonzero_lanes=lanes, q_major=True)
       for block_q, num_warps, lanes in ((32, 2, 64), (64, 2, 64),

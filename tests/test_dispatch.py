@@ -197,17 +197,22 @@ def test_auto_keeps_a_callers_config_only_for_the_path_it_fits(plan_dir):
 
 def test_default_config_takes_nonzeros_across_lanes_on_small_grids():
   """Under SMALL_GRID_PROGRAMS programs: one row per program, the NHWC store
-  and K x BQ = NONZERO_LANES_TILE lanes, BQ by the positions of one image
-  (so that a share of the batch gets the whole batch's config); large grids
+  and K x BQ = NONZERO_LANES_TILE lanes on 4 warps, BQ by the positions of
+  one image (so that a share of the batch gets the whole batch's config),
+  except SEVEN_BY_SEVEN_TILE with the output blocks on the fastest grid axis
+  at most SEVEN_BY_SEVEN_POSITIONS wide positions per image; large grids
   keep the batch-32 default."""
   c = ops.default_kernel_config(512, 63)   # res5 at batch 1: 512 programs
-  assert (c.rows_per_program, c.nhwc_out, c.split) == (1, True, 1)
-  assert (c.block_q, c.nonzero_lanes) == (64, 32)
-  for out_len, batch, block_q in ((224, 1, 128), (3248, 1, 256),
-                                  (4 * 63, 4, 64), (8 * 77, 8, 128)):
+  assert (c.rows_per_program, c.nhwc_out, c.split, c.q_major) == (
+      1, True, 1, True)
+  assert (c.block_q, c.num_warps, c.nonzero_lanes) == (32, 2, 64)
+  for out_len, batch, tile in ((224, 1, (128, 4, 16)), (77, 1, (128, 4, 16)),
+                               (3248, 1, (256, 4, 8)),
+                               (4 * 63, 4, (32, 2, 64)),
+                               (8 * 77, 8, (128, 4, 16))):
     other = ops.default_kernel_config(16, out_len, 4, batch)
-    assert (other.block_q, other.nonzero_lanes) == (
-        block_q, ops.NONZERO_LANES_TILE // block_q)
+    assert (other.block_q, other.num_warps, other.nonzero_lanes) == tile
+    assert other.q_major == (tile == ops.SEVEN_BY_SEVEN_TILE)
   # A 1x1 map (a fully connected layer): BQ the positions of one image,
   # rounded up to a power of two, and TINY_MAP_LANES nonzeros per step.
   for rows, out_len, batch, block_q in ((1000, 1, 1, 1), (4096, 1, 1, 1),

@@ -135,7 +135,7 @@ CONFIG_ALIASES = {"rpp": "rows_per_program", "bq": "block_q",
                   "gpp": "groups_per_program", "qm": "q_major",
                   "nzl": "nonzero_lanes"}
 VECTOR_CONFIG_ALIASES = {"bq": "block_q", "bk": "block_k", "nw": "num_warps",
-                         "ns": "num_stages"}
+                         "ns": "num_stages", "pf": "prefetch"}
 _ALIASES = {KernelConfig: CONFIG_ALIASES, VectorConfig: VECTOR_CONFIG_ALIASES}
 _SHORT = {v: k for aliases in _ALIASES.values() for k, v in aliases.items()}
 

@@ -210,7 +210,9 @@ class VectorConfig:
 
   block_q: output positions per program (a power of two, >= 16); block_k:
   kept columns per matrix-product step (a multiple of 16); num_warps,
-  num_stages: Triton's.
+  num_stages: Triton's; prefetch: what each step loads for the next (0
+  nothing, 1 its source offsets, 2 its tiles; see
+  pallas_kernels.vector_sparse_conv).
   """
 
   # (128, 32, 4, 3) had the best geometric mean over 8 workload layers at
@@ -219,6 +221,7 @@ class VectorConfig:
   block_k: int = 32
   num_warps: int = 4
   num_stages: int = 3
+  prefetch: int = 0
 
 
 DEFAULT_VECTOR_CONFIG = VectorConfig()
@@ -657,7 +660,8 @@ class _SparseCall:
           vector_sparse_conv, x_flat, values, plan.blocks,
           out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
           block_q=c.block_q, num_warps=c.num_warps, num_stages=c.num_stages,
-          nhwc=g.nhwc_output(), interpret=not on_gpu(), **bias_kw)
+          prefetch=c.prefetch, nhwc=g.nhwc_output(), interpret=not on_gpu(),
+          **bias_kw)
       return (), (y,)
     else:
       plan = escort_plan(self.structure, g,

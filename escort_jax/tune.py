@@ -92,11 +92,17 @@ DEFAULT_CANDIDATES = LARGE_GRID_CANDIDATES + (
 # V = 64 (7 layers at 90 % and 75 %, results/*T1405*-vector64-configs.json),
 # block_k 64 on 8 warps: its 64 output channels then take 32 accumulators
 # per thread.
+# Then the V = 16 and V = 64 defaults with each step's source offsets
+# loaded a step ahead (prefetch 1): 1.13-1.24x faster on grids of under one
+# program per SM (res5a, inception_4c/5x5 at V = 64), 0.8-1.0x on larger
+# ones (8 layers, batch 32, bf16; results/*T1110*-vector-prefetch-*.json).
 DEFAULT_VECTOR_CANDIDATES = (
     VectorConfig(128, 32, 4, 3),
     VectorConfig(256, 32, 8, 3),
     VectorConfig(128, 32, 4, 2),
     VectorConfig(128, 64, 8, 3),
+    VectorConfig(128, 32, 4, 3, prefetch=1),
+    VectorConfig(128, 64, 8, 3, prefetch=1),
 )
 
 VECTOR_PREFIX = "vector:"

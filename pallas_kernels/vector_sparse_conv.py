@@ -252,7 +252,7 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
                                *, table_starts, block_q, block_k, lanes,
                                vector_width, num_rows, padded_cols, row_len,
                                offset_unit, value_alignment, relu, precision,
-                               acc_dtype, nhwc, spare_region):
+                               acc_dtype, nhwc, spare_region, prefetch):
   steps_at, start_at, cols_at, offsets_at = table_starts
   block = pl.program_id(0)
   q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
@@ -265,20 +265,54 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
   lane = jnp.arange(lanes, dtype=jnp.int32)
   lane_ok = (lane < vector_width)[None, :]
 
-  def step(t, acc):
-    col = first + t * block_k
-    offsets = tables_ref[pl.ds(col, block_k)] * offset_unit
+  num_steps = tables_ref[steps_at + block]
+  # Loads ahead of the loop's end stay on the block's last step of table
+  # (a block has at least one, even with nothing kept).
+  last = jnp.maximum(num_steps - 1, 0)
+
+  def load_offsets(t):
+    return tables_ref[pl.ds(first + t * block_k, block_k)] * offset_unit
+
+  def load_tiles(t, offsets):
     # (BQ, BK): column j is BQ contiguous inputs from offset j.
     a = plgpu.load(x_ref.at[q[:, None] + offsets[None, :]])
     j = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
     w = plgpu.load(values_ref.at[start + lane[None, :] * cols + j[:, None]],
                    mask=(j < cols)[:, None] & lane_ok, other=0.0)
-    return acc + lax.dot_general(
-        a, w, (((1,), (0,)), ((), ())), precision=precision,
-        preferred_element_type=acc_dtype)
+    return a, w
 
-  acc = lax.fori_loop(0, tables_ref[steps_at + block], step,
-                      jnp.zeros((block_q, lanes), acc_dtype))
+  def product(a, w):
+    return lax.dot_general(a, w, (((1,), (0,)), ((), ())),
+                           precision=precision,
+                           preferred_element_type=acc_dtype)
+
+  acc = jnp.zeros((block_q, lanes), acc_dtype)
+  if prefetch == 0:
+    def step(t, acc):
+      return acc + product(*load_tiles(t, load_offsets(t)))
+    acc = lax.fori_loop(0, num_steps, step, acc)
+  elif prefetch == 1:
+    # The next step's offsets are loaded a step ahead, so that the gather's
+    # addresses do not wait on a table load. The last step reloads its own
+    # (in bounds).
+    def step(t, carry):
+      acc, offsets = carry
+      nxt = load_offsets(jnp.minimum(t + 1, last))
+      return acc + product(*load_tiles(t, offsets)), nxt
+    acc, _ = lax.fori_loop(0, num_steps, step, (acc, load_offsets(0)))
+  else:
+    # The whole next step (offsets, then its tiles) is loaded a step ahead.
+    def step(t, carry):
+      acc, a, w, offsets = carry
+      t1 = jnp.minimum(t + 1, last)
+      a1, w1 = load_tiles(t1, offsets)
+      offsets2 = load_offsets(jnp.minimum(t + 2, last))
+      return acc + product(a, w), a1, w1, offsets2
+    offsets0 = load_offsets(0)
+    a0, w0 = load_tiles(0, offsets0)
+    acc, *_ = lax.fori_loop(
+        0, num_steps, step,
+        (acc, a0, w0, load_offsets(jnp.minimum(1, last))))
   if lanes == vector_width:
     rows = block * vector_width + lane  # contiguous: vector stores
   else:
@@ -311,6 +345,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
                        bias: jax.Array | None = None, relu: bool = False,
                        out_dtype=None, block_q: int = 128,
                        num_warps: int = 4, num_stages: int = 2,
+                       prefetch: int = 0,
                        nhwc: NhwcOutput | None = None,
                        interpret: bool = False) -> jax.Array:
   """Runs the vector-sparse convolution kernel.
@@ -328,6 +363,9 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     out_dtype: output dtype; defaults to x_flat's.
     block_q: output positions per program (a power of two, >= 16).
     num_warps, num_stages: Triton launch parameters.
+    prefetch: what each step of the loop loads for the next one: 0 nothing
+      (Triton's pipeliner alone), 1 the next step's source offsets, 2 the
+      next step's input and weight tiles (and the offsets two steps ahead).
     nhwc: write (N, Ho, Wo, num_rows) instead of wide rows; its out_len must
       equal `out_len`.
     interpret: run through the Pallas interpreter (CPU).
@@ -342,6 +380,8 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   nnz = blocks.kept_columns * blocks.vector_width
   if values.shape != (nnz,):
     raise ValueError(f"values must have shape ({nnz},), got {values.shape}")
+  if prefetch not in (0, 1, 2):
+    raise ValueError(f"prefetch must be 0, 1 or 2, got {prefetch!r}")
   if block_q & (block_q - 1) or block_q < MIN_DOT:
     raise ValueError(f"block_q must be a power of two >= {MIN_DOT}, got "
                      f"{block_q}")
@@ -377,7 +417,8 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
       row_len=read_len,
       offset_unit=blocks.offset_unit,
       value_alignment=blocks.value_alignment, relu=relu, precision=precision,
-      acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region)
+      acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region,
+      prefetch=prefetch)
   kernel = with_optional_refs(kernel, (True, True, bias is not None, True,
                                       True))
   bias_args = () if bias is None else (bias,)

@@ -66,7 +66,7 @@ def test_default_vector_candidates():
     assert c.block_k % 16 == 0
   assert VectorConfig() in tune.DEFAULT_VECTOR_CANDIDATES
   assert tune.time_key("vector", VectorConfig(64, 32, 4, 2)) == (
-      "vector:block_q=64,block_k=32,num_warps=4,num_stages=2")
+      "vector:block_q=64,block_k=32,num_warps=4,num_stages=2,prefetch=0")
   assert tune.time_key("escort", ESCORT[0]) == tune.config_label(ESCORT[0])
 
 
@@ -81,7 +81,7 @@ def test_vector_wins_and_dispatch_follows(plan_dir, monkeypatch):
   assert entry["method"] == "vector" and entry["config_method"] == "vector"
   assert entry["vector_width"] == 8
   assert entry["config"] == {"block_q": 16, "block_k": 16, "num_warps": 4,
-                             "num_stages": 2}
+                             "num_stages": 2, "prefetch": 0}
   assert entry["best_configs"]["escort"]["rows_per_program"] == 4
   g, _ = _key(sk)
   assert set(entry["times_us"]) == {"dense"} | {
@@ -114,7 +114,8 @@ def test_dense_wins_config_of_the_faster_sparse_kernel(plan_dir,
   assert plans.config_from_entry(entry, "escort") == ESCORT[0]
   assert plans.config_from_entry(entry, "vector") == VECTOR[0]
   assert entry["best_configs"]["vector"] == {
-      "block_q": 32, "block_k": 16, "num_warps": 4, "num_stages": 2}
+      "block_q": 32, "block_k": 16, "num_warps": 4, "num_stages": 2,
+      "prefetch": 0}
 
 
 def test_unstructured_layer_times_no_vector_kernel(plan_dir, monkeypatch):

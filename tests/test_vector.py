@@ -156,19 +156,25 @@ def test_pack_rejects_non_vector_rows():
 
 
 @pytest.mark.parametrize(
-    "v,num_blocks,out_len,max_cols,block_q,block_k,bias,relu,mult",
+    "v,num_blocks,out_len,max_cols,block_q,block_k,bias,relu,mult,prefetch",
     [
-        (16, 3, 37, 40, 16, 16, True, True, 1),
-        (8, 4, 50, 20, 32, 32, False, False, 1),
-        (32, 2, 19, 70, 16, 32, True, False, 1),
-        (16, 2, 1, 5, 16, 16, False, True, 1),
+        (16, 3, 37, 40, 16, 16, True, True, 1, 0),
+        (8, 4, 50, 20, 32, 32, False, False, 1, 0),
+        (32, 2, 19, 70, 16, 32, True, False, 1, 0),
+        (16, 2, 1, 5, 16, 16, False, True, 1, 0),
         # Blocks of a multiple of 8 (or 4) columns: aligned weight rows.
-        (16, 3, 37, 40, 16, 16, True, True, 8),
-        (8, 4, 50, 36, 32, 32, False, False, 4),
+        (16, 3, 37, 40, 16, 16, True, True, 8, 0),
+        (8, 4, 50, 36, 32, 32, False, False, 4, 0),
+        # Loads a step ahead: blocks of one step, of several, and empty ones.
+        (16, 3, 37, 40, 16, 16, True, True, 8, 1),
+        (32, 2, 19, 70, 16, 32, True, False, 1, 1),
+        (16, 3, 37, 40, 16, 16, True, True, 8, 2),
+        (32, 2, 19, 70, 16, 32, True, False, 1, 2),
+        (16, 2, 1, 5, 16, 16, False, True, 1, 2),
     ])
 def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
                                           block_q, block_k, bias, relu,
-                                          mult):
+                                          mult, prefetch):
   rng = np.random.default_rng([v, num_blocks, out_len])
   rows, offsets = vector_row_problem(rng, num_blocks, v, out_len, max_cols,
                                      col_multiple=mult)
@@ -190,7 +196,7 @@ def test_vector_kernel_matches_references(v, num_blocks, out_len, max_cols,
   assert blocks.value_alignment % mult == 0
   y = vector_sparse_conv(jnp.asarray(x_poisoned), values, blocks,
                          out_len=out_len, bias=b, relu=relu, block_q=block_q,
-                         interpret=True)
+                         prefetch=prefetch, interpret=True)
   chex.assert_shape(y, (num_rows, out_len))
   chex.assert_type(y, jnp.float32)
   csr = direct_sparse_conv_reference(jnp.asarray(x), values, rows, offsets,
@@ -221,6 +227,9 @@ def test_vector_kernel_input_checks():
   with pytest.raises(ValueError, match="block_q must be a power of two"):
     vector_sparse_conv(jnp.zeros(200), values, blocks, out_len=8,
                        block_q=24, interpret=True)
+  with pytest.raises(ValueError, match="prefetch must be 0, 1 or 2"):
+    vector_sparse_conv(jnp.zeros(200), values, blocks, out_len=8,
+                       prefetch=3, interpret=True)
 
 
 @pytest.mark.parametrize(

@@ -232,9 +232,36 @@ WIDE_VECTOR_CONFIG = VectorConfig(block_q=128, block_k=64, num_warps=8,
                                   num_stages=3)
 
 
-def default_vector_config(vector_width: int) -> VectorConfig:
-  """The vector kernel's config when no plan or config is given."""
-  return WIDE_VECTOR_CONFIG if vector_width >= 64 else DEFAULT_VECTOR_CONFIG
+# Below this many programs (two per SM of the H100's 132) the vector kernel
+# loads each step's source offsets a step ahead (VectorConfig.prefetch = 1):
+# tuned on 28 such layer entries at batch 32 in bf16 (grids of 40-252
+# programs at V = 64 and 16), the default tile with it beat the same tile
+# without on every one, by 1.04-1.23x (benchmarks/results/
+# 2026-11-25T1114-*-vector-prefetch-tune.txt); on grids of 294 to 3248
+# programs it was 0.8-1.0x (*T1110*-vector-prefetch-*.json), and on res4
+# (224) even.
+VECTOR_PREFETCH_PROGRAMS = 264
+
+
+def default_vector_config(vector_width: int, num_rows: int | None = None,
+                          out_len: int | None = None) -> VectorConfig:
+  """The vector kernel's config when no plan or config is given: by the
+  width, and, given the problem's rows (output channels) and wide output
+  positions, with prefetch on grids of under VECTOR_PREFETCH_PROGRAMS
+  programs."""
+  c = WIDE_VECTOR_CONFIG if vector_width >= 64 else DEFAULT_VECTOR_CONFIG
+  if num_rows is None or out_len is None:
+    return c
+  programs = num_rows // vector_width * -(-out_len // c.block_q)
+  if programs < VECTOR_PREFETCH_PROGRAMS:
+    return dataclasses.replace(c, prefetch=1)
+  return c
+
+
+def _default_vector_config_of(structure, g: cg.ConvGeometry) -> VectorConfig:
+  """default_vector_config of a vector-sparse structure on geometry g."""
+  return default_vector_config(structure_vector_width(structure, g),
+                               g.out_channels, g.out_len)
 
 
 def on_gpu() -> bool:
@@ -626,8 +653,7 @@ class _SparseCall:
     if self.config is not None:
       return self.config
     if self.method == "vector":
-      return default_vector_config(
-          structure_vector_width(self.structure, g))
+      return _default_vector_config_of(self.structure, g)
     # For the batch this device runs, so that each device computes what
     # one device would on its share, bit for bit. (The config sets the order
     # of the sums: where the default differs between the share and the
@@ -833,8 +859,8 @@ def _sparse_conv_path(x_nhwc, values, bias, structure, spec: ConvSpec,
       raise TypeError(f"method='vector' takes a VectorConfig, got "
                       f"{type(config).__name__}")
     # Errors early, at the call, if the structure is not vector-sparse.
-    vector_plan(structure, spec.geometry, config or default_vector_config(
-        structure_vector_width(structure, spec.geometry)))
+    vector_plan(structure, spec.geometry,
+                config or _default_vector_config_of(structure, spec.geometry))
   else:
     if config is not None and not isinstance(config, KernelConfig):
       raise TypeError(f"method='escort' takes a KernelConfig, got "

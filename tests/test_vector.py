@@ -9,6 +9,8 @@ tests/test_gpu.py runs it compiled.
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -376,7 +378,9 @@ def test_vector_conv_float64_and_gradients():
 @pytest.mark.parametrize("v", [16, 64])
 def test_default_vector_config_follows_the_width(v):
   """With no config or plan, V = 64 kernels get the wide config (block_k
-  64 on 8 warps, measured faster there) and narrower ones the default."""
+  64 on 8 warps, measured faster there) and narrower ones the default;
+  grids of under VECTOR_PREFETCH_PROGRAMS programs load each step's offsets
+  a step ahead, larger ones do not."""
   from escort_jax import ops
   rng = np.random.default_rng(v)
   kernel = random_vector_kernel(rng, (3, 3, 8, 128), 0.75, v, "float32")
@@ -385,8 +389,17 @@ def test_default_vector_config_follows_the_width(v):
   call = ops._SparseCall(structure=sk.structure, geometry=g, method="vector",
                          config=None, relu=False, out_dtype=jnp.float32)
   want = ops.WIDE_VECTOR_CONFIG if v == 64 else ops.DEFAULT_VECTOR_CONFIG
-  assert call._forward_config(g, 2) == want
+  assert want.prefetch == 0
+  # 128 / v blocks x 1 block of positions: a small grid.
+  assert call._forward_config(g, 2) == dataclasses.replace(want, prefetch=1)
   assert ops.default_vector_config(v) == want
+  # res3a at batch 32 (28 x 30 wide positions per image): 8 x 210 programs
+  # at V = 16, 2 x 210 at V = 64.
+  big = ops.default_vector_config(v, 128, 32 * 28 * 30)
+  assert big == want
+  edge = ops.VECTOR_PREFETCH_PROGRAMS * want.block_q
+  assert ops.default_vector_config(v, v, edge).prefetch == 0
+  assert ops.default_vector_config(v, v, edge - want.block_q).prefetch == 1
 
 
 def test_vector_method_errors():

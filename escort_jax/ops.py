@@ -232,28 +232,28 @@ WIDE_VECTOR_CONFIG = VectorConfig(block_q=128, block_k=64, num_warps=8,
                                   num_stages=3)
 
 
-# Below this many programs (two per SM of the H100's 132) the vector kernel
-# loads each step's source offsets a step ahead (VectorConfig.prefetch = 1):
-# tuned on 28 such layer entries at batch 32 in bf16 (grids of 40-252
-# programs at V = 64 and 16), the default tile with it beat the same tile
-# without on every one, by 1.04-1.23x (benchmarks/results/
-# 2026-11-25T1114-*-vector-prefetch-tune.txt); on grids of 294 to 3248
-# programs it was 0.8-1.0x (*T1110*-vector-prefetch-*.json), and on res4
-# (224) even.
-VECTOR_PREFETCH_PROGRAMS = 264
+# Below this many warps in its grid (programs x num_warps; about 16 per SM
+# of the H100's 132) the vector kernel loads each step's source offsets a
+# step ahead (VectorConfig.prefetch = 1), where too few warps are resident
+# to hide the table load behind other warps. Batch 32, bf16, the default
+# tiles with and without (benchmarks/results/2026-11-25T1114-*-vector-
+# prefetch-tune.txt, *T1123*-vector-prefetch-tune-medium.txt, *T1110*-
+# vector-prefetch-*.json): 1.04-1.23x on every plan entry of 504-1536 warps
+# (28 + 4 entries), 0.99-1.08x at 1792-2048, 0.93-0.99x at 2352-4480 and
+# 0.83-0.93x on res3a at V = 64 (3360).
+VECTOR_PREFETCH_WARPS = 2048
 
 
 def default_vector_config(vector_width: int, num_rows: int | None = None,
                           out_len: int | None = None) -> VectorConfig:
   """The vector kernel's config when no plan or config is given: by the
   width, and, given the problem's rows (output channels) and wide output
-  positions, with prefetch on grids of under VECTOR_PREFETCH_PROGRAMS
-  programs."""
+  positions, with prefetch on grids of under VECTOR_PREFETCH_WARPS warps."""
   c = WIDE_VECTOR_CONFIG if vector_width >= 64 else DEFAULT_VECTOR_CONFIG
   if num_rows is None or out_len is None:
     return c
   programs = num_rows // vector_width * -(-out_len // c.block_q)
-  if programs < VECTOR_PREFETCH_PROGRAMS:
+  if programs * c.num_warps < VECTOR_PREFETCH_WARPS:
     return dataclasses.replace(c, prefetch=1)
   return c
 

@@ -379,8 +379,8 @@ def test_vector_conv_float64_and_gradients():
 def test_default_vector_config_follows_the_width(v):
   """With no config or plan, V = 64 kernels get the wide config (block_k
   64 on 8 warps, measured faster there) and narrower ones the default;
-  grids of under VECTOR_PREFETCH_PROGRAMS programs load each step's offsets
-  a step ahead, larger ones do not."""
+  grids of under VECTOR_PREFETCH_WARPS warps load each step's offsets a
+  step ahead, larger ones do not."""
   from escort_jax import ops
   rng = np.random.default_rng(v)
   kernel = random_vector_kernel(rng, (3, 3, 8, 128), 0.75, v, "float32")
@@ -397,7 +397,7 @@ def test_default_vector_config_follows_the_width(v):
   # at V = 16, 2 x 210 at V = 64.
   big = ops.default_vector_config(v, 128, 32 * 28 * 30)
   assert big == want
-  edge = ops.VECTOR_PREFETCH_PROGRAMS * want.block_q
+  edge = ops.VECTOR_PREFETCH_WARPS // want.num_warps * want.block_q
   assert ops.default_vector_config(v, v, edge).prefetch == 0
   assert ops.default_vector_config(v, v, edge - want.block_q).prefetch == 1
 

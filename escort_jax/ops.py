@@ -234,13 +234,15 @@ WIDE_VECTOR_CONFIG = VectorConfig(block_q=128, block_k=64, num_warps=8,
 
 # Below this many warps in its grid (programs x num_warps; about 16 per SM
 # of the H100's 132) the vector kernel loads each step's source offsets a
-# step ahead (VectorConfig.prefetch = 1), where too few warps are resident
-# to hide the table load behind other warps. Batch 32, bf16, the default
-# tiles with and without (benchmarks/results/2026-11-25T1114-*-vector-
+# step ahead (VectorConfig.prefetch = 1): too few warps are resident there
+# to hide that load behind each other. Batch 32, bf16, the best tile with it
+# against the best without (benchmarks/results/2026-11-25T1114-*-vector-
 # prefetch-tune.txt, *T1123*-vector-prefetch-tune-medium.txt, *T1110*-
-# vector-prefetch-*.json): 1.04-1.23x on every plan entry of 504-1536 warps
-# (28 + 4 entries), 0.99-1.08x at 1792-2048, 0.93-0.99x at 2352-4480 and
-# 0.83-0.93x on res3a at V = 64 (3360).
+# vector-prefetch-*.json): 1.04-1.23x on all 28 plan entries of grids of
+# 320-1024 warps and 1.04-1.07x at 1280-1536 (inception_5a/5b 3x3, V = 16);
+# 0.98-1.05x at 1568-2352 (caffenet conv3-5 and res4 at V = 64, inception
+# 3a/4e 5x5 at V = 16); 0.93-1.00x at 2912-4480 (the 14x14 layers at
+# V = 16); 0.83-0.93x on res3a at V = 64 (3360).
 VECTOR_PREFETCH_WARPS = 2048
 
 

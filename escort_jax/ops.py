@@ -210,8 +210,8 @@ class VectorConfig:
 
   block_q: output positions per program (a power of two, >= 16); block_k:
   kept columns per matrix-product step (a multiple of 16); num_warps,
-  num_stages: Triton's; prefetch: what each step loads for the next (0
-  nothing, 1 its source offsets, 2 its tiles; see
+  num_stages: Triton's; prefetch: 1 loads each step's source offsets
+  during the step before, 0 leaves the loads to Triton's pipeliner (see
   pallas_kernels.vector_sparse_conv).
   """
 

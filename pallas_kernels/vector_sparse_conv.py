@@ -266,7 +266,7 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
   lane_ok = (lane < vector_width)[None, :]
 
   num_steps = tables_ref[steps_at + block]
-  # Loads ahead of the loop's end stay on the block's last step of table
+  # A load ahead of the loop's end stays on the block's last step of table
   # (a block has at least one, even with nothing kept).
   last = jnp.maximum(num_steps - 1, 0)
 
@@ -287,32 +287,18 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
                            preferred_element_type=acc_dtype)
 
   acc = jnp.zeros((block_q, lanes), acc_dtype)
-  if prefetch == 0:
-    def step(t, acc):
-      return acc + product(*load_tiles(t, load_offsets(t)))
-    acc = lax.fori_loop(0, num_steps, step, acc)
-  elif prefetch == 1:
+  if prefetch:
     # The next step's offsets are loaded a step ahead, so that the gather's
-    # addresses do not wait on a table load. The last step reloads its own
-    # (in bounds).
+    # addresses do not wait on a table load.
     def step(t, carry):
       acc, offsets = carry
       nxt = load_offsets(jnp.minimum(t + 1, last))
       return acc + product(*load_tiles(t, offsets)), nxt
     acc, _ = lax.fori_loop(0, num_steps, step, (acc, load_offsets(0)))
   else:
-    # The whole next step (offsets, then its tiles) is loaded a step ahead.
-    def step(t, carry):
-      acc, a, w, offsets = carry
-      t1 = jnp.minimum(t + 1, last)
-      a1, w1 = load_tiles(t1, offsets)
-      offsets2 = load_offsets(jnp.minimum(t + 2, last))
-      return acc + product(a, w), a1, w1, offsets2
-    offsets0 = load_offsets(0)
-    a0, w0 = load_tiles(0, offsets0)
-    acc, *_ = lax.fori_loop(
-        0, num_steps, step,
-        (acc, a0, w0, load_offsets(jnp.minimum(1, last))))
+    def step(t, acc):
+      return acc + product(*load_tiles(t, load_offsets(t)))
+    acc = lax.fori_loop(0, num_steps, step, acc)
   if lanes == vector_width:
     rows = block * vector_width + lane  # contiguous: vector stores
   else:
@@ -363,9 +349,10 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     out_dtype: output dtype; defaults to x_flat's.
     block_q: output positions per program (a power of two, >= 16).
     num_warps, num_stages: Triton launch parameters.
-    prefetch: what each step of the loop loads for the next one: 0 nothing
-      (Triton's pipeliner alone), 1 the next step's source offsets, 2 the
-      next step's input and weight tiles (and the offsets two steps ahead).
+    prefetch: 1 loads each step's source offsets during the step before
+      (faster on small grids, where few warps hide the table load), 0 leaves
+      the loads to Triton's pipeliner. (Carrying the next step's input and
+      weight tiles as well was slower: benchmarks/NOTES.md, "thirteenth".)
     nhwc: write (N, Ho, Wo, num_rows) instead of wide rows; its out_len must
       equal `out_len`.
     interpret: run through the Pallas interpreter (CPU).
@@ -380,8 +367,8 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   nnz = blocks.kept_columns * blocks.vector_width
   if values.shape != (nnz,):
     raise ValueError(f"values must have shape ({nnz},), got {values.shape}")
-  if prefetch not in (0, 1, 2):
-    raise ValueError(f"prefetch must be 0, 1 or 2, got {prefetch!r}")
+  if prefetch not in (0, 1):
+    raise ValueError(f"prefetch must be 0 or 1, got {prefetch!r}")
   if block_q & (block_q - 1) or block_q < MIN_DOT:
     raise ValueError(f"block_q must be a power of two >= {MIN_DOT}, got "
                      f"{block_q}")

@@ -623,7 +623,7 @@ def test_bench_tune_vector(tmp_path, capsys, monkeypatch):
   assert not any(k.startswith("vector:") for k in plain["times_us"])
   assert vec["requested_vector_width"] == 16 and vec["vector_width"] == 16
   assert vec["sparsity"] == 0.9 and vec["in_hw"] == 4
-  assert "vector:block_q=32,block_k=16,num_warps=4,num_stages=2" in (
+  assert tune.time_key("vector", VectorConfig(32, 16, 4, 2)) in (
       vec["times_us"])
   assert vec["method"] in ("escort", "vector", "dense")
   assert "V=16 sp=0.9 b=1 bfloat16" in captured.err

@@ -194,14 +194,14 @@ def default_kernel_config(num_rows: int, out_len: int, itemsize: int = 4,
   if programs >= SMALL_GRID_PROGRAMS:
     return HALF_CONFIG if itemsize <= 2 else c
   if per_image <= SEVEN_BY_SEVEN_POSITIONS:
-    block_q, num_warps, lanes = SEVEN_BY_SEVEN_TILE
-    return dataclasses.replace(c, rows_per_program=1, block_q=block_q,
-                               num_warps=num_warps, nhwc_out=True,
-                               nonzero_lanes=lanes, q_major=True)
-  block_q = 128 if per_image <= 1024 else 256
+    (block_q, num_warps, lanes), q_major = SEVEN_BY_SEVEN_TILE, True
+  else:
+    block_q = 128 if per_image <= 1024 else 256
+    num_warps, q_major = c.num_warps, False
+    lanes = NONZERO_LANES_TILE // block_q
   return dataclasses.replace(c, rows_per_program=1, block_q=block_q,
-                             nhwc_out=True,
-                             nonzero_lanes=NONZERO_LANES_TILE // block_q)
+                             num_warps=num_warps, nhwc_out=True,
+                             nonzero_lanes=lanes, q_major=q_major)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,9 +523,18 @@ def split_rows(rows: np.ndarray, num_rows: int, split: int) -> np.ndarray:
 
 
 def _launch(c: KernelConfig) -> dict:
+  """The escort kernel's launch arguments from a config."""
   return dict(block_q=c.block_q, num_warps=c.num_warps,
               num_stages=c.num_stages,
               groups_per_program=c.groups_per_program, q_major=c.q_major)
+
+
+def _lanes_launch(c: KernelConfig) -> dict:
+  """The nonzero-lanes kernel's launch arguments from a config (forward and
+  input gradient alike)."""
+  return dict(lanes=c.nonzero_lanes, block_q=c.block_q,
+              num_warps=c.num_warps, num_stages=c.num_stages,
+              q_major=c.q_major)
 
 
 # --------------------------------------------------------------------------
@@ -719,9 +728,7 @@ class _SparseCall:
         kernel = nonzero_lanes_conv
         meta = (plan.plane_rows if plan.planes is not None
                 else plan.nonzero_rows)
-        launch = dict(lanes=c.nonzero_lanes, block_q=c.block_q,
-                      num_warps=c.num_warps, num_stages=c.num_stages,
-                      q_major=c.q_major)
+        launch = _lanes_launch(c)
       else:
         kernel, meta = direct_sparse_conv, plan.forward
         launch = dict(values_by_row=True, **_launch(c))
@@ -792,13 +799,12 @@ class _SparseCall:
       # (1.01-1.95x faster than the escort kernel for the input gradient at
       # batch 1, 8 layers in float32 and bfloat16;
       # benchmarks/results/*T0054*-b1-grad-sweep.json).
-      tc = transposed_lanes_config(plan, x_nhwc.dtype.itemsize)
       dx_planes = sharding.kernel_call(
           nonzero_lanes_conv, dy_flat,
           jnp.take(values, plan.transposed_order), plan.transposed_rows,
-          out_len=g.plane_len, out_dtype=x_nhwc.dtype, lanes=tc.nonzero_lanes,
-          block_q=tc.block_q, num_warps=tc.num_warps,
-          num_stages=tc.num_stages, interpret=interpret)
+          out_len=g.plane_len, out_dtype=x_nhwc.dtype, interpret=interpret,
+          **_lanes_launch(transposed_lanes_config(plan,
+                                                  x_nhwc.dtype.itemsize)))
     else:
       dx_planes = sharding.kernel_call(
           direct_sparse_conv, dy_flat, plan.transposed.gather_values(values),

@@ -266,9 +266,6 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
   lane_ok = (lane < vector_width)[None, :]
 
   num_steps = tables_ref[steps_at + block]
-  # A load ahead of the loop's end stays on the block's last step of table
-  # (a block has at least one, even with nothing kept).
-  last = jnp.maximum(num_steps - 1, 0)
 
   def load_offsets(t):
     return tables_ref[pl.ds(first + t * block_k, block_k)] * offset_unit
@@ -289,7 +286,11 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
   acc = jnp.zeros((block_q, lanes), acc_dtype)
   if prefetch:
     # The next step's offsets are loaded a step ahead, so that the gather's
-    # addresses do not wait on a table load.
+    # addresses do not wait on a table load. The load past the loop's end
+    # stays on the block's last step of table (a block has at least one,
+    # even with nothing kept).
+    last = jnp.maximum(num_steps - 1, 0)
+
     def step(t, carry):
       acc, offsets = carry
       nxt = load_offsets(jnp.minimum(t + 1, last))

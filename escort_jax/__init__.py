@@ -8,6 +8,9 @@ The public API:
                                  (tensor-core) kernels
   sparsify                       an NNX model with every Conv made sparse
   save_sparse, load_sparse       checkpoints of sparse NNX models
+  to_frame, from_frame, Framed   channel-major activations that chains of
+                                 sparse layers pass on with no layout pass
+                                 (escort_jax.frames)
 Submodules: nnx and linen (SparseConv layers), prune, models, baselines,
 tune, bench, sharding (batch data parallelism of sparse_conv), and the rest
 of _LAZY_SUBMODULES.
@@ -16,6 +19,7 @@ They load on first use.
 
 import importlib
 
+from escort_jax.frames import Framed, from_frame, to_frame
 from escort_jax.ops import KernelConfig, METHODS, VectorConfig, sparse_conv
 from escort_jax.structure import SparseKernel, SparseStructure
 
@@ -26,8 +30,9 @@ _LAZY_SUBMODULES = ("nnx", "linen", "prune", "models", "baselines", "tune",
 _LAZY_NAMES = {"sparsify": "convert", "save_sparse": "checkpoint",
                "load_sparse": "checkpoint"}
 
-__all__ = ["KernelConfig", "METHODS", "SparseKernel", "SparseStructure",
-           "VectorConfig", "sparse_conv", *_LAZY_NAMES, *_LAZY_SUBMODULES]
+__all__ = ["Framed", "KernelConfig", "METHODS", "SparseKernel",
+           "SparseStructure", "VectorConfig", "from_frame", "sparse_conv",
+           "to_frame", *_LAZY_NAMES, *_LAZY_SUBMODULES]
 __version__ = "0.1.0"
 
 

@@ -248,7 +248,7 @@ class StretchedProblem:
   shifts: np.ndarray
 
 
-def _input_channels(k: np.ndarray, c: np.ndarray,
+def input_channels(k: np.ndarray, c: np.ndarray,
                     g: ConvGeometry) -> np.ndarray:
   """The input channel (of all groups) that a nonzero of output channel k
   and in-group input channel c reads."""
@@ -273,7 +273,7 @@ def stretched_problem(structure: SparseStructure,
   g = geometry
   sh, sw = g.strides
   u, v = r * g.dilation[0], s * g.dilation[1]
-  planes = (_input_channels(k, c, g) * sh + u % sh) * sw + v % sw
+  planes = (input_channels(k, c, g) * sh + u % sh) * sw + v % sw
   shifts = ((u // sh) * g.plane_w + v // sw) * g.batch
   offsets = planes * g.plane_len + shifts
   _check_int32_offsets(offsets, g.out_len, g)
@@ -338,7 +338,7 @@ def plane_problem(structure: SparseStructure,
   k, c, r, s = structure.coordinates()
   (pad_top, _), (pad_left, _) = g.padding
   base = max(0, (pad_top * g.in_w + pad_left) * g.batch)
-  offsets = (((_input_channels(k, c, g) * g.in_h + r * g.dilation[0]
+  offsets = (((input_channels(k, c, g) * g.in_h + r * g.dilation[0]
                - pad_top) * g.in_w + s * g.dilation[1] - pad_left) * g.batch
              + base)
   out_len = g.out_h * g.in_w * g.batch

@@ -48,6 +48,7 @@ import numpy as np
 from escort_jax import conv_geometry as cg
 from escort_jax.conv_geometry import structure_vector_width
 from escort_jax import dispatch
+from escort_jax import frames
 from escort_jax import sharding
 from escort_jax.structure import SparseKernel
 from pallas_kernels.direct_sparse_conv import (accumulator_dtype,
@@ -559,6 +560,20 @@ class VectorPlan:
                           self.config.block_q)
 
 
+def _vector_width_or_raise(structure, g: cg.ConvGeometry) -> int:
+  """The structure's V on geometry g; raises ValueError if it is not
+  vector-sparse."""
+  v = structure_vector_width(structure, g)
+  if v < MIN_VECTOR_WIDTH:
+    raise ValueError(
+        f"method='vector' needs a vector-sparse kernel: blocks of "
+        f"{', '.join(map(str, VECTOR_WIDTHS[::-1]))} consecutive output "
+        "channels (within one feature group) that keep the same positions; "
+        f"{structure} is not (prune with escort_jax.prune.vector_mask, or "
+        "use method='escort')")
+  return v
+
+
 @functools.lru_cache(maxsize=1024)
 def vector_plan(structure, geometry: cg.ConvGeometry,
                 config: VectorConfig = DEFAULT_VECTOR_CONFIG) -> VectorPlan:
@@ -569,14 +584,7 @@ def vector_plan(structure, geometry: cg.ConvGeometry,
   """
   g = geometry
   problem = cg.stretched_problem(structure, g)
-  v = structure_vector_width(structure, g)
-  if v < MIN_VECTOR_WIDTH:
-    raise ValueError(
-        f"method='vector' needs a vector-sparse kernel: blocks of "
-        f"{', '.join(map(str, VECTOR_WIDTHS[::-1]))} consecutive output "
-        "channels (within one feature group) that keep the same positions; "
-        f"{structure} is not (prune with escort_jax.prune.vector_mask, or "
-        "use method='escort')")
+  v = _vector_width_or_raise(structure, g)
   blocks = pack_vector_blocks(problem.rows, problem.offsets, g.out_channels,
                               v, config.block_k,
                               zeros_offset=g.num_planes * g.plane_len)
@@ -881,6 +889,158 @@ def _sparse_conv_path(x_nhwc, values, bias, structure, spec: ConvSpec,
 
 
 # --------------------------------------------------------------------------
+# Framed activations (escort_jax.frames): the vector kernel from frame to
+# frame, with no layout pass.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FramedVectorPlan:
+  """The vector kernel's packing for a framed input: source offsets into
+  the frame, wide rows of the frame's width, and the output frame."""
+
+  blocks: VectorBlocks
+  config: VectorConfig
+  out_len: int
+  output: Any  # pallas_kernels.output_layout.FramedOutput
+
+
+@functools.lru_cache(maxsize=1024)
+def framed_vector_plan(structure, geometry: cg.ConvGeometry,
+                       frame: frames.Frame,
+                       config: VectorConfig) -> FramedVectorPlan:
+  """Packs the vector blocks on a frame (frames.check_reads must hold).
+
+  Raises:
+    ValueError: if the structure is not vector-sparse, or block_q exceeds
+      the reads past the last plane that a frame's zero planes cover.
+  """
+  v = _vector_width_or_raise(structure, geometry)
+  if config.block_q > frames.FRAME_SLACK:
+    raise ValueError(f"a framed input takes block_q up to "
+                     f"{frames.FRAME_SLACK}, got {config.block_q}")
+  rows, offsets = frames.framed_offsets(structure, geometry, frame)
+  # Padding columns are masked on a frame (the kernel's `framed` mode), so
+  # they may read anywhere inside it.
+  blocks = pack_vector_blocks(rows, offsets, geometry.out_channels, v,
+                              config.block_k, zeros_offset=0)
+  output = frame.output_layout()
+  return FramedVectorPlan(blocks=blocks, config=config,
+                          out_len=output.out_len, output=output)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FramedCall:
+  """The static part of one framed vector call (single device). Its
+  gradients are the NHWC vector path's (_SparseCall.backward), with the
+  cotangents taken out of and put back into frames."""
+
+  structure: Any
+  geometry: cg.ConvGeometry
+  frame: frames.Frame
+  config: VectorConfig
+  relu: bool
+  out_dtype: Any
+
+  @property
+  def out_frame(self) -> frames.Frame:
+    return self.frame.with_channels(self.geometry.out_channels)
+
+  def forward(self, values, bias, x_data):
+    plan = framed_vector_plan(self.structure, self.geometry, self.frame,
+                              self.config)
+    c = plan.config
+    bias_kw = {} if bias is None else {"bias": bias}
+    return vector_sparse_conv(
+        x_data.reshape(-1), values, plan.blocks, out_len=plan.out_len,
+        relu=self.relu, out_dtype=self.out_dtype, block_q=c.block_q,
+        num_warps=c.num_warps, num_stages=c.num_stages, prefetch=c.prefetch,
+        framed=plan.output, interpret=not on_gpu(), **bias_kw)
+
+  def backward(self, values, bias, x_data, y_data, dy_data):
+    nhwc = _SparseCall(structure=self.structure, geometry=self.geometry,
+                       method="vector", config=self.config, relu=self.relu,
+                       out_dtype=self.out_dtype)
+    unframe_out = functools.partial(frames.unframe_data,
+                                    frame=self.out_frame)
+    summed, (dx,) = nhwc.backward(
+        values, bias, frames.unframe_data(x_data, self.frame),
+        None if y_data is None else unframe_out(y_data), unframe_out(dy_data))
+    # Only the data's cotangent: the margins read as the padding's zeros.
+    return summed, frames.frame_data(dx, self.frame).astype(x_data.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _framed_core(call: _FramedCall, values, bias, x_data):
+  """(nnz,), (K,) | None, frame data (C + e, Ha, Wb, N) -> the output's
+  frame data (K + e, Ha, Wb, N)."""
+  return call.forward(values, bias, x_data)
+
+
+def _framed_core_fwd(call, values, bias, x_data):
+  y = call.forward(values, bias, x_data)
+  return y, (values, bias, x_data, y if call.relu else None)
+
+
+def _framed_core_bwd(call, residuals, dy):
+  values, bias, x_data, y = residuals
+  summed, dx = call.backward(values, bias, x_data, y, dy)
+  return (summed[0].astype(values.dtype),
+          None if bias is None else summed[1].astype(bias.dtype), dx)
+
+
+_framed_core.defvjp(_framed_core_fwd, _framed_core_bwd)
+
+
+def _framed_sparse_conv(xf: frames.Framed, sk: SparseKernel, window_strides,
+                        padding, *, dimension_numbers, bias, activation,
+                        precision, method, config, **spec_kwargs
+                        ) -> frames.Framed:
+  """sparse_conv of a Framed input: the vector kernel from frame to frame
+  where the structure is vector-sparse and the method is "vector" (or
+  "auto" on a GPU: there no layout pass is the point, whatever the NHWC
+  dispatch would pick); every other path through NHWC and back."""
+  lhs = tuple(dimension_numbers)[0] if dimension_numbers else "NHWC"
+  out = tuple(dimension_numbers)[2] if dimension_numbers else "NHWC"
+  if (lhs, out) != ("NHWC", "NHWC"):
+    raise ValueError(
+        "a Framed input carries its own layout: dimension_numbers' input "
+        f"and output layouts must be 'NHWC' (the default), got {lhs!r} and "
+        f"{out!r}")
+  spec = make_spec(jax.ShapeDtypeStruct(xf.shape, xf.dtype), sk,
+                   window_strides, padding, dimension_numbers=dimension_numbers,
+                   bias=bias, activation=activation, method=method,
+                   **spec_kwargs)
+  g = spec.geometry
+  frames.check_reads(xf.frame, g)
+  vector = method == "vector" or (
+      method == "auto" and on_gpu()
+      and structure_vector_width(sk.structure, g) >= MIN_VECTOR_WIDTH)
+  if not vector or g.batch == 0:
+    y = sparse_conv(frames.from_frame(xf), sk, window_strides, padding,
+                    dimension_numbers=dimension_numbers, bias=bias,
+                    activation=activation, precision=precision,
+                    method=method, config=config, **spec_kwargs)
+    return frames.to_frame(y, xf.frame.margins)
+  if config is not None and not isinstance(config, VectorConfig):
+    raise TypeError(f"method='vector' takes a VectorConfig, got "
+                    f"{type(config).__name__}")
+  choice = dispatch.record(dispatch.choose(
+      sk.structure, g, spec.compute_dtype, precision, "vector", config,
+      on_gpu()))
+  call = _FramedCall(
+      structure=sk.structure, geometry=g, frame=xf.frame,
+      config=choice.config or _default_vector_config_of(sk.structure, g),
+      relu=activation == "relu", out_dtype=jnp.dtype(spec.out_dtype))
+  # Errors here, at the call, if the structure is not vector-sparse.
+  framed_vector_plan(call.structure, g, call.frame, call.config)
+  if bias is not None:
+    bias = jnp.asarray(bias).astype(spec.compute_dtype)
+  y = _framed_core(call, sk.values.astype(spec.compute_dtype), bias,
+                   xf.data.astype(spec.compute_dtype))
+  return frames.Framed(y, call.out_frame)
+
+
+# --------------------------------------------------------------------------
 # The dense path.
 
 
@@ -954,7 +1114,9 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
   activation), with Flax's NHWC/HWIO layouts by default.
 
   Args:
-    x: (N, H, W, C) input, or any layout named by dimension_numbers[0].
+    x: (N, H, W, C) input, or any layout named by dimension_numbers[0]; or
+      a Framed activation (escort_jax.frames), which a convolution that
+      keeps the map's size reads with no layout pass.
     sk: the SparseKernel; its layout must be dimension_numbers[1].
     window_strides: (sh, sw) or an int.
     padding: "SAME", "SAME_LOWER", "VALID", an int, or ((top, bottom),
@@ -974,8 +1136,16 @@ def sparse_conv(x: jax.Array, sk: SparseKernel,
       "vector" (default: the tuned plan of this layer, else the defaults).
 
   Returns:
-    The output in layout dimension_numbers[2], (N, Ho, Wo, O) by default.
+    The output in layout dimension_numbers[2], (N, Ho, Wo, O) by default;
+    for a Framed input (escort_jax.frames), the Framed output.
   """
+  if isinstance(x, frames.Framed):
+    return _framed_sparse_conv(
+        x, sk, window_strides, padding, dimension_numbers=dimension_numbers,
+        bias=bias, activation=activation, precision=precision,
+        method=method, config=config, rhs_dilation=rhs_dilation,
+        feature_group_count=feature_group_count, lhs_dilation=lhs_dilation,
+        preferred_element_type=preferred_element_type)
   # Lists and numpy arrays are accepted as lax accepts them.
   x = x if isinstance(x, jax.Array) else jnp.asarray(x)
   if bias is not None and not isinstance(bias, jax.Array):

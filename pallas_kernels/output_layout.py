@@ -75,6 +75,103 @@ class NhwcOutput:
     return y[:, :, :self.out_w, :].transpose(3, 1, 2, 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class FramedOutput:
+  """The output of a stride-1 kernel written into a channel-major frame.
+
+  A frame holds activations as (C + extra_planes, Ha, Wb, N): channel c's
+  image n at [c, top + y, left + x, n], zeros everywhere else (the margins,
+  and extra_planes whole zero planes after the last channel, which cover
+  the wide reads of a kernel that reads the frame). With the frame's width
+  Wb equal to the kernel's wide row width, wide position q lands at
+  q + shift of its row's plane, shift = (top * Wb + left) * N, and the wide
+  columns x >= Wo fall on the margins of the frame, where the kernel writes
+  zeros; so one contiguous store per channel fills a plane, and the next
+  layer reads it with no layout pass (escort_jax.frames).
+
+  Attributes: batch N, out_h Ho, row_width Wb, out_w Wo (<= Wb), top, left
+  (the data's origin in the frame), plane_h Ha, extra_planes.
+  """
+
+  batch: int
+  out_h: int
+  row_width: int
+  out_w: int
+  top: int
+  left: int
+  plane_h: int
+  extra_planes: int
+
+  def __post_init__(self):
+    if not (0 <= self.left and self.out_w + self.left <= self.row_width
+            and 0 <= self.top and self.top + self.out_h <= self.plane_h):
+      raise ValueError(
+          f"an output of {self.out_h}x{self.out_w} at ({self.top}, "
+          f"{self.left}) does not fit a frame of {self.plane_h}x"
+          f"{self.row_width}")
+
+  @property
+  def out_len(self) -> int:
+    """Wide positions per channel: Ho * Wb * N."""
+    return self.out_h * self.row_width * self.batch
+
+  @property
+  def plane_len(self) -> int:
+    """Elements of one plane of the frame: Ha * Wb * N."""
+    return self.plane_h * self.row_width * self.batch
+
+  @property
+  def shift(self) -> int:
+    """Where wide position 0 lands in its plane."""
+    return (self.top * self.row_width + self.left) * self.batch
+
+  def check(self, out_len: int) -> None:
+    """Raises unless this output covers `out_len` wide positions."""
+    if self.out_len != out_len:
+      raise ValueError(f"the framed output has {self.out_len} wide "
+                       f"positions, but out_len is {out_len}")
+
+  def head_tiles(self, block_q: int) -> int:
+    """Tiles of block_q positions before wide position 0 that a kernel runs
+    to write the head of each plane (the top margin)."""
+    return -(-self.shift // block_q)
+
+  def num_tiles(self, block_q: int) -> int:
+    """Tiles of block_q positions that cover a whole plane."""
+    return self.head_tiles(block_q) + -(-(self.plane_len - self.shift)
+                                        // block_q)
+
+  def is_real(self, q: jax.Array) -> jax.Array:
+    """Whether wide position q (any int, negative before the data) is a
+    real output: in range and not a wide column."""
+    x = (q // self.batch) % self.row_width
+    return (q >= 0) & (q < self.out_len) & (x < self.out_w)
+
+  def buffer_size(self, num_rows: int, spare: int) -> int:
+    """Elements of the kernel's flat output buffer: num_rows + extra_planes
+    planes, then `spare` elements for masked lanes (interpret mode)."""
+    return (num_rows + self.extra_planes) * self.plane_len + spare
+
+  def from_buffer(self, y: jax.Array, num_rows: int) -> jax.Array:
+    """The kernel's flat buffer -> (num_rows + extra_planes, Ha, Wb, N)."""
+    planes = num_rows + self.extra_planes
+    return y[:planes * self.plane_len].reshape(planes, self.plane_h,
+                                               self.row_width, self.batch)
+
+  def from_wide(self, y: jax.Array) -> jax.Array:
+    """(K, out_len) wide rows -> (K + extra_planes, Ha, Wb, N): the wide
+    columns zeroed, the rows placed at the data's origin (the reference of
+    what the kernel writes)."""
+    k = y.shape[0]
+    q = np.arange(self.out_len)
+    y = jnp.where(np.asarray(self.is_real(q))[None, :], y,
+                  jnp.zeros((), y.dtype))
+    y = jnp.pad(y, ((0, self.extra_planes),
+                    (self.shift, self.plane_len - self.shift - self.out_len)))
+    return y.reshape(k + self.extra_planes, self.plane_h, self.row_width,
+                     self.batch)
+
+
 def store(y_ref, out_idx: jax.Array, value: jax.Array, ok: jax.Array, *,
           spare_base: int, spare_region: bool) -> None:
   """Stores the tile `value` at `out_idx` where `ok`.

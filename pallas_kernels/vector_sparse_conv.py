@@ -49,7 +49,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.direct_sparse_conv import accumulator_dtype
 from pallas_kernels import output_layout
-from pallas_kernels.output_layout import (MAX_GRID_AXIS, NhwcOutput,
+from pallas_kernels.output_layout import (MAX_GRID_AXIS, FramedOutput,
+                                          NhwcOutput,
                                           check_input_covers, check_int32,
                                           with_optional_refs)
 from pallas_kernels.static_tables import pack_tables
@@ -252,10 +253,21 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
                                *, table_starts, block_q, block_k, lanes,
                                vector_width, num_rows, padded_cols, row_len,
                                offset_unit, value_alignment, relu, precision,
-                               acc_dtype, nhwc, spare_region, prefetch):
+                               acc_dtype, nhwc, framed, spare_region,
+                               prefetch):
   steps_at, start_at, cols_at, offsets_at = table_starts
+  num_blocks = num_rows // vector_width
   block = pl.program_id(0)
-  q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  if framed is None:
+    q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  else:
+    # The grid covers whole planes of the frame: tiles before wide position
+    # 0 or past the output, and the program row past the last block (the
+    # frame's zero planes), only store zeros.
+    q0 = (pl.program_id(1) - framed.head_tiles(block_q)) * block_q
+    q = q0 + jnp.arange(block_q, dtype=jnp.int32)
+    live = (q0 >= 0) & (q0 < row_len) & (block < num_blocks)
+    block = jnp.minimum(block, num_blocks - 1)
   first = offsets_at + block * padded_cols
   start = tables_ref[start_at + block]
   cols = tables_ref[cols_at + block]
@@ -266,14 +278,23 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
   lane_ok = (lane < vector_width)[None, :]
 
   num_steps = tables_ref[steps_at + block]
+  if framed is not None:
+    num_steps = jnp.where(live, num_steps, 0)
 
   def load_offsets(t):
     return tables_ref[pl.ds(first + t * block_k, block_k)] * offset_unit
 
   def load_tiles(t, offsets):
     # (BQ, BK): column j is BQ contiguous inputs from offset j.
-    a = plgpu.load(x_ref.at[q[:, None] + offsets[None, :]])
     j = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    if framed is None:
+      a = plgpu.load(x_ref.at[q[:, None] + offsets[None, :]])
+    else:
+      # A frame has no zero run for padding columns to read, and the
+      # user's data there may hold infinities, which a zero weight would
+      # turn into NaN: padding columns are masked instead.
+      a = plgpu.load(x_ref.at[q[:, None] + offsets[None, :]],
+                     mask=(j < cols)[None, :], other=0.0)
     w = plgpu.load(values_ref.at[start + lane[None, :] * cols + j[:, None]],
                    mask=(j < cols)[:, None] & lane_ok, other=0.0)
     return a, w
@@ -309,6 +330,22 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
   if relu:
     # Not jnp.maximum: Triton lowers it to a max that drops NaN.
     acc = jnp.where(acc < 0, jnp.zeros((), acc_dtype), acc)
+  if framed is not None:
+    # Zeros wherever the frame has no data: the wide columns (which fall on
+    # its margins), the margins above and below, and the zero planes.
+    acc = jnp.where((framed.is_real(q) & live)[:, None], acc,
+                    jnp.zeros((), acc_dtype))
+    zero_planes = pl.program_id(0) >= num_blocks
+    out_rows = jnp.where(zero_planes, num_rows, block * vector_width) + lane
+    row_ok = lane < jnp.where(zero_planes, framed.extra_planes,
+                              vector_width)
+    dest = q + framed.shift
+    ok = ((dest >= 0) & (dest < framed.plane_len))[:, None] & row_ok[None, :]
+    output_layout.store(
+        y_ref, dest[:, None] + out_rows[None, :] * framed.plane_len, acc, ok,
+        spare_base=framed.buffer_size(num_rows, 0),
+        spare_region=spare_region)
+    return
   if nhwc is None:
     # Every lane stores, unmasked: lanes past V (only when V < 16) write a
     # spare row.
@@ -334,6 +371,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
                        num_warps: int = 4, num_stages: int = 2,
                        prefetch: int = 0,
                        nhwc: NhwcOutput | None = None,
+                       framed: FramedOutput | None = None,
                        interpret: bool = False) -> jax.Array:
   """Runs the vector-sparse convolution kernel.
 
@@ -356,15 +394,24 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
       weight tiles as well was slower: benchmarks/NOTES.md, "thirteenth".)
     nhwc: write (N, Ho, Wo, num_rows) instead of wide rows; its out_len must
       equal `out_len`.
+    framed: write the frame (num_rows + extra_planes, Ha, Wb, N) that a
+      next layer reads (output_layout.FramedOutput; its out_len must equal
+      `out_len`); padding columns are then masked, so blocks.zeros_offset
+      may be any offset inside x_flat.
     interpret: run through the Pallas interpreter (CPU).
 
   Returns:
-    y: (num_rows, out_len), or (N, Ho, Wo, num_rows) with `nhwc`.
+    y: (num_rows, out_len), (N, Ho, Wo, num_rows) with `nhwc`, or
+    (num_rows + extra_planes, Ha, Wb, N) with `framed`.
   """
   if x_flat.ndim != 1:
     raise ValueError(f"x_flat must be 1-D, got shape {x_flat.shape}")
+  if nhwc is not None and framed is not None:
+    raise ValueError("give nhwc or framed, not both")
   if nhwc is not None:
     nhwc.check(out_len)
+  if framed is not None:
+    framed.check(out_len)
   nnz = blocks.kept_columns * blocks.vector_width
   if values.shape != (nnz,):
     raise ValueError(f"values must have shape ({nnz},), got {values.shape}")
@@ -380,15 +427,23 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   # Compiled, the NHWC output is exactly the result (no copy to slice it
   # out); interpreted, a spare region follows it (output_layout.store).
   spare_region = interpret
-  if nhwc is None:
+  spare = block_q * blocks.lanes if spare_region else 0
+  grid = (blocks.num_blocks, num_q_blocks)
+  if framed is not None:
+    out_size = framed.buffer_size(blocks.num_rows, spare)
+    grid = (blocks.num_blocks + (framed.extra_planes > 0),
+            framed.num_tiles(block_q))
+  elif nhwc is None:
     out_size = (blocks.num_rows + 1) * read_len
   else:
-    out_size = nhwc.buffer_size(
-        blocks.num_rows, block_q * blocks.lanes if spare_region else 0)
+    out_size = nhwc.buffer_size(blocks.num_rows, spare)
   check_int32(flat_input=x_flat.shape[0], output=out_size)
-  if num_q_blocks > MAX_GRID_AXIS:
-    raise ValueError(f"{num_q_blocks} output blocks exceed Triton's grid "
+  if grid[1] > MAX_GRID_AXIS:
+    raise ValueError(f"{grid[1]} output blocks exceed Triton's grid "
                      f"limit of {MAX_GRID_AXIS}; raise block_q")
+  if framed is not None and framed.extra_planes > blocks.lanes:
+    raise ValueError(f"a frame of {framed.extra_planes} zero planes needs "
+                     f"more than one program row of {blocks.lanes} lanes")
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
   in_dtype = jnp.result_type(x_flat.dtype, values.dtype)
   acc_dtype = accumulator_dtype(in_dtype)
@@ -405,15 +460,15 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
       row_len=read_len,
       offset_unit=blocks.offset_unit,
       value_alignment=blocks.value_alignment, relu=relu, precision=precision,
-      acc_dtype=acc_dtype, nhwc=nhwc, spare_region=spare_region,
-      prefetch=prefetch)
+      acc_dtype=acc_dtype, nhwc=nhwc, framed=framed,
+      spare_region=spare_region, prefetch=prefetch)
   kernel = with_optional_refs(kernel, (True, True, bias is not None, True,
                                       True))
   bias_args = () if bias is None else (bias,)
   y = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((out_size,), out_dtype),
-      grid=(blocks.num_blocks, num_q_blocks),
+      grid=grid,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,
@@ -424,6 +479,8 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
     *bias_args, x_flat.astype(in_dtype))
   if nhwc is not None:
     return nhwc.from_buffer(y, blocks.num_rows)
+  if framed is not None:
+    return framed.from_buffer(y, blocks.num_rows)
   return y.reshape(blocks.num_rows + 1, read_len)[:blocks.num_rows, :out_len]
 
 
@@ -442,14 +499,16 @@ def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
                                  bias: jax.Array | None = None,
                                  relu: bool = False,
                                  out_dtype=None,
-                                 nhwc: NhwcOutput | None = None
+                                 nhwc: NhwcOutput | None = None,
+                                 framed: FramedOutput | None = None
                                  ) -> jax.Array:
   """Plain-JAX twin with the kernel's tiling: the same packed offsets and
   value tiles, one gathered (out_len, padded_cols) matrix product per block.
 
   values: (nnz,) as for vector_sparse_conv.
 
-  Returns y: (num_rows, out_len), or (N, Ho, Wo, num_rows) with `nhwc`.
+  Returns y: (num_rows, out_len), (N, Ho, Wo, num_rows) with `nhwc`, or
+  the frame (num_rows + extra_planes, Ha, Wb, N) with `framed`.
   Memory O(num_blocks * padded_cols * out_len): for tests.
   """
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
@@ -470,4 +529,6 @@ def vector_sparse_conv_reference(x_flat: jax.Array, values: jax.Array,
     y = jnp.where(y < 0, jnp.zeros((), y.dtype), y)
   if nhwc is not None:
     y = nhwc.from_wide(y)
+  if framed is not None:
+    y = framed.from_wide(y)
   return y.astype(out_dtype)

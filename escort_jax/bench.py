@@ -13,7 +13,13 @@ keeps whole vectors of V consecutive output channels (workload.make_kernel
 with vector_width=V), every method of the row runs on that kernel, and rows
 record "vector_width": V (null for the unstructured kernels). Method "vector"
 is the tensor-core kernel (sparse_conv(method="vector")); it runs on
-vector-sparse kernels only.
+vector-sparse kernels only. Method "vector_framed" is the same kernel
+between frames (escort_jax.frames): its input is the layer's input already
+in a frame with margins of the layer's padding, made outside the timed
+call, and its output the frame that a next layer of the same map size
+reads; so its time is that of a layer inside a chain of framed sparse
+layers, with no layout pass (the NHWC baselines are unchanged, and the
+error is taken on the output out of its frame).
 
 How time is measured (one method for every side of a ratio):
   GPU  "perfetto-gpu": warm up (compile, run twice); run the op once on each
@@ -77,6 +83,7 @@ import numpy as np
 
 from escort_jax import KernelConfig, sparse_conv
 from escort_jax import baselines as bl
+from escort_jax import frames
 from escort_jax import workload as wl
 from escort_jax.ops import CUDNN_KERNEL_LAYOUT, VectorConfig, dispatch_choice
 from escort_jax.structure import ALIGNED_COLUMNS, VECTOR_WIDTHS, SparseKernel
@@ -100,7 +107,11 @@ BASELINE_TITLES = {
 # The dense baseline of the same input and output dtype, for each dtype.
 SAME_DTYPE_BASELINE = {"float32": "lax_fp32_highest", "bfloat16": "lax_bf16"}
 
-METHOD_NAMES = ("escort", "auto", "vector", "dense", "auto_fallback")
+VECTOR_FRAMED = "vector_framed"
+METHOD_NAMES = ("escort", "auto", "vector", "dense", "auto_fallback",
+                VECTOR_FRAMED)
+# Methods that run the vector kernel, on vector-sparse kernels only.
+VECTOR_METHODS = ("vector", VECTOR_FRAMED)
 # Not a sparse_conv method: the layer as escort_jax.convert.dense_fallback
 # leaves it. Where "auto" picks dense, the pruned kernel held dense (as
 # OHWI, as escort_jax.nnx.DenseConv holds it) and run by lax.conv (no
@@ -110,7 +121,7 @@ AUTO_FALLBACK = "auto_fallback"
 # The config class of each method that takes one (--config).
 CONFIG_CLASSES = {"escort": KernelConfig, "auto": KernelConfig,
                   AUTO_FALLBACK: KernelConfig,
-                  "vector": VectorConfig}
+                  "vector": VectorConfig, VECTOR_FRAMED: VectorConfig}
 DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "f16": "float16", "fp16": "float16"}
@@ -859,8 +870,8 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
     raise UsageError(f"batch sizes must be positive, got {batches}")
   specs = method_specs(methods, configs)
   widths = parse_vector_widths(vector_widths)
-  if any(s.method == "vector" for s in specs) and widths == [None]:
-    raise UsageError("method 'vector' needs vector-sparse kernels: give "
+  if any(s.method in VECTOR_METHODS for s in specs) and widths == [None]:
+    raise UsageError("the vector methods need vector-sparse kernels: give "
                      "vector_widths (--vector-width 16)")
   baselines = list(dict.fromkeys(baselines))
   for b in baselines:
@@ -930,7 +941,7 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
         todo = []
         for dtype in dtypes:
           for spec in specs:
-            if spec.method == "vector" and vw is None:
+            if spec.method in VECTOR_METHODS and vw is None:
               continue  # the vector kernel needs a vector-sparse kernel
             key = _key(layer.net, layer.layer, batch, sp, dtype,
                        spec.label, small.in_hw, vw, column_multiple)
@@ -1053,13 +1064,14 @@ def _run_group(results, path, layer, small, vector_width, column_multiple,
     try:
       skd = sk32.with_values(sk32.values.astype(dtype))
       xs = inputs_as(dtype)
-      fn = _method_fn(spec, skd, conv, xs[0], row)
-      t = timing(fn, xs)
+      run = _method_run(spec, skd, conv, xs[0], row)
+      prepared = [jax.block_until_ready(run.prepare(x)) for x in xs]
+      t = timing(run.fn, prepared)
       # Accuracy against fp32 HIGHEST of the same rounded inputs.
       ref = bl.make_dense_conv(
           skd.with_values(skd.values.astype(jnp.float32)),
           precision=lax.Precision.HIGHEST, **conv)(xs[0].astype(jnp.float32))
-      err = rel_err(fn(xs[0]), ref)
+      err = rel_err(run.finish(run.fn(prepared[0])), ref)
       time_us = t.median_us
       speedups = {k: (v / time_us if v else None)
                   for k, v in base_us.items()}
@@ -1099,6 +1111,33 @@ def _run_group(results, path, layer, small, vector_width, column_multiple,
     write_json(path, results)
     say(_row_line(row))
     advance()
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodRun:
+  """What a row times: fn(prepare(x)) for each NHWC input x, prepared
+  outside the timing; finish(fn(...)) is the NHWC output."""
+
+  fn: Callable
+  prepare: Callable = lambda x: x
+  finish: Callable = lambda y: y
+
+
+def _method_run(spec: MethodSpec, skd: SparseKernel, conv: dict, x,
+                row: dict) -> MethodRun:
+  """The MethodRun of a row's method on kernel skd (x: an NHWC input of
+  the row's shape)."""
+  if spec.method == VECTOR_FRAMED:
+    frame = frames.frame_of(x.shape, conv["padding"])
+    op = jax.jit(lambda data, sk: sparse_conv(
+        frames.Framed(data, frame), sk, method="vector", config=spec.config,
+        **conv).data)
+    out_frame = frame.with_channels(skd.structure.oirs[0])
+    return MethodRun(
+        fn=lambda data: op(data, skd),
+        prepare=functools.partial(frames.frame_data, frame=frame),
+        finish=functools.partial(frames.unframe_data, frame=out_frame))
+  return MethodRun(_method_fn(spec, skd, conv, x, row))
 
 
 def _method_fn(spec: MethodSpec, skd: SparseKernel, conv: dict, x,

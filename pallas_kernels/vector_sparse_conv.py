@@ -279,7 +279,7 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
 
   num_steps = tables_ref[steps_at + block]
   if framed is not None:
-    num_steps = jnp.where(live, num_steps, 0)
+    num_steps = num_steps * live.astype(jnp.int32)
 
   def load_offsets(t):
     return tables_ref[pl.ds(first + t * block_k, block_k)] * offset_unit
@@ -335,10 +335,13 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
     # its margins), the margins above and below, and the zero planes.
     acc = jnp.where((framed.is_real(q) & live)[:, None], acc,
                     jnp.zeros((), acc_dtype))
-    zero_planes = pl.program_id(0) >= num_blocks
-    out_rows = jnp.where(zero_planes, num_rows, block * vector_width) + lane
-    row_ok = lane < jnp.where(zero_planes, framed.extra_planes,
-                              vector_width)
+    # The program row past the last block writes the zero planes, rows
+    # num_rows + lane for lanes below extra_planes. (Arithmetic, not a
+    # select: Triton's lowering mistypes a select of scalars here.)
+    zero_planes = (pl.program_id(0) >= num_blocks).astype(jnp.int32)
+    out_rows = pl.program_id(0) * vector_width + lane
+    row_ok = lane < vector_width + zero_planes * (framed.extra_planes
+                                                  - vector_width)
     dest = q + framed.shift
     ok = ((dest >= 0) & (dest < framed.plane_len))[:, None] & row_ok[None, :]
     output_layout.store(

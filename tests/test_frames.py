@@ -114,6 +114,35 @@ def test_framed_kernel_matches_its_twin(v, block_q, prefetch):
   assert_close(y, ref, F32_BOUND)
 
 
+@pytest.mark.parametrize("v,prefetch", [(16, 0), (64, 1)])
+def test_framed_kernel_lowers_to_triton(v, prefetch):
+  """The compiled kernel's Triton lowering, which the interpreter skips,
+  runs on the CPU too: exported for CUDA (lowered, not compiled)."""
+  from jax import export
+  rng = np.random.default_rng([9, v])
+  _, sk = _vector_sk(rng, 3, 32, 2 * v, 0.8, v)
+  shape = (4, 6, 6, 32)
+  frame = frames.frame_of(shape, 1)
+  g = make_geometry(shape, sk.structure, (1, 1), "SAME", (1, 1), 1)
+  plan = framed_vector_plan(sk.structure, g, frame,
+                            VectorConfig(128, 64, 8, 3, prefetch))
+
+  def fn(x, values, bias):
+    return vector_sparse_conv(x, values, plan.blocks, out_len=plan.out_len,
+                              bias=bias, relu=True, block_q=128, num_warps=8,
+                              num_stages=3, prefetch=prefetch,
+                              framed=plan.output)
+
+  args = (jax.ShapeDtypeStruct((int(np.prod(frame.shape)),), jnp.bfloat16),
+          jax.ShapeDtypeStruct(sk.values.shape, jnp.bfloat16),
+          jax.ShapeDtypeStruct((2 * v,), jnp.bfloat16))
+  exported = export.export(
+      jax.jit(fn), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(
+          "__gpu$xla.gpu.triton")])(*args)
+  assert "escort_vector_sparse_conv" in exported.mlir_module()
+
+
 # ---------------------------------------------------------------------------
 # sparse_conv on frames against lax.
 

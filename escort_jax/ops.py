@@ -919,10 +919,9 @@ def framed_vector_plan(structure, geometry: cg.ConvGeometry,
     raise ValueError(f"a framed input takes block_q up to "
                      f"{frames.FRAME_SLACK}, got {config.block_q}")
   rows, offsets = frames.framed_offsets(structure, geometry, frame)
-  # Padding columns are masked on a frame (the kernel's `framed` mode), so
-  # they may read anywhere inside it.
+  # A frame has no zero run: padding columns repeat a kept column.
   blocks = pack_vector_blocks(rows, offsets, geometry.out_channels, v,
-                              config.block_k, zeros_offset=0)
+                              config.block_k, zeros_offset=None)
   output = frame.output_layout()
   return FramedVectorPlan(blocks=blocks, config=config,
                           out_len=output.out_len, output=output)

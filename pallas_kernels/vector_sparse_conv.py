@@ -18,7 +18,8 @@ in, fp32 accumulate; fp32 inputs use full-precision dot, as lax HIGHEST).
 
 Layout:
   x_flat:  (in_len,) the input, any float dtype, with a run of zeros at
-           blocks.zeros_offset that padding columns read.
+           blocks.zeros_offset that padding columns read (unless they
+           repeat kept columns: VectorBlocks.zeros_offset None).
   values:  (nnz,) the weights in the caller's (CSR) order, where block b's
            weights are a row-major (V, kept columns) matrix. The kernel
            loads (block_k, lanes) tiles of it directly, lanes = max(V, 16)
@@ -28,7 +29,9 @@ Layout:
   y:       (num_rows, out_len), row-major; or, with `nhwc` given, the
            convolution's output in NHWC directly: position q is image
            q % N at wide row (q // N) // Wb, column (q // N) % Wb, and
-           columns >= Wo are dropped (no separate transpose pass).
+           columns >= Wo are dropped (no separate transpose pass); or, with
+           `framed`, the channel-major frame that a next layer reads
+           (output_layout.FramedOutput, escort_jax.frames).
 
 Lowering: a pallas_call with Triton compiler params (tensor cores through
 Triton's dot), compiled on NVIDIA GPUs and run by the interpreter on the CPU.
@@ -73,13 +76,17 @@ class VectorBlocks:
     vector_width: V, rows per block.
     block_k: columns per step of the kernel's loop (a multiple of 16).
     offsets: (num_blocks, padded_cols) int32 source offsets in units of
-      offset_unit, in the caller's order; padding columns hold zeros_offset.
+      offset_unit, in the caller's order; padding columns hold zeros_offset,
+      or, without one, repeat the block's last kept offset.
     steps: (num_blocks,) int32: the steps of block_k columns each block runs.
     block_start: (num_blocks,) int32 where each block's weights begin in the
       value vector (row-major (V, block_cols) there, as in CSR).
     block_cols: (num_blocks,) int32 kept columns of each block.
     zeros_offset: where the caller puts a run of zeros (in elements) at least
-      as long as the kernel's padded output rows.
+      as long as the kernel's padded output rows; or None, where padding
+      columns repeat a kept column (their weights are zero, and the input
+      they read is read with a real weight by the same outputs, so that
+      they add no infinity or NaN that was not there).
     offset_unit: every offset (and zeros_offset) is a multiple of it; the
       kernel multiplies by the static number so that Triton sees aligned
       loads.
@@ -93,7 +100,7 @@ class VectorBlocks:
   steps: np.ndarray
   block_start: np.ndarray
   block_cols: np.ndarray
-  zeros_offset: int
+  zeros_offset: int | None
   offset_unit: int
   max_offset: int
 
@@ -192,7 +199,7 @@ def vector_width_of(rows: np.ndarray, cols: np.ndarray, num_rows: int,
 
 def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
                        vector_width: int, block_k: int,
-                       zeros_offset: int) -> VectorBlocks:
+                       zeros_offset: int | None) -> VectorBlocks:
   """Packs a vector-sparse row problem (CSR order: rows sorted).
 
   Args:
@@ -201,7 +208,8 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
     num_rows: output rows; a multiple of vector_width.
     vector_width: V.
     block_k: a multiple of 16.
-    zeros_offset: start of the caller's zero run (elements).
+    zeros_offset: start of the caller's zero run (elements), or None: no
+      zero run, padding columns repeat the block's last kept column.
 
   Raises:
     ValueError: if a block's rows do not share their offsets.
@@ -226,18 +234,21 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
   steps = -(-per_block // block_k)
   padded_cols = max(1, int(steps.max(initial=0))) * block_k
   starts = np.concatenate([[0], np.cumsum(counts.reshape(-1))])
-  block_offsets = np.full((num_blocks, padded_cols), zeros_offset, np.int64)
+  block_offsets = np.full((num_blocks, padded_cols), zeros_offset or 0,
+                          np.int64)
   for b in range(num_blocks):
     n = int(per_block[b])
     if n == 0:
-      continue
+      continue  # no steps: nothing is read
+    if zeros_offset is None:
+      block_offsets[b, n:] = offsets[starts[b * v] + n - 1]
     # The block's first row, in the caller's order, so that the weights of
     # a (block_k, V) tile sit at start + v * n + j and the kernel loads them
     # with no index array. (In CSR order, offsets ascend within a phase plane
     # anyway.)
     block_offsets[b, :n] = offsets[starts[b * v]:starts[b * v] + n]
   unit = int(np.gcd.reduce(np.concatenate(
-      [block_offsets.reshape(-1), [zeros_offset]])))
+      [block_offsets.reshape(-1), [zeros_offset or 0]])))
   unit = max(unit, 1)
   return VectorBlocks(
       num_rows=num_rows, vector_width=v, block_k=block_k,
@@ -245,7 +256,8 @@ def pack_vector_blocks(rows: np.ndarray, offsets: np.ndarray, num_rows: int,
       steps=steps.astype(np.int32),
       block_start=starts[::v][:num_blocks].astype(np.int32),
       block_cols=per_block.astype(np.int32),
-      zeros_offset=int(zeros_offset), offset_unit=unit,
+      zeros_offset=None if zeros_offset is None else int(zeros_offset),
+      offset_unit=unit,
       max_offset=int(block_offsets.max(initial=0)))
 
 
@@ -286,15 +298,8 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
 
   def load_tiles(t, offsets):
     # (BQ, BK): column j is BQ contiguous inputs from offset j.
+    a = plgpu.load(x_ref.at[q[:, None] + offsets[None, :]])
     j = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
-    if framed is None:
-      a = plgpu.load(x_ref.at[q[:, None] + offsets[None, :]])
-    else:
-      # A frame has no zero run for padding columns to read, and the
-      # user's data there may hold infinities, which a zero weight would
-      # turn into NaN: padding columns are masked instead.
-      a = plgpu.load(x_ref.at[q[:, None] + offsets[None, :]],
-                     mask=(j < cols)[None, :], other=0.0)
     w = plgpu.load(values_ref.at[start + lane[None, :] * cols + j[:, None]],
                    mask=(j < cols)[:, None] & lane_ok, other=0.0)
     return a, w
@@ -380,8 +385,9 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
 
   Args:
     x_flat: (in_len,) flat input; every offset + q for q below out_len
-      rounded up to block_q must lie inside it, and a run of that many zeros
-      must start at blocks.zeros_offset.
+      rounded up to block_q must lie inside it, and (unless
+      blocks.zeros_offset is None) a run of that many zeros must start at
+      blocks.zeros_offset.
     values: (nnz,) weights in CSR order (blocks.sources shows where each
       tile entry comes from).
     blocks: the static packing.
@@ -399,8 +405,7 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
       equal `out_len`.
     framed: write the frame (num_rows + extra_planes, Ha, Wb, N) that a
       next layer reads (output_layout.FramedOutput; its out_len must equal
-      `out_len`); padding columns are then masked, so blocks.zeros_offset
-      may be any offset inside x_flat.
+      `out_len`).
     interpret: run through the Pallas interpreter (CPU).
 
   Returns:
@@ -426,7 +431,8 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   num_q_blocks = pl.cdiv(out_len, block_q)
   read_len = num_q_blocks * block_q
   check_input_covers(x_flat.shape[0],
-                     max(blocks.max_offset, blocks.zeros_offset), read_len)
+                     max(blocks.max_offset, blocks.zeros_offset or 0),
+                     read_len)
   # Compiled, the NHWC output is exactly the result (no copy to slice it
   # out); interpreted, a spare region follows it (output_layout.store).
   spare_region = interpret

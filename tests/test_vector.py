@@ -125,6 +125,18 @@ def test_pack_vector_blocks_layout():
     np.testing.assert_array_equal(offsets[src] * 4, got[:, None] + 0 * src)
 
 
+def test_pack_vector_blocks_without_a_zero_run_repeats_kept_columns():
+  rng = np.random.default_rng(4)
+  rows, offsets = vector_row_problem(rng, 4, 16, 40, 37)
+  blocks = pack_vector_blocks(rows, offsets, 64, 16, 32, zeros_offset=None)
+  assert blocks.zeros_offset is None
+  for b in range(4):
+    n = int(blocks.block_cols[b])
+    if n:
+      assert np.all(blocks.offsets[b, n:] == offsets[rows == b * 16][-1])
+  assert blocks.steps[1] == 0  # the empty block reads nothing
+
+
 @pytest.mark.parametrize("counts,want", [((16, 0, 24), 8), ((12, 4), 4),
                                          ((8, 6), 2), ((8, 5), 1)])
 def test_value_alignment(counts, want):

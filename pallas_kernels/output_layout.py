@@ -132,14 +132,9 @@ class FramedOutput:
                        f"positions, but out_len is {out_len}")
 
   def head_tiles(self, block_q: int) -> int:
-    """Tiles of block_q positions before wide position 0 that a kernel runs
-    to write the head of each plane (the top margin)."""
+    """Chunks of block_q positions that cover the head of each plane (its
+    top margin, before wide position 0)."""
     return -(-self.shift // block_q)
-
-  def num_tiles(self, block_q: int) -> int:
-    """Tiles of block_q positions that cover a whole plane."""
-    return self.head_tiles(block_q) + -(-(self.plane_len - self.shift)
-                                        // block_q)
 
   def is_real(self, q: jax.Array) -> jax.Array:
     """Whether wide position q (any int, negative before the data) is a

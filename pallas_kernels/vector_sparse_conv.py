@@ -268,18 +268,8 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
                                acc_dtype, nhwc, framed, spare_region,
                                prefetch):
   steps_at, start_at, cols_at, offsets_at = table_starts
-  num_blocks = num_rows // vector_width
   block = pl.program_id(0)
-  if framed is None:
-    q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
-  else:
-    # The grid covers whole planes of the frame: tiles before wide position
-    # 0 or past the output, and the program row past the last block (the
-    # frame's zero planes), only store zeros.
-    q0 = (pl.program_id(1) - framed.head_tiles(block_q)) * block_q
-    q = q0 + jnp.arange(block_q, dtype=jnp.int32)
-    live = (q0 >= 0) & (q0 < row_len) & (block < num_blocks)
-    block = jnp.minimum(block, num_blocks - 1)
+  q = pl.program_id(1) * block_q + jnp.arange(block_q, dtype=jnp.int32)
   first = offsets_at + block * padded_cols
   start = tables_ref[start_at + block]
   cols = tables_ref[cols_at + block]
@@ -290,8 +280,6 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
   lane_ok = (lane < vector_width)[None, :]
 
   num_steps = tables_ref[steps_at + block]
-  if framed is not None:
-    num_steps = num_steps * live.astype(jnp.int32)
 
   def load_offsets(t):
     return tables_ref[pl.ds(first + t * block_k, block_k)] * offset_unit
@@ -336,23 +324,10 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
     # Not jnp.maximum: Triton lowers it to a max that drops NaN.
     acc = jnp.where(acc < 0, jnp.zeros((), acc_dtype), acc)
   if framed is not None:
-    # Zeros wherever the frame has no data: the wide columns (which fall on
-    # its margins), the margins above and below, and the zero planes.
-    acc = jnp.where((framed.is_real(q) & live)[:, None], acc,
-                    jnp.zeros((), acc_dtype))
-    # The program row past the last block writes the zero planes, rows
-    # num_rows + lane for lanes below extra_planes. (Arithmetic, not a
-    # select: Triton's lowering mistypes a select of scalars here.)
-    zero_planes = (pl.program_id(0) >= num_blocks).astype(jnp.int32)
-    out_rows = pl.program_id(0) * vector_width + lane
-    row_ok = lane < vector_width + zero_planes * (framed.extra_planes
-                                                  - vector_width)
-    dest = q + framed.shift
-    ok = ((dest >= 0) & (dest < framed.plane_len))[:, None] & row_ok[None, :]
-    output_layout.store(
-        y_ref, dest[:, None] + out_rows[None, :] * framed.plane_len, acc, ok,
-        spare_base=framed.buffer_size(num_rows, 0),
-        spare_region=spare_region)
+    _store_framed(y_ref, q, rows, lane, acc, framed=framed,
+                  block_q=block_q, vector_width=vector_width,
+                  num_rows=num_rows, num_q_tiles=row_len // block_q,
+                  spare_region=spare_region)
     return
   if nhwc is None:
     # Every lane stores, unmasked: lanes past V (only when V < 16) write a
@@ -370,6 +345,63 @@ def _vector_sparse_conv_kernel(tables_ref, values_ref, bias_ref, x_ref, y_ref,
   output_layout.store(y_ref, pixel[:, None] * num_rows + rows[None, :], acc,
                       ok, spare_base=nhwc.pixels * num_rows,
                       spare_region=spare_region)
+
+
+def _store_framed(y_ref, q, rows, lane, acc, *, framed: FramedOutput,
+                  block_q, vector_width, num_rows, num_q_tiles,
+                  spare_region):
+  """Writes a program's tile into the frame, and its share of the frame's
+  zeros: zeros wherever the frame has no data. The wide columns of the tile
+  fall on the frame's margins; the plane's head (the top margin) and tail
+  (the bottom margin past the last tile) are cut into chunks of block_q
+  positions, dealt out over the block's programs; the last block also
+  writes the zero planes after the last channel over the same ranges. (So
+  the grid is the NHWC store's: programs that only store zeros would make a
+  second wave of programs on small grids, 1.2-1.4x slower.)"""
+  block_is_last = pl.program_id(0) == num_rows // vector_width - 1
+  row_ok = lane < vector_width
+  lanes = lane.shape[0]
+  spare_base = framed.buffer_size(num_rows, 0)
+
+  def put(dest, value, end):
+    in_plane = (dest >= 0) & (dest < end)
+    output_layout.store(
+        y_ref, dest[:, None] + rows[None, :] * framed.plane_len, value,
+        in_plane[:, None] & row_ok[None, :], spare_base=spare_base,
+        spare_region=spare_region)
+    for first in range(0, framed.extra_planes, lanes):
+      # (Arithmetic, not a select of scalars: Triton's lowering mistypes
+      # that here.)
+      planes_ok = lane < block_is_last.astype(jnp.int32) * min(
+          lanes, framed.extra_planes - first)
+      output_layout.store(
+          y_ref, dest[:, None] + (num_rows + first + lane)[None, :]
+          * framed.plane_len, jnp.zeros_like(value),
+          in_plane[:, None] & planes_ok[None, :], spare_base=spare_base,
+          spare_region=spare_region)
+
+  put(q + framed.shift,
+      jnp.where(framed.is_real(q)[:, None], acc, jnp.zeros((), acc.dtype)),
+      framed.plane_len)
+  head = framed.head_tiles(block_q)
+  tail_start = framed.shift + num_q_tiles * block_q
+  chunks = head + max(framed.plane_len - tail_start + block_q - 1,
+                      0) // block_q
+  offsets = jnp.arange(block_q, dtype=jnp.int32)
+  zeros = jnp.zeros_like(acc)
+  tile = pl.program_id(1)  # outside the loop: the interpreter needs it so
+
+  def chunk(i, carry):
+    e = tile + i * num_q_tiles
+    in_head = (e < head).astype(jnp.int32)
+    start = in_head * (e * block_q) + (1 - in_head) * (
+        tail_start + (e - head) * block_q)
+    end = in_head * framed.shift + (1 - in_head) * framed.plane_len
+    put(start + offsets, zeros, end)
+    return carry
+
+  lax.fori_loop(0, (chunks - tile + num_q_tiles - 1)
+                // num_q_tiles, chunk, 0)
 
 
 def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
@@ -440,8 +472,6 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   grid = (blocks.num_blocks, num_q_blocks)
   if framed is not None:
     out_size = framed.buffer_size(blocks.num_rows, spare)
-    grid = (blocks.num_blocks + (framed.extra_planes > 0),
-            framed.num_tiles(block_q))
   elif nhwc is None:
     out_size = (blocks.num_rows + 1) * read_len
   else:
@@ -450,9 +480,6 @@ def vector_sparse_conv(x_flat: jax.Array, values: jax.Array,
   if grid[1] > MAX_GRID_AXIS:
     raise ValueError(f"{grid[1]} output blocks exceed Triton's grid "
                      f"limit of {MAX_GRID_AXIS}; raise block_q")
-  if framed is not None and framed.extra_planes > blocks.lanes:
-    raise ValueError(f"a frame of {framed.extra_planes} zero planes needs "
-                     f"more than one program row of {blocks.lanes} lanes")
   out_dtype = jnp.dtype(out_dtype or x_flat.dtype)
   in_dtype = jnp.result_type(x_flat.dtype, values.dtype)
   acc_dtype = accumulator_dtype(in_dtype)

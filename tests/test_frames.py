@@ -89,15 +89,19 @@ def test_framed_is_a_pytree_through_jit():
 # The kernel's framed output against its twin.
 
 
-@pytest.mark.parametrize("v,block_q,prefetch", [(16, 16, 0), (8, 32, 1),
-                                               (32, 64, 0)])
-def test_framed_kernel_matches_its_twin(v, block_q, prefetch):
+@pytest.mark.parametrize("v,block_q,prefetch,h,margins", [
+    (16, 16, 0, 5, ((2, 1), (1, 3))),
+    (8, 32, 1, 5, ((2, 1), (1, 3))),
+    (32, 64, 0, 5, ((2, 1), (1, 3))),
+    # More margin chunks than tiles, and four zero planes.
+    (8, 32, 0, 2, ((4, 3), (2, 2)))])
+def test_framed_kernel_matches_its_twin(v, block_q, prefetch, h, margins):
   """The kernel's whole frame (data, zero margins, zero planes) equals the
   plain-JAX twin's, on odd shapes and margins wider than the padding."""
-  rng = np.random.default_rng([2, v, block_q])
-  n, h, w, c = 3, 5, 7, 9
+  rng = np.random.default_rng([2, v, block_q, h])
+  n, w, c = 3, 7, 9
   _, sk = _vector_sk(rng, 3, c, 2 * v, 0.6, v)
-  xf = to_frame(random_array(rng, (n, h, w, c)), ((2, 1), (1, 3)))
+  xf = to_frame(random_array(rng, (n, h, w, c)), margins)
   g = make_geometry((n, h, w, c), sk.structure, (1, 1), "SAME", (1, 1), 1)
   plan = framed_vector_plan(sk.structure, g, xf.frame,
                             VectorConfig(block_q=block_q, block_k=16,
@@ -171,6 +175,20 @@ def test_chain_of_framed_layers_matches_lax():
     assert isinstance(yf, Framed) and yf.frame.margins == ((2, 2), (2, 2))
     assert _margins_are_zero(yf), f"{what}: nonzero margins"
     assert_close(from_frame(yf), ref, F32_BOUND, what)
+
+
+def test_tiny_map_at_batch_one():
+  """A 2x2 map of one image: its frame has more zero planes (65) than the
+  kernel has lanes."""
+  rng = np.random.default_rng(10)
+  x = random_array(rng, (1, 2, 2, 8))
+  kernel, sk = _vector_sk(rng, 3, 8, 16, 0.5, 16)
+  xf = to_frame(x, 1)
+  assert xf.frame.extra_planes > 16
+  yf = sparse_conv(xf, sk, method="vector")
+  assert _margins_are_zero(yf)
+  assert_close(from_frame(yf), reference_conv(x, kernel, (1, 1), "SAME"),
+               F32_BOUND)
 
 
 def test_framed_padding_columns_do_not_read_the_data():

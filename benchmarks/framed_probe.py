@@ -25,6 +25,7 @@ import numpy as np
 from escort_jax import SparseKernel, bench, dispatch, frames
 from escort_jax import ops
 from escort_jax import workload as wl
+from escort_jax.structure import ALIGNED_COLUMNS
 from pallas_kernels.vector_sparse_conv import vector_sparse_conv
 
 
@@ -101,8 +102,9 @@ def main(argv=None):
     if (layer.out_channels // layer.groups) % args.vector_width:
       continue
     for sp in args.sparsity:
-      w = wl.make_kernel(layer, sparsity=sp,
-                         vector_width=args.vector_width)
+      # The bench's structure (its column multiple), so the plans apply.
+      w = wl.make_kernel(layer, sparsity=sp, vector_width=args.vector_width,
+                         column_multiple=ALIGNED_COLUMNS)
       sk = SparseKernel.from_dense(np.asarray(jnp.asarray(w, dtype)))
       xs = [wl.make_input(layer, args.batch, seed=i).astype(dtype)
             for i in range(args.inputs)]

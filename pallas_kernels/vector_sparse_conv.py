@@ -369,16 +369,18 @@ def _store_framed(y_ref, q, rows, lane, acc, *, framed: FramedOutput,
         y_ref, dest[:, None] + rows[None, :] * framed.plane_len, value,
         in_plane[:, None] & row_ok[None, :], spare_base=spare_base,
         spare_region=spare_region)
-    for first in range(0, framed.extra_planes, lanes):
-      # (Arithmetic, not a select of scalars: Triton's lowering mistypes
-      # that here.)
-      planes_ok = lane < block_is_last.astype(jnp.int32) * min(
-          lanes, framed.extra_planes - first)
-      output_layout.store(
-          y_ref, dest[:, None] + (num_rows + first + lane)[None, :]
-          * framed.plane_len, jnp.zeros_like(value),
-          in_plane[:, None] & planes_ok[None, :], spare_base=spare_base,
-          spare_region=spare_region)
+
+    # Only the last block's programs, and under a branch: a masked store of
+    # every program would still cost each of them its instructions.
+    @pl.when(block_is_last)
+    def _():
+      for first in range(0, framed.extra_planes, lanes):
+        planes_ok = lane < min(lanes, framed.extra_planes - first)
+        output_layout.store(
+            y_ref, dest[:, None] + (num_rows + first + lane)[None, :]
+            * framed.plane_len, jnp.zeros_like(value),
+            in_plane[:, None] & planes_ok[None, :], spare_base=spare_base,
+            spare_region=spare_region)
 
   put(q + framed.shift,
       jnp.where(framed.is_real(q)[:, None], acc, jnp.zeros((), acc.dtype)),

@@ -6,6 +6,8 @@ between them, at batch 32 in bfloat16 on vector-sparse kernels.
 Variants, each one jitted function from the NHWC input to the NHWC output
 (device kernel time, CUPTI via escort_jax.bench.device_time_us):
   dense    lax.conv bf16 (NHWC/HWIO) of the pruned kernels, bias, ReLU;
+  dense_barrier  the same with an optimization barrier after each
+           convolution, so that XLA does not fuse the bias and ReLU into it;
   vector   sparse_conv(method="vector") per layer, NHWC between layers (a
            layout pass before each layer);
   framed   to_frame once, the three layers frame to frame, from_frame once.
@@ -17,6 +19,7 @@ Variants, each one jitted function from the NHWC input to the NHWC output
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -38,34 +41,45 @@ def _layers():
 
 
 def chain_fns(layers, kernels, biases):
-  """{variant: f(x_nhwc) -> y_nhwc} over the chain."""
+  """{variant: (f, weights)}: f(x_nhwc, weights, biases) -> y_nhwc over the
+  chain, jitted, with its weights (dense kernels or SparseKernels) passed as
+  arguments as a model passes its parameters (as compile-time constants,
+  cuDNN's grouped bf16 convolutions took a 60x slower engine)."""
   sks = [SparseKernel.from_dense(k) for k in kernels]
   convs = [l.conv_kwargs() for l in layers]
 
-  def dense(x):
-    for l, k, b, conv in zip(layers, kernels, biases, convs):
+  def dense(x, kernels, biases, barrier=False):
+    for k, b, conv in zip(kernels, biases, convs):
       x = lax.conv_general_dilated(
-          x, jnp.asarray(k), conv["window_strides"], conv["padding"],
+          x, k, conv["window_strides"], conv["padding"],
           feature_group_count=conv["feature_group_count"],
           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      if barrier:
+        x = lax.optimization_barrier(x)
       x = jax.nn.relu(x + b)
     return x
 
-  def vector(x):
+  def vector(x, sks, biases):
     for sk, b, conv in zip(sks, biases, convs):
       x = sparse_conv(x, sk, bias=b, activation="relu", method="vector",
                       **conv)
     return x
 
-  def framed(x):
+  def framed(x, sks, biases):
     xf = frames.to_frame(x, 1)
     for sk, b, conv in zip(sks, biases, convs):
       xf = sparse_conv(xf, sk, bias=b, activation="relu", method="vector",
                        **conv)
     return frames.from_frame(xf)
 
-  return {"dense": jax.jit(dense), "vector": jax.jit(vector),
-          "framed": jax.jit(framed)}
+  dense_kernels = [jnp.asarray(k) for k in kernels]
+  # XLA fuses the bias and ReLU into cuDNN's convolution, which took a
+  # generic engine for the grouped bf16 layers (T1322: 1.6 ms);
+  # dense_barrier keeps them apart, as the per-layer baselines run.
+  return {"dense": (jax.jit(dense), dense_kernels),
+          "dense_barrier": (jax.jit(functools.partial(dense, barrier=True)),
+                            dense_kernels),
+          "vector": (jax.jit(vector), sks), "framed": (jax.jit(framed), sks)}
 
 
 def main(argv=None):
@@ -91,15 +105,17 @@ def main(argv=None):
     xs = [wl.make_input(layers[0], args.batch, seed=i).astype(dtype)
           for i in range(args.inputs)]
     fns = chain_fns(layers, kernels, biases)
-    ref = fns["dense"](xs[0]).astype(jnp.float32)
+    f, w = fns["dense"]
+    ref = f(xs[0], w, biases).astype(jnp.float32)
     row = {"sparsity": sp if sp is not None else "published",
            "vector_width": args.vector_width, "batch": args.batch,
            "us": {}, "kernels_us": {}, "rel_err": {}}
-    for name, fn in fns.items():
-      t = bench.device_time_us(fn, xs, repeats=args.repeats)
+    for name, (fn, w) in fns.items():
+      t = bench.device_time_us(fn, [(x, w, biases) for x in xs],
+                               repeats=args.repeats)
       row["us"][name] = t.median_us
       row["kernels_us"][name] = t.kernels_us
-      y = fn(xs[0]).astype(jnp.float32)
+      y = fn(xs[0], w, biases).astype(jnp.float32)
       row["rel_err"][name] = float(jnp.linalg.norm(y - ref)
                                    / jnp.linalg.norm(ref))
     print(row["sparsity"], {k: round(v, 2) for k, v in row["us"].items()},

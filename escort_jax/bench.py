@@ -870,8 +870,10 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
     raise UsageError(f"batch sizes must be positive, got {batches}")
   specs = method_specs(methods, configs)
   widths = parse_vector_widths(vector_widths)
-  if any(s.method in VECTOR_METHODS for s in specs) and widths == [None]:
-    raise UsageError("the vector methods need vector-sparse kernels: give "
+  vector_specs = [s.method for s in specs if s.method in VECTOR_METHODS]
+  if vector_specs and widths == [None]:
+    raise UsageError(f"method {vector_specs[0]!r} needs vector-sparse "
+                     "kernels: give "
                      "vector_widths (--vector-width 16)")
   baselines = list(dict.fromkeys(baselines))
   for b in baselines:

@@ -39,6 +39,7 @@ import numpy as np
 from escort_jax.ops import (ACTIVATIONS, CUDNN_KERNEL_LAYOUT, METHODS,
                             KernelConfig, VectorConfig, dense_conv_ohwi,
                             sparse_conv)
+from escort_jax.frames import Framed
 from escort_jax.prune import magnitude_mask
 from escort_jax.structure import SparseKernel, SparseStructure
 
@@ -514,25 +515,39 @@ class SparseConv(nnx.Module):
     Args:
       inputs: (*batch, H, W, in_features); batch dimensions are flattened
         into one for the convolution and restored (none: one unbatched
-        image), as nnx.Conv does.
+        image), as nnx.Conv does. Or a Framed activation
+        (escort_jax.frames), which a layer of stride 1 and 'SAME' padding
+        reads with no layout pass.
 
     Returns:
       (*batch, Ho, Wo, out_features) in the promoted dtype (`dtype` if set,
-      else that of inputs, values and bias), or preferred_element_type.
+      else that of inputs, values and bias), or preferred_element_type; for
+      a Framed input, the Framed output.
     """
+    if isinstance(inputs, Framed):
+      if inputs.frame.channels != self.in_features:
+        raise ValueError(f"the frame holds {inputs.frame.channels} "
+                         f"channels, the layer takes {self.in_features}")
+      data, values, bias = self._promoted(inputs.data)
+      return self._conv(Framed(data, inputs.frame), values, bias)
     inputs, batch_shape = _flatten_batch(inputs, self.in_features)
+    inputs, values, bias = self._promoted(inputs)
+    return _restore_batch(self._conv(inputs, values, bias), batch_shape)
+
+  def _promoted(self, inputs):
+    """(inputs, values, bias) in the promoted dtype."""
     values = _get_value(self.values)
     bias = _get_value(self.bias) if self.bias is not None else None
-    inputs, values, bias = self.promote_dtype((inputs, values, bias),
-                                              dtype=self.dtype)
-    y = _conv_nhwc(
-        inputs, values, bias, structure=self.structure, strides=self.strides,
+    return self.promote_dtype((inputs, values, bias), dtype=self.dtype)
+
+  def _conv(self, x, values, bias):
+    return _conv_nhwc(
+        x, values, bias, structure=self.structure, strides=self.strides,
         padding=self.padding, dilation=self.kernel_dilation,
         groups=self.feature_group_count, activation=self.activation,
         precision=self.precision, method=self.method,
         preferred_element_type=self.preferred_element_type,
         config=self.config)
-    return _restore_batch(y, batch_shape)
 
 
 def _flatten_batch(inputs, in_features: int):

@@ -637,6 +637,29 @@ def test_tiny_vector_run_resume_and_report(tmp_path):
   assert "| pruned | 1 | bfloat16 | escort | 8 | 1 |" in text
 
 
+def test_vector_framed_rows(tmp_path):
+  """Method vector_framed: the layer's input framed outside the timed call,
+  its error taken on the output out of its frame, a row per layer with the
+  same baselines as vector's; unstructured layers get no such row."""
+  layer = wl.get_layer("googlenet/inception_3a/5x5")
+  results, _ = bench.run_benchmark(
+      [layer], batches=[2], dtypes=["float32"],
+      methods=["vector", "vector_framed"], vector_widths=[16], max_hw=5,
+      num_inputs=1, repeats=1, baselines=["lax_fp32_highest"],
+      show_progress=False, out=tmp_path / "f.json")
+  rows = {r["method"]: r for r in results["rows"]}
+  assert set(rows) == {"vector", "vector_framed"}
+  framed = rows["vector_framed"]
+  assert not framed.get("error"), framed.get("error")
+  assert framed["rel_err"] < 1e-5
+  assert framed["baselines_us"] == rows["vector"]["baselines_us"]
+  with pytest.raises(bench.UsageError,
+                     match="'vector_framed' needs vector-sparse"):
+    bench.run_benchmark([layer], batches=[1], methods=["vector_framed"],
+                        max_hw=4, show_progress=False,
+                        out=tmp_path / "none.json")
+
+
 def test_vector_rows_at_one_sparsity(tmp_path):
   """Every layer at 90%: sweep rows, a geometric mean per V at 0.9, the
   layers plot (one sparsity) and no sweep plot; a layer that V does not

@@ -338,3 +338,35 @@ def test_gpu_framed_layer_twice(name, v):
                         conv["padding"], bias=b2.astype(dtype),
                         feature_group_count=g)
     assert_close(from_frame(y2), r2, bound, f"{name} second")
+
+
+# ---------------------------------------------------------------------------
+# Flax.
+
+
+def test_nnx_sparse_conv_takes_frames():
+  """Two nnx SparseConv layers (vector method, ReLU) on a frame give what
+  they give on NHWC, in one jitted model; a frame of the wrong channel
+  count is refused."""
+  from flax import nnx
+  from escort_jax.nnx import SparseConv
+  rng = np.random.default_rng(11)
+  masks = [random_vector_kernel(rng, (3, 3, 8, 16), 0.6, 8) != 0,
+           random_vector_kernel(rng, (3, 3, 16, 16), 0.7, 16) != 0]
+  layers = [SparseConv(8, 16, (3, 3), mask=masks[0], activation="relu",
+                       method="vector", rngs=nnx.Rngs(0)),
+            SparseConv(16, 16, (3, 3), mask=masks[1], method="vector",
+                       rngs=nnx.Rngs(1))]
+  x = random_array(rng, (2, 5, 6, 8))
+
+  @nnx.jit
+  def run(layers, x):
+    xf = to_frame(x, 1)
+    for layer in layers:
+      xf = layer(xf)
+    return from_frame(xf)
+
+  nhwc = layers[1](layers[0](x))
+  assert_close(run(layers, x), nhwc, F32_BOUND)
+  with pytest.raises(ValueError, match="the frame holds 8 channels"):
+    layers[1](to_frame(x, 1))

@@ -25,6 +25,9 @@ The margins must hold zeros. Elementwise maps that keep zero at zero (ReLU,
 adding two frames, scaling) keep a frame valid as they are: apply them to
 `xf.data`, as `jax.tree.map(jax.nn.relu, xf)` does. A bias or a batch
 norm's shift would not: fold those into the convolution's bias.
+
+The framed path runs on one device (it does not split a sharded batch as
+escort_jax.sharding does for NHWC inputs).
 """
 
 from __future__ import annotations
@@ -217,9 +220,10 @@ def check_reads(frame: Frame, g: cg.ConvGeometry) -> None:
   """Raises ValueError unless convolution g can read `frame` directly and
   write the frame of its output: stride 1, output as large as the input,
   padding within the margins."""
-  if (g.batch, g.in_h, g.in_w, g.in_channels) != frame.nhwc_shape:
+  given = (g.batch, g.in_h, g.in_w, g.in_channels)
+  if given != frame.nhwc_shape:
     raise ValueError(f"the frame holds {frame.nhwc_shape} (N, H, W, C), but "
-                     f"the convolution's input is {(g.batch, g.in_h, g.in_w, g.in_channels)}")
+                     f"the convolution's input is {given}")
   if g.strides != (1, 1) or (g.out_h, g.out_w) != (g.in_h, g.in_w):
     raise ValueError(
         "a Framed input needs a convolution that keeps the map's size "

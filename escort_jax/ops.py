@@ -866,14 +866,18 @@ def _sparse_core_bwd(call, residuals, dy):
 _sparse_core.defvjp(_sparse_core_fwd, _sparse_core_bwd)
 
 
+def _check_vector_config(config) -> None:
+  if config is not None and not isinstance(config, VectorConfig):
+    raise TypeError(f"method='vector' takes a VectorConfig, got "
+                    f"{type(config).__name__}")
+
+
 def _sparse_conv_path(x_nhwc, values, bias, structure, spec: ConvSpec,
                       activation, method: str, config):
   """The escort or vector path (NHWC in, NHWC out; see _SparseCall), data
   parallel over a sharded batch. `config` None: the defaults per device."""
   if method == "vector":
-    if config is not None and not isinstance(config, VectorConfig):
-      raise TypeError(f"method='vector' takes a VectorConfig, got "
-                      f"{type(config).__name__}")
+    _check_vector_config(config)
     # Errors early, at the call, if the structure is not vector-sparse.
     vector_plan(structure, spec.geometry,
                 config or _default_vector_config_of(structure, spec.geometry))
@@ -1020,9 +1024,7 @@ def _framed_sparse_conv(xf: frames.Framed, sk: SparseKernel, window_strides,
                     activation=activation, precision=precision,
                     method=method, config=config, **spec_kwargs)
     return frames.to_frame(y, xf.frame.margins)
-  if config is not None and not isinstance(config, VectorConfig):
-    raise TypeError(f"method='vector' takes a VectorConfig, got "
-                    f"{type(config).__name__}")
+  _check_vector_config(config)
   choice = dispatch.record(dispatch.choose(
       sk.structure, g, spec.compute_dtype, precision, "vector", config,
       on_gpu()))

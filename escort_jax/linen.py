@@ -57,6 +57,7 @@ from escort_jax.nnx import (UnsupportedConvError, _canonical_padding,
                             _check_activation, _check_method, _conv_nhwc,
                             _kernel_size, _pair)
 from escort_jax.convert import path_filter
+from escort_jax.frames import Framed
 from escort_jax.prune import magnitude_mask
 from escort_jax.ops import KernelConfig, VectorConfig
 from escort_jax.structure import SparseKernel, SparseStructure
@@ -115,7 +116,8 @@ class SparseConv(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    """(*batch, H, W, C) -> (*batch, Ho, Wo, features)."""
+    """(*batch, H, W, C) -> (*batch, Ho, Wo, features); a Framed input
+    (escort_jax.frames) -> the Framed output."""
     kernel_size = _kernel_size(self.kernel_size)
     if _pair(self.input_dilation, "input_dilation") != (1, 1):
       raise UnsupportedConvError(
@@ -131,14 +133,18 @@ class SparseConv(nn.Module):
           "escort_jax.linen.sparsify_params returns them), got "
           f"{type(structure).__name__}")
 
-    inputs = jnp.asarray(inputs)
-    if inputs.ndim < 3:
-      raise ValueError(f"inputs must be (*batch, H, W, C), got shape "
-                       f"{inputs.shape}")
-    batch_shape = inputs.shape[:-3]
-    if len(batch_shape) != 1:
-      inputs = inputs.reshape((-1,) + inputs.shape[-3:])
-    in_features = inputs.shape[-1]
+    frame = inputs.frame if isinstance(inputs, Framed) else None
+    if frame is None:
+      inputs = jnp.asarray(inputs)
+      if inputs.ndim < 3:
+        raise ValueError(f"inputs must be (*batch, H, W, C), got shape "
+                         f"{inputs.shape}")
+      batch_shape = inputs.shape[:-3]
+      if len(batch_shape) != 1:
+        inputs = inputs.reshape((-1,) + inputs.shape[-3:])
+    else:  # a frame's batch is one dimension already
+      batch_shape, inputs = (frame.batch,), inputs.data
+    in_features = frame.channels if frame else inputs.shape[-1]
     groups = self.feature_group_count
     if in_features % groups:
       raise ValueError(f"feature_group_count={groups} does not divide the "
@@ -163,6 +169,8 @@ class SparseConv(nn.Module):
                        self.param_dtype) if self.use_bias else None)
     inputs, values, bias = linen_dtypes.promote_dtype(inputs, values, bias,
                                                       dtype=self.dtype)
+    if frame is not None:
+      inputs = Framed(inputs, frame)
     y = _conv_nhwc(
         inputs, values, bias, structure=structure,
         strides=_pair(self.strides, "strides"), padding=padding,

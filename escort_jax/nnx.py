@@ -39,7 +39,7 @@ import numpy as np
 from escort_jax.ops import (ACTIVATIONS, CUDNN_KERNEL_LAYOUT, METHODS,
                             KernelConfig, VectorConfig, dense_conv_ohwi,
                             sparse_conv)
-from escort_jax.frames import Framed
+from escort_jax.frames import Framed, from_frame, to_frame
 from escort_jax.prune import magnitude_mask
 from escort_jax.structure import SparseKernel, SparseStructure
 
@@ -644,7 +644,11 @@ class DenseConv(nnx.Module):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """(*batch, H, W, in_features) -> (*batch, Ho, Wo, out_features), in
-    the promoted dtype (or preferred_element_type)."""
+    the promoted dtype (or preferred_element_type). A Framed input
+    (escort_jax.frames) goes through NHWC and back into a frame of the same
+    margins (a dense layer has no framed kernel: two layout passes)."""
+    if isinstance(inputs, Framed):
+      return to_frame(self(from_frame(inputs)), inputs.frame.margins)
     inputs, batch_shape = _flatten_batch(inputs, self.in_features)
     kernel = _get_value(self.kernel)
     bias = _get_value(self.bias) if self.bias is not None else None

@@ -370,3 +370,30 @@ def test_nnx_sparse_conv_takes_frames():
   assert_close(run(layers, x), nhwc, F32_BOUND)
   with pytest.raises(ValueError, match="the frame holds 8 channels"):
     layers[1](to_frame(x, 1))
+
+
+def test_linen_sparse_conv_and_dense_conv_take_frames():
+  """linen.SparseConv (vector method) runs frame to frame; nnx.DenseConv
+  (a dense fallback layer) takes a frame through NHWC; both give what they
+  give on NHWC, and return frames with the input's margins."""
+  from flax import nnx
+  from escort_jax import linen as esl
+  from escort_jax.nnx import SparseConv
+  rng = np.random.default_rng(12)
+  x = random_array(rng, (2, 5, 6, 8))
+  kernel = random_vector_kernel(rng, (3, 3, 8, 16), 0.6, 8)
+  sk = SparseKernel.from_dense(kernel)
+  layer = esl.SparseConv(16, (3, 3), structure=sk.structure,
+                         method="vector")
+  params = {"params": {"values": sk.values,
+                       "bias": random_array(rng, (16,))}}
+  yf = layer.apply(params, to_frame(x, 2))
+  assert isinstance(yf, Framed) and yf.frame.margins == ((2, 2), (2, 2))
+  assert _margins_are_zero(yf)
+  assert_close(from_frame(yf), layer.apply(params, x), F32_BOUND)
+
+  dense = SparseConv(8, 16, (3, 3), mask=kernel != 0, method="dense",
+                     rngs=nnx.Rngs(0)).to_dense_conv()
+  yf = dense(to_frame(x, 1))
+  assert isinstance(yf, Framed) and _margins_are_zero(yf)
+  assert_close(from_frame(yf), dense(x), F32_BOUND)

@@ -873,8 +873,7 @@ def run_benchmark(layers: Sequence[wl.Layer] | None = None, *,
   vector_specs = [s.method for s in specs if s.method in VECTOR_METHODS]
   if vector_specs and widths == [None]:
     raise UsageError(f"method {vector_specs[0]!r} needs vector-sparse "
-                     "kernels: give "
-                     "vector_widths (--vector-width 16)")
+                     "kernels: give vector_widths (--vector-width 16)")
   baselines = list(dict.fromkeys(baselines))
   for b in baselines:
     if b not in ALL_BASELINES:

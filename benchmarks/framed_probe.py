@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from escort_jax import SparseKernel, bench, dispatch, frames
+from escort_jax import conv_geometry as cg
 from escort_jax import ops
 from escort_jax import workload as wl
 from escort_jax.structure import ALIGNED_COLUMNS
@@ -32,20 +33,12 @@ from pallas_kernels.vector_sparse_conv import vector_sparse_conv
 def _variants(sk, layer, batch, dtype, module_paths):
   conv = layer.conv_kwargs()
   shape = (batch, layer.in_hw, layer.in_hw, layer.in_channels)
-  g = ops.make_spec(jax.ShapeDtypeStruct(shape, dtype), sk,
-                    conv["window_strides"], conv["padding"],
-                    rhs_dilation=(1, 1),
-                    feature_group_count=conv["feature_group_count"],
-                    dimension_numbers=ops.DEFAULT_DIMENSION_NUMBERS,
-                    bias=None, activation=None, method="vector",
-                    lhs_dilation=None, preferred_element_type=None).geometry
+  g = cg.make_geometry(shape, sk.structure, conv["window_strides"],
+                       conv["padding"], (1, 1), conv["feature_group_count"])
   choice = dispatch.choose(sk.structure, g, jnp.dtype(dtype), None, "vector",
                            None, True)
   config = choice.config or ops._default_vector_config_of(sk.structure, g)
-  c = config
-  launch = dict(block_q=c.block_q, num_warps=c.num_warps,
-                num_stages=c.num_stages, prefetch=c.prefetch,
-                interpret=not ops.on_gpu())
+  launch = dict(ops._vector_launch(config), interpret=not ops.on_gpu())
   values = sk.values.astype(dtype)
   plan = ops.vector_plan(sk.structure, g, config)
   frame = frames.frame_of(shape, conv["padding"])

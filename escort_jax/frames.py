@@ -117,6 +117,22 @@ class Frame:
   def with_channels(self, channels: int) -> "Frame":
     return dataclasses.replace(self, channels=channels)
 
+  @property
+  def layout_geometry(self) -> cg.ConvGeometry:
+    """A stride-1 1x1 convolution padded by the margins: its flat input
+    (conv_geometry.to_flat_input, with extra_planes whole zero planes as its
+    tail) is this frame's data, flattened."""
+    return cg.ConvGeometry(
+        batch=self.batch, in_h=self.height, in_w=self.width,
+        in_channels=self.channels, out_channels=self.channels, kernel_h=1,
+        kernel_w=1, strides=(1, 1), dilation=(1, 1), padding=self.margins,
+        groups=1)
+
+  @property
+  def tail(self) -> int:
+    """The zero planes' elements: the tail of layout_geometry's flat input."""
+    return self.extra_planes * self.plane_len
+
   def output_layout(self) -> FramedOutput:
     """Where a convolution that reads a frame of this size (and keeps the
     map's size) writes the frame of its output."""
@@ -174,11 +190,12 @@ def frame_of(x_nhwc_shape, margins) -> Frame:
 
 
 def frame_data(x_nhwc: jax.Array, frame: Frame) -> jax.Array:
-  """(N, H, W, C) -> the frame's data: one transpose with its padding."""
-  (top, bottom), (left, right) = frame.margins
-  x = jnp.transpose(x_nhwc, (3, 1, 2, 0))
-  return jnp.pad(x, ((0, frame.extra_planes), (top, bottom), (left, right),
-                     (0, 0)))
+  """(N, H, W, C) -> the frame's data: the kernels' input layout pass
+  (ops.flat_input: the Pallas layout kernel where it was measured faster
+  than XLA's fusion, else XLA's) on the frame's layout_geometry."""
+  from escort_jax.ops import flat_input  # ops reads frames: import here
+  return flat_input(x_nhwc, frame.layout_geometry,
+                    frame.tail).reshape(frame.shape)
 
 
 def unframe_data(data: jax.Array, frame: Frame) -> jax.Array:

@@ -538,6 +538,13 @@ def _lanes_launch(c: KernelConfig) -> dict:
               q_major=c.q_major)
 
 
+def _vector_launch(c: VectorConfig) -> dict:
+  """The vector kernel's launch arguments from a config (NHWC and framed
+  outputs alike)."""
+  return dict(block_q=c.block_q, num_warps=c.num_warps,
+              num_stages=c.num_stages, prefetch=c.prefetch)
+
+
 # --------------------------------------------------------------------------
 # The vector-sparse (tensor-core) path.
 
@@ -697,16 +704,14 @@ class _SparseCall:
     if self.method == "vector":
       plan = vector_plan(self.structure, g,
                          self._forward_config(g, x_nhwc.dtype.itemsize))
-      c = plan.config
       x_flat = flat_input(x_nhwc, g, plan.x_tail)
       # The kernel reads its weight tiles straight from the CSR values and
       # writes NHWC itself: no gather or transpose pass around it.
       y = sharding.kernel_call(
           vector_sparse_conv, x_flat, values, plan.blocks,
           out_len=g.out_len, relu=self.relu, out_dtype=self.out_dtype,
-          block_q=c.block_q, num_warps=c.num_warps, num_stages=c.num_stages,
-          prefetch=c.prefetch, nhwc=g.nhwc_output(), interpret=not on_gpu(),
-          **bias_kw)
+          nhwc=g.nhwc_output(), interpret=not on_gpu(), **bias_kw,
+          **_vector_launch(plan.config))
       return (), (y,)
     else:
       plan = escort_plan(self.structure, g,
@@ -951,13 +956,11 @@ class _FramedCall:
   def forward(self, values, bias, x_data):
     plan = framed_vector_plan(self.structure, self.geometry, self.frame,
                               self.config)
-    c = plan.config
     bias_kw = {} if bias is None else {"bias": bias}
     return vector_sparse_conv(
         x_data.reshape(-1), values, plan.blocks, out_len=plan.out_len,
-        relu=self.relu, out_dtype=self.out_dtype, block_q=c.block_q,
-        num_warps=c.num_warps, num_stages=c.num_stages, prefetch=c.prefetch,
-        framed=plan.output, interpret=not on_gpu(), **bias_kw)
+        relu=self.relu, out_dtype=self.out_dtype, framed=plan.output,
+        interpret=not on_gpu(), **bias_kw, **_vector_launch(plan.config))
 
   def backward(self, values, bias, x_data, y_data, dy_data):
     nhwc = _SparseCall(structure=self.structure, geometry=self.geometry,
@@ -1002,8 +1005,7 @@ def _framed_sparse_conv(xf: frames.Framed, sk: SparseKernel, window_strides,
   where the structure is vector-sparse and the method is "vector" (or
   "auto" on a GPU: there no layout pass is the point, whatever the NHWC
   dispatch would pick); every other path through NHWC and back."""
-  lhs = tuple(dimension_numbers)[0] if dimension_numbers else "NHWC"
-  out = tuple(dimension_numbers)[2] if dimension_numbers else "NHWC"
+  lhs, out = _parse_dimension_numbers(dimension_numbers, sk.layout)
   if (lhs, out) != ("NHWC", "NHWC"):
     raise ValueError(
         "a Framed input carries its own layout: dimension_numbers' input "

@@ -5,7 +5,9 @@ q % N at wide row (q // N) // Wb, column (q // N) % Wb, for columns up to the
 padded input width Wb (escort_jax.conv_geometry). They either store those
 rows as they are, (num_rows, out_len), or write the (N, Ho, Wo, K) output
 directly, dropping columns >= Wo and rows >= Ho, which saves the transpose
-pass that would otherwise follow them (`NhwcOutput`).
+pass that would otherwise follow them (`NhwcOutput`), or (the vector
+kernel) write them into the channel-major frame that a next layer reads
+(`FramedOutput`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 @dataclasses.dataclass(frozen=True)
-class NhwcOutput:
-  """The NHWC output of a kernel over wide positions.
+class WideOutput:
+  """Where a kernel over wide positions writes: its wide rows.
 
   Attributes: batch N, out_h Ho, row_width Wb (wide rows), out_w Wo <= Wb.
   """
@@ -41,16 +43,21 @@ class NhwcOutput:
     """Wide positions per channel: Ho * Wb * N."""
     return self.out_h * self.row_width * self.batch
 
+  def check(self, out_len: int) -> None:
+    """Raises unless this output covers `out_len` wide positions."""
+    if self.out_len != out_len:
+      raise ValueError(f"the {type(self).__name__} has {self.out_len} wide "
+                       f"positions, but out_len is {out_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NhwcOutput(WideOutput):
+  """The NHWC output of a kernel over wide positions."""
+
   @property
   def pixels(self) -> int:
     """N * Ho * Wo."""
     return self.batch * self.out_h * self.out_w
-
-  def check(self, out_len: int) -> None:
-    """Raises unless this output covers `out_len` wide positions."""
-    if self.out_len != out_len:
-      raise ValueError(f"the NHWC output has {self.out_len} wide positions, "
-                       f"but out_len is {out_len}")
 
   def pixel_of(self, q: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Wide positions q -> (NHWC pixel index, whether q is a real output)."""
@@ -76,7 +83,7 @@ class NhwcOutput:
 
 
 @dataclasses.dataclass(frozen=True)
-class FramedOutput:
+class FramedOutput(WideOutput):
   """The output of a stride-1 kernel written into a channel-major frame.
 
   A frame holds activations as (C + extra_planes, Ha, Wb, N): channel c's
@@ -89,14 +96,10 @@ class FramedOutput:
   zeros; so one contiguous store per channel fills a plane, and the next
   layer reads it with no layout pass (escort_jax.frames).
 
-  Attributes: batch N, out_h Ho, row_width Wb, out_w Wo (<= Wb), top, left
-  (the data's origin in the frame), plane_h Ha, extra_planes.
+  Attributes: WideOutput's, and top, left (the data's origin in the frame),
+  plane_h Ha, extra_planes.
   """
 
-  batch: int
-  out_h: int
-  row_width: int
-  out_w: int
   top: int
   left: int
   plane_h: int
@@ -111,11 +114,6 @@ class FramedOutput:
           f"{self.row_width}")
 
   @property
-  def out_len(self) -> int:
-    """Wide positions per channel: Ho * Wb * N."""
-    return self.out_h * self.row_width * self.batch
-
-  @property
   def plane_len(self) -> int:
     """Elements of one plane of the frame: Ha * Wb * N."""
     return self.plane_h * self.row_width * self.batch
@@ -124,12 +122,6 @@ class FramedOutput:
   def shift(self) -> int:
     """Where wide position 0 lands in its plane."""
     return (self.top * self.row_width + self.left) * self.batch
-
-  def check(self, out_len: int) -> None:
-    """Raises unless this output covers `out_len` wide positions."""
-    if self.out_len != out_len:
-      raise ValueError(f"the framed output has {self.out_len} wide "
-                       f"positions, but out_len is {out_len}")
 
   def head_tiles(self, block_q: int) -> int:
     """Chunks of block_q positions that cover the head of each plane (its

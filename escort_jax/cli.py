@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --tune: which kernel configs to time "
                      "(escort_jax.tune.CANDIDATE_SETS): all (default) every "
                      "escort candidate and, on vector-sparse layers, every "
-                     "vector one; vector the vector candidates against the "
+                     "vector one (also on a frame, where the layer can read "
+                     "one); vector the vector candidates against the "
                      "escort kernel at its default config only; escort the "
                      "escort candidates only; escort-large those for large "
                      "grids (batch 32) only; small-grid those for small "
@@ -988,12 +989,13 @@ def _tune_options(args):
 
 def _plan_text(entry) -> str:
   """'escort (escort 9.1 us, dense 12.0 us)': a plan's method and the best
-  time of each kernel it timed."""
+  time of each kernel it timed ("framed": the vector kernel on a frame,
+  where timed)."""
   from escort_jax import tune
   best = tune.best_times(entry)
   parts = [f"{kernel} {best[kernel]:.1f} us"
-           for kernel in ("escort", "vector", "dense")
-           if kernel != "vector" or "vector" in entry["best_configs"]]
+           for kernel in ("escort", "vector", "dense", "framed")
+           if kernel in ("escort", "dense") or kernel in entry["best_configs"]]
   return f"{entry['method']} ({', '.join(parts)})"
 
 

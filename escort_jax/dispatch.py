@@ -120,7 +120,7 @@ VECTOR_FIXED_S = 6.4e-6
 class Choice:
   method: str  # "escort", "vector" or "dense"
   config: object | None  # KernelConfig (escort) or VectorConfig (vector)
-  source: str  # "caller", "plan" or "cost-model"
+  source: str  # "caller", "plan", "cost-model" or "default"
 
 
 _RECORDERS: list[list[Choice]] = []
@@ -243,6 +243,24 @@ def choose(structure, geometry: ConvGeometry, dtype, precision, method: str,
                         vector_width)
   best = min(t, key=t.get)
   return Choice(best, _fitting(config, best), "cost-model")
+
+
+def choose_framed(structure, geometry: ConvGeometry, dtype, precision,
+                  config, slug: str | None = None) -> Choice:
+  """The vector config of a call on a frame (escort_jax.frames): the
+  caller's; else the plan's config tuned on frames (tune_layer's "framed"),
+  else its NHWC vector config (the same kernel with another output store);
+  else None, the structure's default. The method is always "vector"."""
+  if config is not None:
+    return Choice("vector", config, "caller")
+  entry = plans.lookup(plans.plan_key(structure.digest, geometry, dtype,
+                                      precision_name(precision)), slug)
+  if entry is not None:
+    for method in ("framed", "vector"):
+      cfg = plans.config_from_entry(entry, method)
+      if cfg is not None:
+        return Choice("vector", cfg, "plan")
+  return Choice("vector", None, "default")
 
 
 def _fitting(config, method: str):

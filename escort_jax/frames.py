@@ -189,6 +189,16 @@ def frame_of(x_nhwc_shape, margins) -> Frame:
                margins=_margins(margins))
 
 
+def tightest_frame(g: cg.ConvGeometry) -> Frame | None:
+  """The frame with margins equal to convolution g's padding, which g reads
+  directly (check_reads); None where g reads no frame (a stride, a map that
+  changes size, or negative padding)."""
+  if g.strides != (1, 1) or (g.out_h, g.out_w) != (g.in_h, g.in_w) or any(
+      p < 0 for pair in g.padding for p in pair):
+    return None
+  return frame_of((g.batch, g.in_h, g.in_w, g.in_channels), g.padding)
+
+
 def frame_data(x_nhwc: jax.Array, frame: Frame) -> jax.Array:
   """(N, H, W, C) -> the frame's data: the kernels' input layout pass
   (ops.flat_input: the Pallas layout kernel where it was measured faster

@@ -1027,9 +1027,8 @@ def _framed_sparse_conv(xf: frames.Framed, sk: SparseKernel, window_strides,
                     method=method, config=config, **spec_kwargs)
     return frames.to_frame(y, xf.frame.margins)
   _check_vector_config(config)
-  choice = dispatch.record(dispatch.choose(
-      sk.structure, g, spec.compute_dtype, precision, "vector", config,
-      on_gpu()))
+  choice = dispatch.record(dispatch.choose_framed(
+      sk.structure, g, spec.compute_dtype, precision, config))
   call = _FramedCall(
       structure=sk.structure, geometry=g, frame=xf.frame,
       config=choice.config or _default_vector_config_of(sk.structure, g),

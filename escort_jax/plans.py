@@ -100,9 +100,12 @@ def clear_cache() -> None:
 
 
 def config_class(method: str):
-  """The config class of a sparse method's kernel (None for "dense")."""
+  """The config class of a sparse method's kernel (None for "dense");
+  "framed" is the vector kernel on a frame (escort_jax.frames), whose
+  config the tuner records apart from the NHWC call's."""
   from escort_jax.ops import KernelConfig, VectorConfig  # ops imports us
-  return {"escort": KernelConfig, "vector": VectorConfig}.get(method)
+  return {"escort": KernelConfig, "vector": VectorConfig,
+          "framed": VectorConfig}.get(method)
 
 
 def config_from_entry(entry: dict[str, Any], method: str | None = None):

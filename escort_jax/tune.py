@@ -5,7 +5,11 @@ Every layer tries the escort kernel's candidates; a vector-sparse layer
 (ops.structure_vector_width >= 8 on its geometry) also tries the vector
 kernel's. The plan records the winning method ("escort", "vector" or
 "dense") and the config of the faster sparse kernel, with "config_method"
-naming that kernel (plans.config_from_entry reads it).
+naming that kernel (plans.config_from_entry reads it). Where the layer can
+also read a frame (escort_jax.frames: stride 1, 'SAME'), the vector
+candidates are timed on a frame too, and the best is recorded as the
+"framed" config (the kernel's output store differs: dispatch.choose_framed
+reads it).
 
 Tuning is explicit (this API, or `escort-jax bench --tune`); nothing tunes
 inside SparseKernel.from_dense or at trace time. Times are device kernel
@@ -24,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from escort_jax import dispatch, plans
+from escort_jax import dispatch, frames, plans
 from escort_jax.conv_geometry import reads_unpadded_planes
 from escort_jax.ops import (TINY_MAP_POSITIONS, KernelConfig, VectorConfig,
                             default_kernel_config, make_spec, sparse_conv,
@@ -106,6 +110,7 @@ DEFAULT_VECTOR_CANDIDATES = (
 )
 
 VECTOR_PREFIX = "vector:"
+FRAMED_PREFIX = "framed:"
 
 # Tiny maps (at most TINY_MAP_POSITIONS positions per image: fully connected
 # layers, 1x1 maps) have grids of their own, so the tuner also tries their
@@ -172,15 +177,19 @@ def config_label(cfg: KernelConfig | VectorConfig) -> str:
 
 def best_times(entry) -> dict[str, float]:
   """The fastest recorded time of each kernel in a plan entry's times_us:
-  {"escort": us, "vector": us, "dense": us}, NaN where the entry has no
-  (finite) time of that kernel (e.g. "vector" on a layer that is not
-  vector-sparse, or a plan recorded before the vector kernel existed)."""
-  best = {"escort": math.nan, "vector": math.nan, "dense": math.nan}
+  {"escort": us, "vector": us, "dense": us, "framed": us}, NaN where the
+  entry has no (finite) time of that kernel (e.g. "vector" on a layer that
+  is not vector-sparse, or a plan recorded before the vector kernel
+  existed). "framed" is the vector kernel on a frame, its input's layout
+  pass not counted, so it is no alternative to the other three."""
+  best = {"escort": math.nan, "vector": math.nan, "dense": math.nan,
+          "framed": math.nan}
   for key, t in (entry.get("times_us") or {}).items():
     if t is None or not math.isfinite(float(t)):
       continue  # a candidate that failed
     kernel = ("dense" if key == "dense" else
-              "vector" if key.startswith(VECTOR_PREFIX) else "escort")
+              "vector" if key.startswith(VECTOR_PREFIX) else
+              "framed" if key.startswith(FRAMED_PREFIX) else "escort")
     if math.isnan(best[kernel]) or float(t) < best[kernel]:
       best[kernel] = float(t)
   return best
@@ -188,8 +197,10 @@ def best_times(entry) -> dict[str, float]:
 
 def time_key(method: str, cfg: KernelConfig | VectorConfig) -> str:
   """The key of a candidate's time in a plan's times_us: config_label for
-  escort configs, 'vector:' + config_label for vector ones."""
-  return (VECTOR_PREFIX if method == "vector" else "") + config_label(cfg)
+  escort configs, 'vector:' + config_label for vector ones, 'framed:' +
+  config_label for vector ones on a frame."""
+  prefix = {"vector": VECTOR_PREFIX, "framed": FRAMED_PREFIX}.get(method, "")
+  return prefix + config_label(cfg)
 
 
 def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
@@ -222,12 +233,17 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
       on tiny maps, its variants: layer_candidates).
     vector_candidates: vector kernel configs to try where the structure is
       vector-sparse on this geometry (V >= 8); () to skip the vector kernel.
+      Where the layer can read a frame (frames.tightest_frame), they are
+      also timed on one: the layer alone, its input already framed (in a
+      chain of framed layers the elementwise ops are fused into the
+      kernel), so in_context does not apply to them.
     save: record the plan (escort_jax.plans.record).
 
   Returns:
     The plan entry: method ("escort", "vector" or "dense"), config (of the
     faster sparse kernel) and config_method (its kernel: "escort" or
-    "vector"), best_configs (the best config of each sparse kernel timed),
+    "vector"), best_configs (the best config of each sparse kernel timed,
+    and "framed": the vector kernel's on a frame, where timed),
     vector_width (the structure's V here, 1 if not vector-sparse),
     times_us of every candidate (keys: time_key) and of "dense", device,
     date.
@@ -236,6 +252,7 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
   rng = np.random.default_rng(seed)
   inputs = [jnp.asarray(rng.standard_normal(tuple(x_shape)), dtype)
             for _ in range(num_inputs)]
+  plain_inputs = inputs
   skd = sk.with_values(jnp.asarray(sk.values, dtype))
   conv = dict(rhs_dilation=rhs_dilation,
               feature_group_count=feature_group_count,
@@ -269,16 +286,19 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
                                       method="dense", **conv))
   times["dense"] = device_time_us(dense, inputs).median_us
 
-  def fastest(method, configs):
-    """(config, time) of the fastest of `configs` on `method`."""
+  def nhwc_call(method, cfg):
+    return timed(lambda x: sparse_conv(x, skd, window_strides, padding,
+                                       method=method, config=cfg, **conv))
+
+  def fastest(method, configs, call=nhwc_call, args=inputs):
+    """(config, time) of the fastest of `configs`: call(method, cfg) timed
+    on `args`."""
     best_cfg, best_t = None, float("inf")
     for cfg in configs:
-      f = timed(lambda x, cfg=cfg: sparse_conv(
-          x, skd, window_strides, padding, method=method, config=cfg,
-          **conv))
+      f = call(method, cfg)
       label = time_key(method, cfg)
       try:
-        t = device_time_us(f, inputs).median_us
+        t = device_time_us(f, args).median_us
       except Exception as e:  # pylint: disable=broad-except
         # A config the compiler rejects (e.g. out of registers) is no
         # candidate.
@@ -296,16 +316,33 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
   vector_width = structure_vector_width(skd.structure, spec.geometry)
   if vector_width >= 8 and vector_candidates:
     best["vector"] = fastest("vector", vector_candidates)
+  frame = frames.tightest_frame(spec.geometry)
+  framed = None
+  if vector_width >= 8 and vector_candidates and frame is not None:
+    lhs, rhs, _ = dimension_numbers
+    framed_conv = dict(conv, dimension_numbers=("NHWC", rhs, "NHWC"))
+
+    def framed_call(_, cfg):
+      return jax.jit(lambda data: sparse_conv(
+          frames.Framed(data, frame), skd, window_strides, padding,
+          method="vector", config=cfg, **framed_conv).data)
+    framed_inputs = [
+        frames.frame_data(jnp.transpose(x, [lhs.index(d) for d in "NHWC"]),
+                          frame) for x in plain_inputs]
+    framed = fastest("framed", vector_candidates, framed_call, framed_inputs)
   # The faster sparse kernel (escort on a tie), then it against dense.
   kernel = min(best, key=lambda m: best[m][1])
   best_cfg, best_t = best[kernel]
   method = kernel if best_t < times["dense"] else "dense"
+  best_configs = {m: dataclasses.asdict(c) for m, (c, _) in best.items()
+                  if c is not None}
+  if framed is not None and framed[0] is not None:
+    best_configs["framed"] = dataclasses.asdict(framed[0])
   entry = {
       "method": method,
       "config": dataclasses.asdict(best_cfg) if best_cfg else {},
       "config_method": kernel,
-      "best_configs": {m: dataclasses.asdict(c) for m, (c, _) in best.items()
-                       if c is not None},
+      "best_configs": best_configs,
       "vector_width": int(vector_width),
       "times_us": times,
       "device": jax.devices()[0].device_kind,

@@ -77,6 +77,27 @@ def test_frame_has_room_for_reads_past_the_last_plane():
                                                  + frames.FRAME_SLACK)
 
 
+@pytest.mark.parametrize("kernel_hw, strides, padding, margins", [
+    (3, (1, 1), "SAME", ((1, 1), (1, 1))),
+    (5, (1, 1), "SAME", ((2, 2), (2, 2))),
+    (1, (1, 1), "SAME", ((0, 0), (0, 0))),
+    (3, (1, 1), ((2, 0), (0, 2)), ((2, 0), (0, 2))),  # uneven, keeps 7x7
+    (3, (2, 2), "SAME", None),
+    (3, (1, 1), "VALID", None),
+    (1, (1, 1), ((-1, 1), (0, 0)), None),  # keeps the size, crops a row
+])
+def test_tightest_frame(kernel_hw, strides, padding, margins):
+  sk = SparseKernel.from_dense(random_pruned_kernel(
+      np.random.default_rng(0), (kernel_hw, kernel_hw, 4, 8), 0.5))
+  g = make_geometry((2, 7, 7, 4), sk.structure, strides, padding, (1, 1), 1)
+  frame = frames.tightest_frame(g)
+  if margins is None:
+    assert frame is None
+    return
+  assert frame.margins == margins and frame.nhwc_shape == (2, 7, 7, 4)
+  frames.check_reads(frame, g)  # the convolution reads it
+
+
 def test_framed_is_a_pytree_through_jit():
   rng = np.random.default_rng(1)
   xf = to_frame(random_array(rng, (2, 4, 4, 3)), 1)

@@ -72,8 +72,10 @@ def test_default_vector_candidates():
 
 def test_vector_wins_and_dispatch_follows(plan_dir, monkeypatch):
   sk = _vector_kernel()
+  # dense, escort x 2, the default, vector x 2, then vector x 2 on a frame.
   queue = _fake_times(monkeypatch,
-                      [100.0, 50.0, 40.0, SLOW_DEFAULT, 30.0, 10.0])
+                      [100.0, 50.0, 40.0, SLOW_DEFAULT, 30.0, 10.0, 7.0,
+                       9.0])
   entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT,
                           vector_candidates=VECTOR, num_inputs=1,
                           directory=plan_dir)
@@ -87,8 +89,11 @@ def test_vector_wins_and_dispatch_follows(plan_dir, monkeypatch):
   assert set(entry["times_us"]) == {"dense"} | {
       tune.time_key("escort", c)
       for c in tune.layer_candidates(g, 4, ESCORT)} | {
-          tune.time_key("vector", c) for c in VECTOR}
+          tune.time_key(m, c) for c in VECTOR for m in ("vector", "framed")}
   assert plans.config_from_entry(entry) == VECTOR[1]
+  # On a frame another config won: it is recorded apart, never as the
+  # layer's method (a frame's time leaves out the input's layout pass).
+  assert plans.config_from_entry(entry, "framed") == VECTOR[0]
   # The best config of the kernel that lost is kept too (best_configs).
   assert plans.config_from_entry(entry, "escort") == ESCORT[1]
   g, key = _key(sk)
@@ -101,12 +106,28 @@ def test_vector_wins_and_dispatch_follows(plan_dir, monkeypatch):
   choice = dispatch.choose(sk.structure, g, jnp.float32, None, "vector",
                            None, True)
   assert (choice.config, choice.source) == (VECTOR[1], "plan")
+  # A call on a frame takes the config tuned on frames, the caller's first.
+  choice = dispatch.choose_framed(sk.structure, g, jnp.float32, None, None)
+  assert (choice.method, choice.config, choice.source) == (
+      "vector", VECTOR[0], "plan")
+  assert dispatch.choose_framed(sk.structure, g, jnp.float32, None,
+                                VECTOR[1]).config == VECTOR[1]
+  x = jnp.asarray(np.random.default_rng(3).standard_normal(X_SHAPE),
+                  jnp.float32)
+  with dispatch.recording() as log:
+    y = ej.sparse_conv(ej.to_frame(x, 1), sk, method="vector")
+  assert [(c.config, c.source) for c in log] == [(VECTOR[0], "plan")]
+  chex.assert_trees_all_close(
+      ej.from_frame(y), ops.sparse_conv(x, sk, method="dense",
+                                        precision=jax.lax.Precision.HIGHEST),
+      rtol=1e-4, atol=1e-4)
 
 
 def test_dense_wins_config_of_the_faster_sparse_kernel(plan_dir,
                                                        monkeypatch):
   sk = _vector_kernel(seed=1)
-  _fake_times(monkeypatch, [1.0, 20.0, 30.0, SLOW_DEFAULT, 40.0, 50.0])
+  _fake_times(monkeypatch, [1.0, 20.0, 30.0, SLOW_DEFAULT, 40.0, 50.0,
+                            60.0, 50.0])
   entry = tune.tune_layer(X_SHAPE, sk, candidates=ESCORT,
                           vector_candidates=VECTOR, num_inputs=1,
                           directory=plan_dir)
@@ -116,6 +137,38 @@ def test_dense_wins_config_of_the_faster_sparse_kernel(plan_dir,
   assert entry["best_configs"]["vector"] == {
       "block_q": 32, "block_k": 16, "num_warps": 4, "num_stages": 2,
       "prefetch": 0}
+  assert plans.config_from_entry(entry, "framed") == VECTOR[1]
+
+
+def test_a_layer_that_reads_no_frame_times_no_framed_candidate(
+    plan_dir, monkeypatch):
+  """A strided layer cannot read a frame: its vector candidates are timed
+  on NHWC only, and a framed call would fall back to its vector config."""
+  sk = _vector_kernel(seed=4)
+  queue = _fake_times(monkeypatch, [100.0, 50.0, 40.0, SLOW_DEFAULT, 30.0,
+                                    10.0, 1.0])
+  entry = tune.tune_layer((1, 14, 14, 4), sk, (2, 2), candidates=ESCORT,
+                          vector_candidates=VECTOR, num_inputs=1,
+                          directory=plan_dir)
+  assert queue == [1.0]
+  assert "framed" not in entry["best_configs"]
+  assert not any(k.startswith(tune.FRAMED_PREFIX) for k in entry["times_us"])
+  assert plans.config_from_entry(entry, "framed") is None
+
+
+def test_a_framed_call_without_a_framed_plan_takes_the_vector_config(
+    plan_dir):
+  """Plans tuned before frames existed have no "framed" config: a call on a
+  frame then runs the layer's NHWC vector config, else the default."""
+  sk = _vector_kernel(seed=5)
+  g, key = _key(sk)
+  assert dispatch.choose_framed(sk.structure, g, jnp.float32, None,
+                                None).source == "default"
+  plans.record(key, {"method": "vector", "config_method": "vector",
+                     "config": dataclasses.asdict(VECTOR[1])},
+               directory=plan_dir)
+  choice = dispatch.choose_framed(sk.structure, g, jnp.float32, None, None)
+  assert (choice.config, choice.source) == (VECTOR[1], "plan")
 
 
 def test_unstructured_layer_times_no_vector_kernel(plan_dir, monkeypatch):
@@ -158,9 +211,10 @@ def test_best_times():
       "dense": 30.0, tune.time_key("escort", ESCORT[0]): 20.0,
       tune.time_key("escort", ESCORT[1]): 25.0,
       tune.time_key("vector", VECTOR[0]): float("nan"),  # failed
-      tune.time_key("vector", VECTOR[1]): 12.0}}
+      tune.time_key("vector", VECTOR[1]): 12.0,
+      tune.time_key("framed", VECTOR[1]): 9.0}}
   assert tune.best_times(entry) == {"escort": 20.0, "vector": 12.0,
-                                    "dense": 30.0}
+                                    "dense": 30.0, "framed": 9.0}
   plain = tune.best_times({"times_us": {"dense": 5.0,
                                         tune.config_label(ESCORT[0]): 7.0}})
   assert plain["escort"] == 7.0 and plain["dense"] == 5.0

@@ -100,6 +100,12 @@ DEFAULT_CANDIDATES = LARGE_GRID_CANDIDATES + (
 # loaded a step ahead (prefetch 1): 1.13-1.24x faster on grids of under one
 # program per SM (res5a, inception_4c/5x5 at V = 64), 0.8-1.0x on larger
 # ones (8 layers, batch 32, bf16; results/*T1110*-vector-prefetch-*.json).
+# Then 64 positions per program, for grids of a wave or less at V = 64
+# (7x7 and 14x14 maps, the 5x5 layers' 64 output channels): each won on
+# some of the 33 layers at 90 % (NHWC or on a frame), up to 1.25x, 1.03x
+# (framed) and 1.02x (NHWC) geometric mean over the six above
+# (results/*T1533*-vector64-90-framed-tune-small-q.txt); 32 positions
+# never won.
 DEFAULT_VECTOR_CANDIDATES = (
     VectorConfig(128, 32, 4, 3),
     VectorConfig(256, 32, 8, 3),
@@ -107,6 +113,10 @@ DEFAULT_VECTOR_CANDIDATES = (
     VectorConfig(128, 64, 8, 3),
     VectorConfig(128, 32, 4, 3, prefetch=1),
     VectorConfig(128, 64, 8, 3, prefetch=1),
+    VectorConfig(64, 32, 4, 3),
+    VectorConfig(64, 32, 4, 3, prefetch=1),
+    VectorConfig(64, 64, 4, 3, prefetch=1),
+    VectorConfig(64, 64, 8, 3, prefetch=1),
 )
 
 VECTOR_PREFIX = "vector:"

@@ -21,7 +21,7 @@ import pytest
 
 from escort_jax import (Framed, SparseKernel, VectorConfig, from_frame,
                         sparse_conv, to_frame)
-from escort_jax import frames
+from escort_jax import frames, tune
 from escort_jax.conv_geometry import make_geometry
 from escort_jax.ops import framed_vector_plan
 from pallas_kernels.vector_sparse_conv import (vector_sparse_conv,
@@ -165,6 +165,41 @@ def test_framed_kernel_lowers_to_triton(v, prefetch):
       jax.jit(fn), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call(
           "__gpu$xla.gpu.triton")])(*args)
+  assert "escort_vector_sparse_conv" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("index", range(len(tune.DEFAULT_VECTOR_CANDIDATES)))
+def test_every_vector_tune_candidate_on_a_frame(index):
+  """Every vector config that tuning may record for frames: its framed
+  kernel against the twin (interpreted: tile sizes and prefetch), and its
+  Triton lowering with its warps and stages (exported for CUDA)."""
+  from jax import export
+  cfg = tune.DEFAULT_VECTOR_CANDIDATES[index]
+  rng = np.random.default_rng([10, index])
+  _, sk = _vector_sk(rng, 3, 24, 64, 0.7, 64)
+  shape = (3, 5, 7, 24)
+  xf = to_frame(random_array(rng, shape), 1)
+  g = make_geometry(shape, sk.structure, (1, 1), "SAME", (1, 1), 1)
+  plan = framed_vector_plan(sk.structure, g, xf.frame, cfg)
+  bias = random_array(rng, (64,))
+  kw = dict(out_len=plan.out_len, relu=True, framed=plan.output)
+  launch = dict(block_q=cfg.block_q, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, prefetch=cfg.prefetch)
+  y = vector_sparse_conv(xf.data.reshape(-1), sk.values, plan.blocks,
+                         bias=bias, interpret=True, **launch, **kw)
+  ref = vector_sparse_conv_reference(xf.data.reshape(-1), sk.values,
+                                     plan.blocks, bias=bias, **kw)
+  assert np.all(np.isfinite(np.asarray(y))), "unwritten frame entries"
+  assert_close(y, ref, F32_BOUND)
+  args = (jax.ShapeDtypeStruct(xf.data.reshape(-1).shape, jnp.bfloat16),
+          jax.ShapeDtypeStruct(sk.values.shape, jnp.bfloat16),
+          jax.ShapeDtypeStruct((64,), jnp.bfloat16))
+  exported = export.export(
+      jax.jit(lambda x, values, b: vector_sparse_conv(
+          x, values, plan.blocks, bias=b, **launch, **kw)),
+      platforms=["cuda"], disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+              *args)
   assert "escort_vector_sparse_conv" in exported.mlir_module()
 
 

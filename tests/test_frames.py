@@ -170,15 +170,22 @@ def test_framed_kernel_lowers_to_triton(v, prefetch):
 
 @pytest.mark.parametrize("index", range(len(tune.DEFAULT_VECTOR_CANDIDATES)))
 def test_every_vector_tune_candidate_on_a_frame(index):
-  """Every vector config that tuning may record for frames: its framed
-  kernel against the twin (interpreted: tile sizes and prefetch), and its
-  Triton lowering with its warps and stages (exported for CUDA)."""
+  """Every vector config that tuning may record: on a frame and NHWC in and
+  out against lax, its framed kernel against the twin (interpreted: tile
+  sizes and prefetch), and its Triton lowering with its warps and stages
+  (exported for CUDA)."""
   from jax import export
   cfg = tune.DEFAULT_VECTOR_CANDIDATES[index]
   rng = np.random.default_rng([10, index])
-  _, sk = _vector_sk(rng, 3, 24, 64, 0.7, 64)
+  kernel, sk = _vector_sk(rng, 3, 24, 64, 0.7, 64)
   shape = (3, 5, 7, 24)
-  xf = to_frame(random_array(rng, shape), 1)
+  x = random_array(rng, shape)
+  ref = reference_conv(x, kernel, (1, 1), "SAME")
+  assert_close(sparse_conv(x, sk, method="vector", config=cfg), ref,
+               F32_BOUND)
+  xf = to_frame(x, 1)
+  assert_close(from_frame(sparse_conv(xf, sk, method="vector", config=cfg)),
+               ref, F32_BOUND)
   g = make_geometry(shape, sk.structure, (1, 1), "SAME", (1, 1), 1)
   plan = framed_vector_plan(sk.structure, g, xf.frame, cfg)
   bias = random_array(rng, (64,))

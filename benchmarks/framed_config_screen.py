@@ -33,7 +33,7 @@ import numpy as np
 from escort_jax import bench, dispatch, frames, plans, tune
 from escort_jax import workload as wl
 from escort_jax.conv_geometry import make_geometry
-from escort_jax.ops import VectorConfig, sparse_conv
+from escort_jax.ops import VectorConfig
 from escort_jax.structure import ALIGNED_COLUMNS, SparseKernel
 
 
@@ -64,12 +64,10 @@ def screen_layer(layer, vector_width, sparsity, configs, *, batch, dtype,
                               frame) for _ in range(num_inputs)]
   times = {}
   for cfg in dict.fromkeys((planned,) + tuple(configs)):
-    f = jax.jit(lambda d, cfg=cfg: sparse_conv(
-        frames.Framed(d, frame), skd, conv["window_strides"],
-        conv["padding"], feature_group_count=conv["feature_group_count"],
-        method="vector", config=cfg).data)
+    f = bench.framed_layer(frame, cfg, **conv)
     try:
-      times[cfg] = bench.device_time_us(f, inputs).median_us
+      times[cfg] = bench.device_time_us(lambda d: f(d, skd),
+                                        inputs).median_us
     except Exception as e:  # pylint: disable=broad-except
       print(f"  {cfg} failed: {type(e).__name__}: {str(e)[:150]}")
   key = plans.plan_key(sk.structure.digest, g, dtype, None)

@@ -1124,15 +1124,24 @@ class MethodRun:
   finish: Callable = lambda y: y
 
 
+def framed_layer(frame: frames.Frame, config: VectorConfig | None,
+                 **conv) -> Callable:
+  """jit fn(data, sk) -> the output frame's data: sparse_conv(method=
+  "vector", config, **conv) of Framed(data, frame). It times a layer whose
+  input was framed beforehand, as inside a chain of framed layers (bench's
+  VECTOR_FRAMED rows, the tuner's framed candidates)."""
+  return jax.jit(lambda data, sk: sparse_conv(
+      frames.Framed(data, frame), sk, method="vector", config=config,
+      **conv).data)
+
+
 def _method_run(spec: MethodSpec, skd: SparseKernel, conv: dict, x,
                 row: dict) -> MethodRun:
   """The MethodRun of a row's method on kernel skd (x: an NHWC input of
   the row's shape)."""
   if spec.method == VECTOR_FRAMED:
     frame = frames.frame_of(x.shape, conv["padding"])
-    op = jax.jit(lambda data, sk: sparse_conv(
-        frames.Framed(data, frame), sk, method="vector", config=spec.config,
-        **conv).data)
+    op = framed_layer(frame, spec.config, **conv)
     out_frame = frame.with_channels(skd.structure.oirs[0])
     return MethodRun(
         fn=lambda data: op(data, skd),

@@ -218,11 +218,9 @@ def choose(structure, geometry: ConvGeometry, dtype, precision, method: str,
   only when it is MIN_VECTOR_WIDTH or more. A caller's config is kept for
   whichever sparse path is chosen if it is that path's config class.
   """
-  key = plans.plan_key(structure.digest, geometry, dtype,
-                       precision_name(precision))
   if method != "auto":
     if method in ("escort", "vector") and config is None:
-      entry = plans.lookup(key, slug)
+      entry = _plan_entry(structure, geometry, dtype, precision, slug)
       if entry is not None and entry.get("config"):
         cfg = plans.config_from_entry(entry, method)
         if cfg is not None:
@@ -230,7 +228,7 @@ def choose(structure, geometry: ConvGeometry, dtype, precision, method: str,
     return Choice(method, config, "caller")
   if not on_gpu:
     return Choice("dense", None, "cost-model")
-  entry = plans.lookup(key, slug)
+  entry = _plan_entry(structure, geometry, dtype, precision, slug)
   if entry is not None:
     chosen = entry["method"]
     cfg = _fitting(config, chosen)
@@ -253,14 +251,19 @@ def choose_framed(structure, geometry: ConvGeometry, dtype, precision,
   else None, the structure's default. The method is always "vector"."""
   if config is not None:
     return Choice("vector", config, "caller")
-  entry = plans.lookup(plans.plan_key(structure.digest, geometry, dtype,
-                                      precision_name(precision)), slug)
+  entry = _plan_entry(structure, geometry, dtype, precision, slug)
   if entry is not None:
     for method in ("framed", "vector"):
       cfg = plans.config_from_entry(entry, method)
       if cfg is not None:
         return Choice("vector", cfg, "plan")
   return Choice("vector", None, "default")
+
+
+def _plan_entry(structure, geometry, dtype, precision, slug):
+  """The recorded plan of this call on GPU `slug`, or None."""
+  return plans.lookup(plans.plan_key(structure.digest, geometry, dtype,
+                                     precision_name(precision)), slug)
 
 
 def _fitting(config, method: str):

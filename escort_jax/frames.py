@@ -189,12 +189,18 @@ def frame_of(x_nhwc_shape, margins) -> Frame:
                margins=_margins(margins))
 
 
+def _keeps_map_size(g: cg.ConvGeometry) -> bool:
+  """Whether g's output is its input's size at stride 1: what a framed
+  call needs, its output frame being the input's with other channels."""
+  return g.strides == (1, 1) and (g.out_h, g.out_w) == (g.in_h, g.in_w)
+
+
 def tightest_frame(g: cg.ConvGeometry) -> Frame | None:
   """The frame with margins equal to convolution g's padding, which g reads
   directly (check_reads); None where g reads no frame (a stride, a map that
   changes size, or negative padding)."""
-  if g.strides != (1, 1) or (g.out_h, g.out_w) != (g.in_h, g.in_w) or any(
-      p < 0 for pair in g.padding for p in pair):
+  if not _keeps_map_size(g) or any(p < 0 for pair in g.padding
+                                   for p in pair):
     return None
   return frame_of((g.batch, g.in_h, g.in_w, g.in_channels), g.padding)
 
@@ -251,7 +257,7 @@ def check_reads(frame: Frame, g: cg.ConvGeometry) -> None:
   if given != frame.nhwc_shape:
     raise ValueError(f"the frame holds {frame.nhwc_shape} (N, H, W, C), but "
                      f"the convolution's input is {given}")
-  if g.strides != (1, 1) or (g.out_h, g.out_w) != (g.in_h, g.in_w):
+  if not _keeps_map_size(g):
     raise ValueError(
         "a Framed input needs a convolution that keeps the map's size "
         f"(stride 1, 'SAME' padding): got strides {g.strides}, padding "

@@ -258,7 +258,8 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
     times_us of every candidate (keys: time_key) and of "dense", device,
     date.
   """
-  from escort_jax.bench import device_time_us  # heavy imports; tuning only
+  # Heavy imports; tuning only.
+  from escort_jax.bench import device_time_us, framed_layer
   rng = np.random.default_rng(seed)
   inputs = [jnp.asarray(rng.standard_normal(tuple(x_shape)), dtype)
             for _ in range(num_inputs)]
@@ -333,9 +334,9 @@ def tune_layer(x_shape: Sequence[int], sk: SparseKernel,
     framed_conv = dict(conv, dimension_numbers=("NHWC", rhs, "NHWC"))
 
     def framed_call(_, cfg):
-      return jax.jit(lambda data: sparse_conv(
-          frames.Framed(data, frame), skd, window_strides, padding,
-          method="vector", config=cfg, **framed_conv).data)
+      f = framed_layer(frame, cfg, window_strides=window_strides,
+                       padding=padding, **framed_conv)
+      return lambda data: f(data, skd)
     framed_inputs = [
         frames.frame_data(jnp.transpose(x, [lhs.index(d) for d in "NHWC"]),
                           frame) for x in plain_inputs]
